@@ -1,0 +1,108 @@
+"""The records that flow between environments, policies, the replay store and learners.
+
+Every record is a frozen dataclass: a new field is a deliberate schema change, never a
+key slipped into a dict. This module imports nothing heavier than the standard library,
+so every layer of agentloop can depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["user", "assistant"]
+"""Who wrote a message: the environment (``user``) or the policy (``assistant``)."""
+
+Source = Literal["expert", "explore", "eval"]
+"""Why a trajectory exists: a demonstration, a training-task exploration, or an evaluation."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of one environment, as the loop and the store see it."""
+
+    env: str
+    """Name of the environment that owns the task, e.g. ``"db"``."""
+    task_id: str
+    """Identifier, unique and stable within ``env`` (e.g. ``"train-0042"``)."""
+    split: str
+    """Which split the task belongs to, e.g. ``"train"`` or ``"dev"``."""
+    kind: str
+    """Task family used for per-kind metrics, e.g. ``"SELECT"``, ``"INSERT"``, ``"UPDATE"``."""
+    instruction: str
+    """The natural-language goal, as a person would read it."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation, with the exact tokens the policy saw or produced.
+
+    A conversation's training tokens are the concatenation of its messages' ``token_ids``;
+    the assistant-only loss mask is 1 exactly on the ``assistant`` messages' tokens. For a
+    user message the ids cover its whole rendered segment (turn markers and the opening of
+    the next model turn included); for an assistant message they are the generated ids,
+    stop token included.
+    """
+
+    role: Role
+    """``user`` for what the environment said, ``assistant`` for what the policy said."""
+    content: str
+    """The message text (for the assistant, the decoded completion without the stop token)."""
+    token_ids: tuple[int, ...] = ()
+    """The tokens of this message's segment; empty when the text was never tokenized."""
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One episode: a task, the conversation that attempted it, and how it ended."""
+
+    task: Task
+    """The task attempted."""
+    messages: tuple[Message, ...]
+    """The conversation, starting with the environment's first observation."""
+    tokenizer: str
+    """Identifier of the tokenizer and turn format that produced the ``token_ids``."""
+    reward: float
+    """The final reward the environment gave (for binary tasks 0.0 or 1.0)."""
+    success: bool
+    """Whether the environment judged the task solved."""
+    terminated: bool
+    """The episode ended because the task ended (an answer was given or scored)."""
+    truncated: bool
+    """The episode ended because a turn or token budget ran out."""
+    num_turns: int
+    """Number of assistant turns taken."""
+    invalid_actions: int
+    """Number of assistant turns the environment rejected as malformed."""
+    source: Source
+    """``expert``, ``explore`` or ``eval``."""
+    policy_version: int
+    """Version of the policy that acted (0 = base model; -1 for experts)."""
+    iteration: int
+    """Loop iteration that produced it (0 = before any ETO round)."""
+    generated_tokens: int = 0
+    """Number of tokens the policy generated in the episode (throughput metrics)."""
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The conversation's tokens, in order."""
+        return [t for m in self.messages for t in m.token_ids]
+
+    @property
+    def assistant_mask(self) -> list[int]:
+        """1 on tokens the policy produced, 0 on tokens the environment produced."""
+        return [int(m.role == "assistant") for m in self.messages for _ in m.token_ids]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A preference pair for DPO: two trajectories of the same task, one preferred."""
+
+    task: Task
+    """The task both trajectories attempted."""
+    chosen: Trajectory
+    """The trajectory with the higher reward."""
+    rejected: Trajectory
+    """The trajectory with the lower reward (possibly cut, as ETO does)."""
+    iteration: int
+    """Loop iteration that built the pair."""

@@ -1,0 +1,62 @@
+"""The typed config loader: types, unknown keys, overrides and validation fail early."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from agentloop.config import ConfigError, from_dict, load_config, to_dict
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-5
+    modules: tuple[str, ...] = ("q_proj",)
+    mode: Literal["a", "b"] = "a"
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    steps: int = 1
+    path: Path | None = None
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_yaml_and_overrides(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("name: y\ninner:\n  lr: 2\n")
+    config = load_config(Outer, yaml_file, ["steps=3", "inner.modules=[a, b]", "path=/tmp/z", "inner.mode=b"])
+    assert config == Outer(name="y", steps=3, path=Path("/tmp/z"), inner=Inner(lr=2.0, modules=("a", "b"), mode="b"))
+    assert to_dict(config)["inner"]["lr"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"stepz": 1}, "unknown key"),
+        ({"inner": {"lrr": 1}}, "inner.lrr"),
+        ({"steps": "3"}, "steps: expected int"),
+        ({"steps": True}, "steps: expected int"),
+        ({"inner": {"lr": -1.0}}, "inner.lr must be > 0"),
+        ({"inner": {"mode": "c"}}, "inner.mode"),
+        ({"inner": 3}, "inner: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Outer, data)
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(Outer, None, ["steps"])
