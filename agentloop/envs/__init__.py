@@ -1,0 +1,82 @@
+"""The environments, reached by name: load tasks, make an env, build expert demonstrations.
+
+Each environment module is imported only when its name is first used, so importing
+``agentloop.envs`` stays cheap. Task objects are environment-specific (for ``"db"``,
+:class:`agentloop.envs.sql.DBTask`); every one of them carries its
+:class:`~agentloop.types.Task` record as ``.task``.
+
+Known environments: ``"db"`` (AgentBench dbbench on SQLite). ``"os"``, ``"alfworld"`` and
+``"webshop"`` are planned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import gymnasium
+
+    from agentloop.types import Trajectory
+
+KNOWN_ENVS = ("db",)
+"""Names accepted by the functions below."""
+
+
+def _check(env: str) -> None:
+    if env not in KNOWN_ENVS:
+        raise ValueError(f"unknown environment {env!r}; known environments: {', '.join(KNOWN_ENVS)}")
+
+
+def load_tasks(env: str, data_dir: Path, split: str) -> list[Any]:
+    """The tasks of one split of an environment, read from the task data directory.
+
+    Raises:
+        ValueError: For an unknown environment or split.
+        FileNotFoundError: When the environment's data is missing from ``data_dir``.
+    """
+    _check(env)
+    from agentloop.envs.sql import load_db_tasks
+
+    return load_db_tasks(Path(data_dir), split)
+
+
+def make_env(env: str, tasks: Sequence[Any], config: Any) -> gymnasium.Env:
+    """A Gymnasium environment over ``tasks`` (for ``"db"``, ``config`` is an ``SQLEnvConfig``).
+
+    Raises:
+        ValueError: For an unknown environment.
+        TypeError: When ``config`` is not the environment's config type.
+    """
+    _check(env)
+    from agentloop.envs.sql import SQLEnv, SQLEnvConfig
+
+    _expect(config, SQLEnvConfig)
+    return SQLEnv(tasks, config)
+
+
+def build_experts(
+    env: str, tasks: Sequence[Any], env_config: Any, expert_config: Any, seed: int
+) -> tuple[list[Trajectory], dict[str, Any]]:
+    """Expert demonstrations for ``tasks``, replayed in the real environment; only successes kept.
+
+    For ``"db"``, ``env_config`` is an ``SQLEnvConfig`` and ``expert_config`` a
+    ``DBExpertConfig``. Returns the demonstrations and a per-type success report.
+
+    Raises:
+        ValueError: For an unknown environment.
+        TypeError: When a config is not of the environment's type.
+    """
+    _check(env)
+    from agentloop.envs.sql import DBExpertConfig, SQLEnvConfig, build_db_experts
+
+    _expect(env_config, SQLEnvConfig)
+    _expect(expert_config, DBExpertConfig)
+    expert_config.validate()
+    return build_db_experts(tasks, env_config, expert_config.recovery_fraction, seed)
+
+
+def _expect(config: Any, kind: type) -> None:
+    if not isinstance(config, kind):
+        raise TypeError(f"expected a {kind.__name__}, got {type(config).__name__}")

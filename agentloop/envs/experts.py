@@ -1,0 +1,69 @@
+"""Expert demonstrations replayed through a real environment.
+
+An expert here is a fixed list of actions (written from a task's gold solution). Replaying
+them through the environment, rather than writing the conversation by hand, makes every
+observation in a demonstration real and its reward measured: a demonstration whose actions
+do not actually solve the task shows up with reward 0 and can be dropped.
+
+This module knows nothing about any particular environment; it relies only on agentloop's
+environment contract: ``reset(options={"task_id": ...})`` returns ``info["task"]`` (a
+:class:`~agentloop.types.Task`) and ``step`` returns ``info["invalid"]`` and
+``info["success"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gymnasium
+
+from agentloop.types import Message, Trajectory
+
+EXPERT_POLICY_VERSION = -1
+"""The ``policy_version`` of every expert trajectory."""
+
+
+def replay_actions(env: gymnasium.Env, task_id: str, actions: Sequence[str]) -> Trajectory:
+    """Plays ``actions`` in order on ``task_id`` and records the episode.
+
+    The conversation starts with the first observation and alternates assistant actions with
+    the observations they produced; the observation that ends the episode is left out (no
+    policy ever replies to it). Messages carry no token ids: the learner tokenizes them.
+
+    Args:
+        env: An agentloop environment (see the module docstring).
+        task_id: The task to reset to.
+        actions: The expert's assistant turns, exactly as a policy would write them.
+
+    Raises:
+        ValueError: If actions remain after the episode ended, or there are none.
+    """
+    if not actions:
+        raise ValueError(f"no actions to replay for task {task_id!r}")
+    observation, info = env.reset(options={"task_id": task_id})
+    task = info["task"]
+    messages = [Message(role="user", content=observation)]
+    reward, success, terminated, truncated, invalid = 0.0, False, False, False, 0
+    for turn, action in enumerate(actions):
+        if terminated or truncated:
+            raise ValueError(f"task {task_id!r}: the episode ended after {turn} of {len(actions)} actions")
+        messages.append(Message(role="assistant", content=action))
+        observation, reward, terminated, truncated, step_info = env.step(action)
+        invalid += int(step_info["invalid"])
+        success = bool(step_info["success"])
+        if not (terminated or truncated):
+            messages.append(Message(role="user", content=observation))
+    return Trajectory(
+        task=task,
+        messages=tuple(messages),
+        tokenizer="",
+        reward=float(reward),
+        success=success,
+        terminated=terminated,
+        truncated=truncated,
+        num_turns=len(actions),
+        invalid_actions=invalid,
+        source="expert",
+        policy_version=EXPERT_POLICY_VERSION,
+        iteration=0,
+    )
