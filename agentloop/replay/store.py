@@ -1,0 +1,481 @@
+"""The replay store: every trajectory, preference pair and completed stage of a run, in SQL.
+
+A run keeps its store in a SQLite file in its run directory unless configured with another
+SQLAlchemy URL (PostgreSQL works the same way). The store is also the resume record: a
+loop stage is *complete* once :meth:`ReplayStore.commit_stage` has written, in one
+transaction, the stage's trajectories, its pairs and its completion mark. After a crash a
+stage is therefore either complete, with everything it produced, or absent; trajectories a
+crashed stage had already written with :meth:`ReplayStore.add` are removed by
+:meth:`ReplayStore.discard_incomplete` before the stage runs again.
+
+Pairs are given as :class:`agentloop.types.Pair` records and stored by reference: each of
+their trajectories is matched by value against the trajectories of completed stages and of
+the stage being committed (so a pair may use trajectories stored by the same call or by an
+earlier stage). A rejected trajectory may also be a cut of a stored one ``t``, as ETO cuts
+failed explorations: ``dataclasses.replace(t, messages=t.messages[:k], num_turns=...,
+terminated=..., truncated=...)``; the pair then keeps a reference to ``t``, ``k`` and the
+cut's end state, and every other field must equal ``t``'s. A trajectory that matches nothing
+(an expert demonstration never stored before, say) is stored with the pair's stage.
+
+One process writes a store (the loop); any number may read it. The table layout carries a
+version (``meta.schema_version``) and a database of another version is refused. Migrations
+will use Alembic, the house choice, once there is a second version to migrate from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypedDict, Unpack
+
+from sqlalchemy import ColumnElement, Engine, case, create_engine, delete, event, func, inspect, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, aliased
+
+from agentloop.replay.tables import SCHEMA_VERSION, Base, MetaRow, PairRow, StageRow, TrajectoryRow
+from agentloop.types import Message, Pair, Source, Task, Trajectory
+
+logger = logging.getLogger(__name__)
+
+GROUP_COLUMNS = (
+    "env",
+    "task_id",
+    "split",
+    "kind",
+    "source",
+    "policy_version",
+    "iteration",
+    "stage",
+    "success",
+    "terminated",
+    "truncated",
+    "tokenizer",
+)
+"""Trajectory columns that :meth:`ReplayStore.counts` and :meth:`ReplayStore.metrics` group by."""
+
+
+class SchemaVersionError(RuntimeError):
+    """The database was written with another version of the replay tables."""
+
+
+class TrajectoryFilter(TypedDict, total=False):
+    """Filters on stored trajectories; a missing or ``None`` filter matches everything."""
+
+    env: str | None
+    task_id: str | None
+    split: str | None
+    kind: str | None
+    source: Source | None
+    iteration: int | None
+    stage: str | None
+    success: bool | None
+    policy_version: int | None
+
+
+@dataclass(frozen=True)
+class GroupMetrics:
+    """Outcome statistics of one group of stored trajectories."""
+
+    episodes: int
+    """Number of trajectories in the group."""
+    successes: int
+    """How many of them succeeded."""
+    success_rate: float
+    """``successes / episodes``."""
+    mean_reward: float
+    """Mean final reward."""
+    mean_turns: float
+    """Mean number of assistant turns."""
+    invalid_action_rate: float
+    """Invalid assistant turns over all assistant turns (0.0 when no turn was taken)."""
+
+
+class ReplayStore:
+    """Trajectories, pairs and completed stages of one run, in a SQL database."""
+
+    def __init__(self, url: str) -> None:
+        """Connects to ``url``, creating the tables (and a SQLite file's directory) if needed.
+
+        Args:
+            url: A SQLAlchemy URL, e.g. ``"sqlite:///runs/x/replay.db"`` or
+                ``"postgresql+psycopg2://user@host:5432/db"``.
+
+        Raises:
+            SchemaVersionError: If the database holds tables of another schema version.
+        """
+        parsed = make_url(url)
+        self._engine = _create_engine(url)
+        shown = parsed.render_as_string(hide_password=True)
+        existing = inspect(self._engine).has_table(MetaRow.__tablename__)
+        if existing:
+            self._check_schema_version(shown)
+        Base.metadata.create_all(self._engine)
+        if not existing:
+            with Session(self._engine) as session, session.begin():
+                session.add(MetaRow(key="schema_version", value=str(SCHEMA_VERSION)))
+        logger.info("replay store %s (schema %d)", shown, SCHEMA_VERSION)
+
+    def close(self) -> None:
+        """Closes the store's connections."""
+        self._engine.dispose()
+
+    def __enter__(self) -> ReplayStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def add(self, trajectories: Iterable[Trajectory], stage: str) -> list[int]:
+        """Stores a batch of trajectories of a stage that is not complete yet, all or none.
+
+        Returns:
+            The new rows' ids, in the order of ``trajectories``.
+
+        Raises:
+            ValueError: If ``stage`` is already complete.
+        """
+        with Session(self._engine) as session, session.begin():
+            _require_open_stage(session, stage)
+            rows = [_to_row(t, stage) for t in trajectories]
+            session.add_all(rows)
+            session.flush()
+            return [row.id for row in rows]
+
+    def commit_stage(
+        self,
+        stage: str,
+        *,
+        trajectories: Iterable[Trajectory] = (),
+        pairs: Iterable[Pair] = (),
+        metrics: Mapping[str, float],
+    ) -> None:
+        """Stores a stage's remaining trajectories, its pairs and its completion, in one transaction.
+
+        Args:
+            stage: The stage name, e.g. ``"explore/1"``; each stage completes once.
+            trajectories: Trajectories of the stage not yet stored with :meth:`add`.
+            pairs: Pairs the stage built (see the module docstring for how they are matched).
+            metrics: The stage's metrics, returned later by :meth:`stage_metrics`.
+
+        Raises:
+            ValueError: If the stage is already complete, or a pair's trajectories attempt
+                another task than the pair.
+            TypeError: If a metric value is not a number.
+        """
+        pairs = list(pairs)
+        for pair in pairs:
+            if not pair.task == pair.chosen.task == pair.rejected.task:
+                raise ValueError(f"pair of task {pair.task.task_id!r} holds a trajectory of another task")
+        encoded = _encode_metrics(metrics)
+        with Session(self._engine) as session, session.begin():
+            _require_open_stage(session, stage)
+            rows = [_to_row(t, stage) for t in trajectories]
+            session.add_all(rows)
+            session.flush()
+            index = _TrajectoryIndex(session, stage)
+            session.add_all(index.pair_row(pair) for pair in pairs)
+            position = (session.scalar(select(func.max(StageRow.position))) or 0) + 1
+            session.add(StageRow(name=stage, position=position, metrics=encoded))
+        logger.info("stage %s complete: %d trajectories, %d pairs", stage, len(rows), len(pairs))
+
+    def completed_stages(self) -> list[str]:
+        """Names of the completed stages, in completion order."""
+        with Session(self._engine) as session:
+            return list(session.scalars(select(StageRow.name).order_by(StageRow.position)))
+
+    def stage_metrics(self, stage: str) -> dict[str, float]:
+        """The metrics a completed stage was committed with.
+
+        Raises:
+            KeyError: If the stage is not complete.
+        """
+        with Session(self._engine) as session:
+            row = session.get(StageRow, stage)
+            if row is None:
+                raise KeyError(stage)
+            return {name: float(value) for name, value in row.metrics.items()}
+
+    def discard_incomplete(self) -> int:
+        """Deletes the trajectories of stages that never completed (call before resuming).
+
+        Returns:
+            The number of trajectories deleted.
+        """
+        with Session(self._engine) as session, session.begin():
+            done = select(StageRow.name)
+            result = session.execute(delete(TrajectoryRow).where(TrajectoryRow.stage.not_in(done)))
+            deleted = result.rowcount  # type: ignore[attr-defined]
+        if deleted:
+            logger.warning("discarded %d trajectories of incomplete stages", deleted)
+        return deleted
+
+    def trajectories(self, *, limit: int | None = None, **filters: Unpack[TrajectoryFilter]) -> list[Trajectory]:
+        """Stored trajectories matching every given filter, oldest first.
+
+        Args:
+            limit: Return at most this many.
+            **filters: See :class:`TrajectoryFilter`.
+        """
+        stmt = select(TrajectoryRow).where(*_where(filters)).order_by(TrajectoryRow.id).limit(limit)
+        with Session(self._engine) as session:
+            return [_from_row(row) for row in session.scalars(stmt)]
+
+    def pairs(self, iteration: int | None = None) -> list[Pair]:
+        """Stored pairs, oldest first, optionally only those built in one iteration."""
+        chosen, rejected = aliased(TrajectoryRow), aliased(TrajectoryRow)
+        stmt = (
+            select(PairRow, chosen, rejected)
+            .join(chosen, PairRow.chosen_id == chosen.id)
+            .join(rejected, PairRow.rejected_id == rejected.id)
+            .order_by(PairRow.id)
+        )
+        if iteration is not None:
+            stmt = stmt.where(PairRow.iteration == iteration)
+        with Session(self._engine) as session:
+            return [_pair_from_rows(*row) for row in session.execute(stmt)]
+
+    def counts(self, by: Sequence[str] = ("stage",), **filters: Unpack[TrajectoryFilter]) -> dict[tuple[Any, ...], int]:
+        """Numbers of stored trajectories per group.
+
+        Args:
+            by: Columns to group by, from :data:`GROUP_COLUMNS`; ``()`` counts all.
+            **filters: See :class:`TrajectoryFilter`.
+
+        Returns:
+            Group values (in the order of ``by``) to counts, for non-empty groups.
+        """
+        columns = _group_columns(by)
+        stmt = select(*columns, func.count()).select_from(TrajectoryRow).where(*_where(filters))
+        stmt = stmt.group_by(*columns).order_by(*columns)
+        with Session(self._engine) as session:
+            return {tuple(row[:-1]): row[-1] for row in session.execute(stmt)}
+
+    def metrics(
+        self, by: Sequence[str] = ("stage",), **filters: Unpack[TrajectoryFilter]
+    ) -> dict[tuple[Any, ...], GroupMetrics]:
+        """Success rate, mean reward, mean turns and invalid-action rate per group.
+
+        Args:
+            by: Columns to group by, from :data:`GROUP_COLUMNS`, e.g. ``("stage", "kind")``.
+            **filters: See :class:`TrajectoryFilter`.
+
+        Returns:
+            Group values (in the order of ``by``) to their metrics, for non-empty groups.
+        """
+        t = TrajectoryRow
+        columns = _group_columns(by)
+        sums = (
+            func.count(),
+            func.sum(case((t.success, 1), else_=0)),
+            func.sum(t.reward),
+            func.sum(t.num_turns),
+            func.sum(t.invalid_actions),
+        )
+        stmt = select(*columns, *sums).where(*_where(filters)).group_by(*columns).order_by(*columns)
+        with Session(self._engine) as session:
+            return {tuple(row[: len(columns)]): _group_metrics(*row[len(columns) :]) for row in session.execute(stmt)}
+
+    def _check_schema_version(self, shown: str) -> None:
+        with Session(self._engine) as session:
+            row = session.get(MetaRow, "schema_version")
+        found = None if row is None else row.value
+        if found != str(SCHEMA_VERSION):
+            raise SchemaVersionError(f"{shown} has replay schema version {found}, this code needs {SCHEMA_VERSION}")
+
+
+class _TrajectoryIndex:
+    """Finds the stored row of a pair's trajectory, or stores it, inside one transaction."""
+
+    def __init__(self, session: Session, stage: str) -> None:
+        self._session = session
+        self._stage = stage
+        self._candidates: dict[tuple[Any, ...], list[tuple[int, Trajectory]]] = {}
+
+    def pair_row(self, pair: Pair) -> PairRow:
+        """The row of ``pair``, its trajectories matched or stored."""
+        rejected = pair.rejected
+        return PairRow(
+            iteration=pair.iteration,
+            stage=self._stage,
+            env=pair.task.env,
+            task_id=pair.task.task_id,
+            chosen_id=self._resolve(pair.chosen, allow_cut=False),
+            rejected_id=self._resolve(rejected, allow_cut=True),
+            rejected_num_messages=len(rejected.messages),
+            rejected_num_turns=rejected.num_turns,
+            rejected_terminated=rejected.terminated,
+            rejected_truncated=rejected.truncated,
+        )
+
+    def _resolve(self, trajectory: Trajectory, *, allow_cut: bool) -> int:
+        """Row id of a visible trajectory equal to ``trajectory`` (or cut to it), else of a new row."""
+        candidates = self._load(trajectory)
+        for row_id, stored in candidates:
+            if stored == trajectory:
+                return row_id
+        if allow_cut:
+            for row_id, stored in candidates:
+                if _cut_like(stored, trajectory) == trajectory:
+                    return row_id
+        row = _to_row(trajectory, self._stage)
+        self._session.add(row)
+        self._session.flush()
+        candidates.append((row.id, trajectory))
+        logger.info("stored a new %s trajectory of task %s for a pair", trajectory.source, trajectory.task.task_id)
+        return row.id
+
+    def _load(self, trajectory: Trajectory) -> list[tuple[int, Trajectory]]:
+        t = trajectory
+        key = (t.task.env, t.task.task_id, t.source, t.iteration, t.policy_version)
+        if key not in self._candidates:
+            row = TrajectoryRow
+            visible = row.stage.in_(select(StageRow.name)) | (row.stage == self._stage)
+            stmt = (
+                select(row)
+                .where(row.env == key[0], row.task_id == key[1], row.source == key[2])
+                .where(row.iteration == key[3], row.policy_version == key[4], visible)
+                .order_by(row.id)
+            )
+            self._candidates[key] = [(r.id, _from_row(r)) for r in self._session.scalars(stmt)]
+        return self._candidates[key]
+
+
+def _create_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    database = parsed.database or ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30})
+    event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """Write-ahead logging (readers never block the writer) and enforced foreign keys."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _require_open_stage(session: Session, stage: str) -> None:
+    if not stage:
+        raise ValueError("a stage name must not be empty")
+    if session.get(StageRow, stage) is not None:
+        raise ValueError(f"stage {stage!r} is already complete")
+
+
+def _to_row(t: Trajectory, stage: str) -> TrajectoryRow:
+    return TrajectoryRow(
+        env=t.task.env,
+        task_id=t.task.task_id,
+        split=t.task.split,
+        kind=t.task.kind,
+        instruction=t.task.instruction,
+        source=t.source,
+        policy_version=t.policy_version,
+        iteration=t.iteration,
+        stage=stage,
+        reward=t.reward,
+        success=t.success,
+        terminated=t.terminated,
+        truncated=t.truncated,
+        num_turns=t.num_turns,
+        invalid_actions=t.invalid_actions,
+        generated_tokens=t.generated_tokens,
+        tokenizer=t.tokenizer,
+        messages=[{"role": m.role, "content": m.content, "token_ids": list(m.token_ids)} for m in t.messages],
+    )
+
+
+def _from_row(row: TrajectoryRow) -> Trajectory:
+    return Trajectory(
+        task=Task(env=row.env, task_id=row.task_id, split=row.split, kind=row.kind, instruction=row.instruction),
+        messages=tuple(Message(m["role"], m["content"], tuple(m["token_ids"])) for m in row.messages),
+        tokenizer=row.tokenizer,
+        reward=row.reward,
+        success=row.success,
+        terminated=row.terminated,
+        truncated=row.truncated,
+        num_turns=row.num_turns,
+        invalid_actions=row.invalid_actions,
+        source=typing.cast(Source, row.source),
+        policy_version=row.policy_version,
+        iteration=row.iteration,
+        generated_tokens=row.generated_tokens,
+    )
+
+
+def _cut(trajectory: Trajectory, num_messages: int, num_turns: int, terminated: bool, truncated: bool) -> Trajectory:
+    """``trajectory`` cut to its first ``num_messages`` messages, with the cut's own end state."""
+    return replace(
+        trajectory,
+        messages=trajectory.messages[:num_messages],
+        num_turns=num_turns,
+        terminated=terminated,
+        truncated=truncated,
+    )
+
+
+def _cut_like(stored: Trajectory, cut: Trajectory) -> Trajectory:
+    """``stored`` cut the way ``cut`` looks (equal to ``cut`` exactly when ``cut`` is a cut of it)."""
+    return _cut(stored, len(cut.messages), cut.num_turns, cut.terminated, cut.truncated)
+
+
+def _pair_from_rows(pair: PairRow, chosen_row: TrajectoryRow, rejected_row: TrajectoryRow) -> Pair:
+    chosen = _from_row(chosen_row)
+    rejected = _cut(
+        _from_row(rejected_row),
+        pair.rejected_num_messages,
+        pair.rejected_num_turns,
+        pair.rejected_terminated,
+        pair.rejected_truncated,
+    )
+    return Pair(task=chosen.task, chosen=chosen, rejected=rejected, iteration=pair.iteration)
+
+
+def _where(filters: Mapping[str, Any]) -> list[ColumnElement[bool]]:
+    known = TrajectoryFilter.__annotations__
+    unknown = sorted(set(filters) - set(known))
+    if unknown:
+        raise TypeError(f"unknown trajectory filter(s) {unknown}; known: {list(known)}")
+    return [getattr(TrajectoryRow, name) == value for name, value in filters.items() if value is not None]
+
+
+def _group_columns(by: Sequence[str]) -> list[Any]:
+    if isinstance(by, str):
+        raise TypeError("`by` is a sequence of column names, e.g. ('stage',)")
+    unknown = [name for name in by if name not in GROUP_COLUMNS]
+    if unknown:
+        raise ValueError(f"cannot group by {unknown}; choose from {GROUP_COLUMNS}")
+    return [getattr(TrajectoryRow, name) for name in by]
+
+
+def _group_metrics(episodes: int, successes: int, reward: float, turns: int, invalid: int) -> GroupMetrics:
+    return GroupMetrics(
+        episodes=episodes,
+        successes=successes,
+        success_rate=successes / episodes,
+        mean_reward=reward / episodes,
+        mean_turns=turns / episodes,
+        invalid_action_rate=invalid / turns if turns else 0.0,
+    )
+
+
+def _encode_metrics(metrics: Mapping[str, float]) -> dict[str, float | str]:
+    """Metrics as JSON-safe values: non-finite floats become ``"nan"``, ``"inf"`` or ``"-inf"``."""
+    encoded: dict[str, float | str] = {}
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"metric {name!r} is {value!r}, not a number")
+        encoded[name] = float(value) if math.isfinite(value) else str(float(value))
+    return encoded

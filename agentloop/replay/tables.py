@@ -1,0 +1,118 @@
+"""The replay store's tables, as SQLAlchemy 2 typed ORM models.
+
+Four tables: ``trajectories`` (one row per episode, its conversation as JSON),
+``pairs`` (DPO pairs that point at two trajectory rows), ``stages`` (one row per completed
+loop stage, the resume record) and ``meta`` (the schema version). Bump
+:data:`SCHEMA_VERSION` on any change here; the store refuses a database written with
+another version.
+"""
+
+from __future__ import annotations
+
+import typing
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, CheckConstraint, DateTime, Double, ForeignKey, Index, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from agentloop.types import Source
+
+SCHEMA_VERSION = 1
+"""Version of the table layout below; stored in ``meta`` under ``schema_version``."""
+
+SOURCES = typing.get_args(Source)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the replay tables."""
+
+
+class MetaRow(Base):
+    """A key/value fact about the database itself (``schema_version``)."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str] = mapped_column(String)
+
+
+class TrajectoryRow(Base):
+    """One stored :class:`agentloop.types.Trajectory`, its task fields flattened."""
+
+    __tablename__ = "trajectories"
+    __table_args__ = (
+        CheckConstraint(f"source IN ({', '.join(repr(s) for s in SOURCES)})", name="ck_trajectories_source"),
+        CheckConstraint("num_turns >= 0 AND invalid_actions >= 0", name="ck_trajectories_turns"),
+        Index("ix_trajectories_env_task", "env", "task_id"),
+        Index("ix_trajectories_iteration_source", "iteration", "source"),
+        Index("ix_trajectories_stage", "stage"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    env: Mapped[str] = mapped_column(String)
+    task_id: Mapped[str] = mapped_column(String)
+    split: Mapped[str] = mapped_column(String)
+    kind: Mapped[str] = mapped_column(String)
+    instruction: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String)
+    policy_version: Mapped[int]
+    iteration: Mapped[int]
+    stage: Mapped[str] = mapped_column(String)
+    """The loop stage that stored the row, e.g. ``"eval/base"`` or ``"explore/1"``."""
+    reward: Mapped[float] = mapped_column(Double)
+    success: Mapped[bool]
+    terminated: Mapped[bool]
+    truncated: Mapped[bool]
+    num_turns: Mapped[int]
+    invalid_actions: Mapped[int]
+    generated_tokens: Mapped[int]
+    tokenizer: Mapped[str] = mapped_column(String)
+    messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    """``[{"role": ..., "content": ..., "token_ids": [...]}, ...]`` in conversation order."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class PairRow(Base):
+    """One stored :class:`agentloop.types.Pair`: two trajectory rows and how the rejected one was cut.
+
+    A cut keeps a prefix of the messages and has its own end state (turns, terminated,
+    truncated); every other field is the stored trajectory's.
+    """
+
+    __tablename__ = "pairs"
+    __table_args__ = (Index("ix_pairs_iteration", "iteration"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    iteration: Mapped[int]
+    stage: Mapped[str] = mapped_column(String)
+    """The loop stage that built the pair."""
+    env: Mapped[str] = mapped_column(String)
+    task_id: Mapped[str] = mapped_column(String)
+    chosen_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
+    rejected_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
+    rejected_num_messages: Mapped[int]
+    """How many leading messages of the rejected trajectory the pair keeps (ETO cuts failures)."""
+    rejected_num_turns: Mapped[int]
+    """``num_turns`` of the pair's rejected trajectory (a cut one counts only the kept turns)."""
+    rejected_terminated: Mapped[bool]
+    """``terminated`` of the pair's rejected trajectory (a cut one did not end by itself)."""
+    rejected_truncated: Mapped[bool]
+    """``truncated`` of the pair's rejected trajectory (a cut one ran out of turns)."""
+
+
+class StageRow(Base):
+    """A completed loop stage: written in the same transaction as everything it produced."""
+
+    __tablename__ = "stages"
+
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    position: Mapped[int] = mapped_column(unique=True)
+    """Completion order, 1 for the first stage completed."""
+    completed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The stage's metrics; non-finite floats are stored as the strings ``"nan"``, ``"inf"``, ``"-inf"``."""

@@ -1,0 +1,180 @@
+"""Metrics: Wilson intervals, trajectory statistics, the JSON-lines/TensorBoard log and the curve."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from agentloop.metrics import (
+    MetricsLogger,
+    learning_curve,
+    plot_learning_curve,
+    read_metrics,
+    trajectory_metrics,
+    wilson_interval,
+)
+from agentloop.types import Message, Task, Trajectory
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "z", "expected"),
+    [
+        # p = 0.5, z^2 = 3.8416: centre (0.5 + 0.19208) / 1.38416 = 0.5,
+        # half 1.96 / 1.38416 * sqrt(0.025 + 0.009604) = 1.416021 * 0.186022 = 0.263411.
+        (5, 10, 1.96, (0.236589, 0.763411)),
+        # p = 0: centre = half = 0.19208 / 1.38416 = 0.138770; the low end clamps to 0.
+        (0, 10, 1.96, (0.0, 0.277540)),
+        (10, 10, 1.96, (0.722460, 1.0)),
+        # z = 1, p = 0.25: centre (0.25 + 0.125) / 1.25 = 0.3,
+        # half 1 / 1.25 * sqrt(0.046875 + 0.015625) = 0.8 * 0.25 = 0.2.
+        (1, 4, 1.0, (0.1, 0.5)),
+        (0, 0, 1.96, (0.0, 1.0)),
+    ],
+)
+def test_wilson_interval_by_hand(k: int, n: int, z: float, expected: tuple[float, float]) -> None:
+    assert wilson_interval(k, n, z) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize(("k", "n"), [(-1, 3), (4, 3)])
+def test_wilson_interval_rejects_impossible_counts(k: int, n: int) -> None:
+    with pytest.raises(ValueError):
+        wilson_interval(k, n)
+
+
+def episode(env: str, kind: str, *, success: bool, reward: float, turns: int, invalid: int, tokens: int) -> Trajectory:
+    task = Task(env=env, task_id=f"{kind}-{turns}", split="dev", kind=kind, instruction="do it")
+    return Trajectory(
+        task=task,
+        messages=(Message("user", "go"), Message("assistant", "done")),
+        tokenizer="t",
+        reward=reward,
+        success=success,
+        terminated=success,
+        truncated=not success,
+        num_turns=turns,
+        invalid_actions=invalid,
+        source="eval",
+        policy_version=1,
+        iteration=1,
+        generated_tokens=tokens,
+    )
+
+
+BATCH = [
+    episode("db", "SELECT", success=True, reward=1.0, turns=2, invalid=0, tokens=10),
+    episode("db", "SELECT", success=False, reward=0.0, turns=6, invalid=3, tokens=30),
+    episode("db", "INSERT", success=True, reward=1.0, turns=4, invalid=1, tokens=20),
+    episode("alfworld", "pick_and_place", success=False, reward=0.5, turns=8, invalid=0, tokens=40),
+]
+
+
+def test_trajectory_metrics_by_hand() -> None:
+    metrics = trajectory_metrics(BATCH, "eval")
+    low, high = wilson_interval(2, 4)
+    overall = {
+        "eval/episodes": 4.0,
+        "eval/successes": 2.0,
+        "eval/success_rate": 0.5,
+        "eval/success_ci_low": low,
+        "eval/success_ci_high": high,
+        "eval/reward": 2.5 / 4,
+        "eval/turns": 20 / 4,
+        "eval/invalid_action_rate": 4 / 20,
+        "eval/truncation_rate": 2 / 4,
+        "eval/generated_tokens": 100.0,
+    }
+    assert {k: v for k, v in metrics.items() if k.count("/") == 1} == pytest.approx(overall)
+    assert metrics["eval/kind/SELECT/success_rate"] == 0.5
+    assert metrics["eval/kind/INSERT/success_rate"] == 1.0
+    assert metrics["eval/kind/pick_and_place/episodes"] == 1.0
+    assert metrics["eval/env/db/success_rate"] == pytest.approx(2 / 3)
+    assert metrics["eval/env/db/turns"] == 4.0
+    assert metrics["eval/env/db/invalid_action_rate"] == pytest.approx(4 / 12)
+    assert metrics["eval/env/alfworld/reward"] == 0.5
+    assert metrics["eval/env/alfworld/generated_tokens"] == 40.0
+    assert len(metrics) == 10 + 3 * 3 + 2 * 10
+
+
+def test_trajectory_metrics_edge_cases() -> None:
+    assert trajectory_metrics([], "eval") == {"eval/episodes": 0.0}
+    odd = episode("db", "a/b c", success=True, reward=1.0, turns=0, invalid=0, tokens=0)
+    metrics = trajectory_metrics([odd], "explore")
+    assert metrics["explore/kind/a_b_c/success_rate"] == 1.0
+    assert metrics["explore/invalid_action_rate"] == 0.0
+
+
+def test_logger_appends_json_lines_across_restarts(tmp_path: Path) -> None:
+    with MetricsLogger(tmp_path) as log:
+        log.log({"eval/success_rate": 0.25, "timing/eval": 3.5}, stage="eval/base", step=0)
+        log.log({"dpo/loss": math.nan, "dpo/rewards/margins": 0.5}, stage="dpo/1", step=1)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"stage": "eval/eto-1", "st')  # a crash in the middle of a line
+    with MetricsLogger(tmp_path) as log:
+        log.log({"eval/success_rate": 0.5}, stage="eval/eto-1", step=2)
+
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["stage"], r["step"]) for r in records] == [("eval/base", 0), ("dpo/1", 1), ("eval/eto-1", 2)]
+    assert records[0]["eval/success_rate"] == 0.25 and records[0]["timing/eval"] == 3.5
+    assert records[1]["dpo/loss"] is None and records[1]["dpo/rewards/margins"] == 0.5
+    assert all(isinstance(r["time"], float) for r in records)
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+
+
+def test_logger_refuses_bad_metrics(tmp_path: Path) -> None:
+    with MetricsLogger(tmp_path) as log:
+        with pytest.raises(ValueError, match="reserved"):
+            log.log({"step": 1.0}, stage="x", step=0)
+        with pytest.raises(TypeError, match="not a real number"):
+            log.log({"eval/success_rate": "high"}, stage="x", step=0)  # type: ignore[dict-item]
+
+
+def test_logger_writes_tensorboard_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path) as log:
+        log.log({"eval/success_rate": 0.25, "timing/explore": 7.0}, stage="eval/base", step=0)
+        log.log({"eval/success_rate": 0.75}, stage="eval/eto-1", step=3)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("eval/success_rate")] == [(0, 0.25), (3, 0.75)]
+    assert [s.value for s in events.Scalars("timing/explore")] == [7.0]
+
+
+def write_eval_log(run_dir: Path) -> Path:
+    """Four evaluation stages over two envs, with an exploration record in between."""
+    db = [(4, 20), (9, 20), (12, 20), (13, 20)]
+    alfworld = [(0, 10), (5, 10), (6, 10), (8, 10)]
+    with MetricsLogger(run_dir) as log:
+        for step, stage in enumerate(["eval/base", "eval/sft", "eval/eto-1", "eval/eto-2"]):
+            metrics = {}
+            for env, (k, n) in (("db", db[step]), ("alfworld", alfworld[step])):
+                metrics |= {f"eval/env/{env}/successes": k, f"eval/env/{env}/episodes": n}
+                metrics[f"eval/env/{env}/success_rate"] = k / n
+            k, n = db[step][0] + alfworld[step][0], 30
+            metrics |= {"eval/successes": k, "eval/episodes": n, "eval/success_rate": k / n}
+            log.log(metrics, stage=stage, step=step)
+            log.log({"explore/success_rate": 0.1}, stage=f"explore/{step}", step=step)
+    return run_dir / "metrics.jsonl"
+
+
+def test_learning_curve_points_and_intervals(tmp_path: Path) -> None:
+    curves = learning_curve(read_metrics(write_eval_log(tmp_path)))
+    assert list(curves) == ["all", "alfworld", "db"]
+    assert [stage for stage, _, _ in curves["db"]] == ["eval/base", "eval/sft", "eval/eto-1", "eval/eto-2"]
+    assert curves["db"][1] == ("eval/sft", 9 / 20, wilson_interval(9, 20))
+    assert curves["all"][0] == ("eval/base", 4 / 30, wilson_interval(4, 30))
+    explore = learning_curve(read_metrics(tmp_path / "metrics.jsonl"), "explore/success_rate")
+    assert explore == {"all": [(f"explore/{i}", 0.1, None) for i in range(4)]}
+
+
+def test_plot_learning_curve_writes_png(tmp_path: Path) -> None:
+    png = tmp_path / "plots" / "learning_curve.png"
+    plot_learning_curve(write_eval_log(tmp_path), png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="holds"):
+        plot_learning_curve(tmp_path / "metrics.jsonl", png, metric="sft/loss")
