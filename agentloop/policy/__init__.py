@@ -1,0 +1,1 @@
+"""Policies: turn formats, model loading and generation backends."""

@@ -1,0 +1,168 @@
+"""Rollout: many multi-turn episodes at once, one batched generation per turn.
+
+Plain Python, no Ray: a policy, a way to make environments and a list of tasks in,
+trajectories out. Every episode keeps the exact tokens its policy saw and produced, so the
+learner trains on what was generated (see :mod:`agentloop.policy.chat`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentloop.config import ConfigError
+from agentloop.policy.base import Policy, SamplingConfig
+from agentloop.types import Message, Source, Task, Trajectory
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutConfig:
+    """How episodes are run."""
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    concurrent_episodes: int = 32
+    """Episodes advanced together; each turn of all of them is one batched generation."""
+    max_context_tokens: int = 2048
+    """An episode whose next prompt plus a full turn would exceed this is truncated."""
+
+    def validate(self) -> None:
+        if self.concurrent_episodes < 1:
+            raise ConfigError(f"concurrent_episodes must be >= 1, got {self.concurrent_episodes}")
+        if self.max_context_tokens <= self.sampling.max_new_tokens:
+            raise ConfigError("max_context_tokens must exceed sampling.max_new_tokens")
+
+
+@dataclass
+class _Episode:
+    env: Any
+    task: Task
+    messages: list[Message]
+    invalid: int = 0
+    generated: int = 0
+
+    @property
+    def prompt(self) -> list[int]:
+        return [t for m in self.messages for t in m.token_ids]
+
+
+@dataclass(frozen=True)
+class RolloutStats:
+    """Throughput of one rollout call."""
+
+    episodes: int
+    generated_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def rollout(
+    policy: Policy,
+    make_env: Callable[[], Any],
+    tasks: Sequence[Task],
+    config: RolloutConfig,
+    *,
+    source: Source,
+    iteration: int,
+    progress: bool = False,
+) -> tuple[list[Trajectory], RolloutStats]:
+    """Runs one episode per task and returns the trajectories in task order.
+
+    Args:
+        policy: Generates the assistant turns.
+        make_env: Builds a fresh environment; up to ``concurrent_episodes`` are built and reused.
+        tasks: The tasks to attempt (their ``task_id`` selects the task on reset).
+        config: Concurrency, context budget and sampling.
+        source: Recorded on every trajectory (``explore`` or ``eval``).
+        iteration: Loop iteration recorded on every trajectory.
+        progress: Show a progress bar.
+    """
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    queue = deque(enumerate(tasks))
+    envs = [make_env() for _ in range(min(config.concurrent_episodes, len(tasks)))]
+    active: dict[int, _Episode] = {}
+    done: dict[int, Trajectory] = {}
+    bar = tqdm(total=len(tasks), desc=f"{source} episodes", disable=not progress, leave=False)
+    try:
+        while queue or active:
+            while queue and len(active) < len(envs):
+                index, task = queue.popleft()
+                active[index] = _start(policy, _free_env(envs, active), task)
+            finished = _advance(policy, active, config)
+            for index, episode, outcome in finished:
+                done[index] = _trajectory(policy, episode, outcome, source, iteration)
+                del active[index]
+                bar.update(1)
+    finally:
+        bar.close()
+        for env in envs:
+            env.close()
+    trajectories = [done[i] for i in range(len(tasks))]
+    stats = RolloutStats(len(tasks), sum(t.generated_tokens for t in trajectories), time.perf_counter() - started)
+    return trajectories, stats
+
+
+def _free_env(envs: list[Any], active: dict[int, _Episode]) -> Any:
+    busy = {id(e.env) for e in active.values()}
+    return next(env for env in envs if id(env) not in busy)
+
+
+def _start(policy: Policy, env: Any, task: Task) -> _Episode:
+    observation, _ = env.reset(options={"task_id": task.task_id})
+    first = Message("user", observation, tuple(policy.chat.user_segment(observation, first=True)))
+    return _Episode(env=env, task=task, messages=[first])
+
+
+def _advance(
+    policy: Policy, active: dict[int, _Episode], config: RolloutConfig
+) -> list[tuple[int, _Episode, tuple[float, bool, bool, bool]]]:
+    """One assistant turn for every active episode; returns those that ended."""
+    indices = list(active)
+    generations = policy.generate([active[i].prompt for i in indices], config.sampling)
+    ended = []
+    for index, gen in zip(indices, generations, strict=True):
+        episode = active[index]
+        episode.messages.append(Message("assistant", gen.text, gen.token_ids))
+        episode.generated += len(gen.token_ids)
+        observation, reward, terminated, truncated, info = episode.env.step(gen.text)
+        episode.invalid += int(bool(info.get("invalid", False)))
+        success = bool(info.get("success", False))
+        if terminated or truncated:
+            ended.append((index, episode, (float(reward), success, terminated, truncated)))
+            continue
+        segment = tuple(policy.chat.user_segment(observation, first=False))
+        episode.messages.append(Message("user", observation, segment))
+        if len(episode.prompt) + config.sampling.max_new_tokens > config.max_context_tokens:
+            ended.append((index, episode, (float(reward), success, False, True)))
+    return ended
+
+
+def _trajectory(
+    policy: Policy, episode: _Episode, outcome: tuple[float, bool, bool, bool], source: Source, iteration: int
+) -> Trajectory:
+    reward, success, terminated, truncated = outcome
+    return Trajectory(
+        task=episode.task,
+        messages=tuple(episode.messages),
+        tokenizer=policy.chat.name,
+        reward=reward,
+        success=success,
+        terminated=terminated,
+        truncated=truncated,
+        num_turns=sum(m.role == "assistant" for m in episode.messages),
+        invalid_actions=episode.invalid,
+        source=source,
+        policy_version=policy.version,
+        iteration=iteration,
+        generated_tokens=episode.generated,
+    )

@@ -1,0 +1,62 @@
+"""The transformers backend on a tiny random model: batching, stops, adapters."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentloop.policy.base import PolicyConfig, SamplingConfig
+from agentloop.policy.hf import HFPolicy
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    return HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=4, num_threads=1))
+
+
+def test_batched_greedy_equals_one_by_one(policy):
+    prompts = [
+        policy.chat.user_segment(text, first=True) for text in ["hi", "SELECT * FROM t", "a much longer prompt here"]
+    ]
+    sampling = SamplingConfig(max_new_tokens=6)
+    batched = policy.generate(prompts, sampling)
+    single = [policy.generate([p], sampling)[0] for p in prompts]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    for gen in batched:
+        assert 0 < len(gen.token_ids) <= 6
+        assert gen.finished == (gen.token_ids[-1] in policy.chat.stop_ids)
+
+
+def test_completion_stops_at_stop_token(policy):
+    stop = policy.chat.stop_id
+    gen = policy._completion([7, 8, stop, 9, 9])
+    assert gen.token_ids == (7, 8, stop) and gen.finished
+    assert gen.text == policy.chat.tokenizer.decode([7, 8])
+    assert not policy._completion([7, 8, 9]).finished
+
+
+def test_adapter_changes_outputs_and_base_is_restored(policy, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    prompt = [policy.chat.user_segment("SELECT", first=True)]
+    sampling = SamplingConfig(max_new_tokens=8)
+    base_logits = _logits(policy, prompt[0])
+
+    model = AutoModelForCausalLM.from_pretrained(policy.chat.tokenizer.name_or_path, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+
+    policy.load_adapter(tmp_path / "adapter", version=3)
+    assert policy.version == 3
+    assert not torch.allclose(_logits(policy, prompt[0]), base_logits)
+    policy.generate(prompt, sampling)
+    policy.load_adapter(None, version=0)
+    assert torch.allclose(_logits(policy, prompt[0]), base_logits)
+
+
+def _logits(policy, prompt):
+    import torch
+
+    with torch.no_grad():
+        return policy.model(input_ids=torch.tensor([prompt])).logits

@@ -1,0 +1,112 @@
+"""Rollout on the real Database environment, with a scripted policy standing in for a model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from transformers import AutoTokenizer
+
+from agentloop.envs import load_tasks, make_env
+from agentloop.envs.experts import replay_actions
+from agentloop.envs.sql import SQLEnvConfig, gold_actions
+from agentloop.policy.base import Generation, SamplingConfig
+from agentloop.policy.chat import ChatTokenizer
+from agentloop.rollout import RolloutConfig, rollout
+
+
+class ScriptedPolicy:
+    """Answers each task with a fixed list of actions, chosen by the question in the prompt."""
+
+    def __init__(self, chat: ChatTokenizer, scripts: dict[str, list[str]]) -> None:
+        self.chat, self.scripts, self.version, self.calls = chat, scripts, 7, []
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Generation]:
+        self.calls.append(len(prompts))
+        out = []
+        for prompt in prompts:
+            text = self.chat.tokenizer.decode(prompt)
+            script = next(actions for question, actions in self.scripts.items() if question in text)
+            turn = (sum(t == self.chat.stop_id for t in prompt) - 1) // 2  # each user turn has one too
+            action = script[turn] if turn < len(script) else "no idea"
+            out.append(Generation(tuple(self.chat.assistant_segment(action)), action, True))
+        return out
+
+
+@pytest.fixture(scope="module")
+def setup(data_dir, tiny_model_dir):
+    chat = ChatTokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    tasks = load_tasks("db", data_dir, "dev")[:40]
+    return chat, tasks
+
+
+def test_rollout_replays_experts_and_keeps_tokens(setup):
+    chat, all_tasks = setup
+    config = SQLEnvConfig()
+    scripted = {t.task.instruction: gold_actions(t, config) for t in all_tasks}
+    env = make_env("db", all_tasks, config)
+    solved = [
+        t
+        for t in all_tasks
+        if scripted[t.task.instruction] and replay_actions(env, t.task.task_id, scripted[t.task.instruction]).success
+    ]
+    tasks = solved[:5]
+    wrong = tasks[-1]
+    scripted[wrong.task.instruction] = ['Action: Answer\nFinal Answer: ["surely not this"]']
+    policy = ScriptedPolicy(chat, {t.task.instruction: scripted[t.task.instruction] for t in tasks})
+
+    trajectories, stats = rollout(
+        policy,
+        lambda: make_env("db", all_tasks, config),
+        [t.task for t in tasks],
+        RolloutConfig(concurrent_episodes=2),
+        source="eval",
+        iteration=3,
+    )
+    assert [t.task for t in trajectories] == [t.task for t in tasks]
+    assert max(policy.calls) == 2  # two episodes advance together
+    assert [t.success for t in trajectories] == [True] * 4 + [False]
+    assert trajectories[-1].reward == 0.0 and trajectories[-1].terminated
+    for t in trajectories:
+        assert (t.source, t.iteration, t.policy_version, t.tokenizer) == ("eval", 3, 7, chat.name)
+        assert chat.tokenize(t) == t  # every message already carries its tokens
+        assert t.messages[0].token_ids[0] == chat.tokenizer.bos_token_id
+        assert t.num_turns == sum(m.role == "assistant" for m in t.messages)
+        assert t.generated_tokens == sum(len(m.token_ids) for m in t.messages if m.role == "assistant")
+    assert stats.episodes == 5 and stats.generated_tokens == sum(t.generated_tokens for t in trajectories)
+
+
+def test_turn_limit_and_context_budget_truncate(setup):
+    chat, tasks = setup
+    task = tasks[0]
+    loop = ["Action: Operation\n```sql\nSELECT 1;\n```"] * 20
+    policy = ScriptedPolicy(chat, {task.task.instruction: loop})
+    config = SQLEnvConfig(max_turns=3)
+    (t,), _ = rollout(
+        policy, lambda: make_env("db", tasks, config), [task.task], RolloutConfig(), source="explore", iteration=1
+    )
+    assert t.truncated and not t.terminated and t.num_turns == 3 and t.reward == 0.0
+
+    first = len(chat.user_segment(initial := t.messages[0].content, first=True))
+    assert initial
+    budget = RolloutConfig(max_context_tokens=first + 200, sampling=SamplingConfig(max_new_tokens=150))
+    (t,), _ = rollout(
+        policy,
+        lambda: make_env("db", tasks, SQLEnvConfig(max_turns=10)),
+        [task.task],
+        budget,
+        source="explore",
+        iteration=1,
+    )
+    assert t.truncated and not t.terminated and t.num_turns < 10
+    assert len(t.token_ids) + 150 > first + 200
+
+
+def test_malformed_actions_are_counted(setup):
+    chat, tasks = setup
+    task = tasks[0]
+    policy = ScriptedPolicy(chat, {task.task.instruction: ["hello", "\x00\x01", "Action: Answer\nFinal Answer: []"]})
+    (t,), _ = rollout(
+        policy, lambda: make_env("db", tasks, SQLEnvConfig()), [task.task], RolloutConfig(), source="eval", iteration=0
+    )
+    assert t.invalid_actions == 2 and t.terminated and t.num_turns == 3
