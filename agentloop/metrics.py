@@ -290,3 +290,15 @@ def plot_learning_curve(jsonl: Path, png: Path, metric: str = "eval/success_rate
     axes.legend(title="env")
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(png, dpi=120)
+
+
+def flatten_metrics(report: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """Nested numeric reports as path-named metrics: ``{"a": {"b": 1}}`` -> ``{"<prefix>/a/b": 1.0}``."""
+    flat: dict[str, float] = {}
+    for key, value in report.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, name))
+        else:
+            flat[name] = float(value)
+    return flat

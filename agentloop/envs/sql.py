@@ -811,6 +811,8 @@ def _replay_gold(env: SQLEnv, tasks: Sequence[DBTask], config: SQLEnvConfig) -> 
         if actions is None:
             unreadable += 1
             continue
+        if len(actions) > config.max_turns:
+            continue  # cannot fit the turn budget: not a demonstration of this env
         demo = replay_actions(env, task.task.task_id, actions)
         if demo.success:
             demos[task.task.task_id] = demo
@@ -822,7 +824,11 @@ def _add_recovery(
 ) -> dict[str, int]:
     """Swaps a fraction of the eligible demos for error-then-retry ones, in place."""
     candidates = {task_id: recovery_actions(env.tasks[task_id], config) for task_id in sorted(demos)}
-    eligible = sorted(task_id for task_id, actions in candidates.items() if actions is not None)
+    eligible = sorted(
+        task_id
+        for task_id, actions in candidates.items()
+        if actions is not None and len(actions) <= config.max_turns  # must fit the turn budget
+    )
     count = round(fraction * len(eligible))
     chosen = np.random.default_rng(seed).choice(eligible, size=count, replace=False) if count else []
     kept = 0
