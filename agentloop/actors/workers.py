@@ -1,0 +1,121 @@
+"""The two Ray actors of the loop: a rollout worker that acts, a learner that trains.
+
+Both are plain classes wrapped with ``ray.remote`` by :func:`start_workers`, so they are
+also usable (and tested) without Ray. The driver owns the replay store; workers only
+return records.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agentloop.actors.transfer import Files, pack_dir, unpack_dir
+from agentloop.types import Pair, Source, Trajectory
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    """Runs episodes of one environment with the current policy."""
+
+    def __init__(self, policy_config: Any, rollout_config: Any, env_name: str, env_config: Any, tasks: Sequence[Any]):
+        from agentloop.policy.hf import HFPolicy
+
+        logging.basicConfig(level=logging.INFO)
+        self.policy = HFPolicy(policy_config)
+        self.rollout_config = rollout_config
+        self.env_name, self.env_config = env_name, env_config
+        self.tasks = {t.task.task_id: t for t in tasks}
+        self._adapter_dir = Path(tempfile.mkdtemp(prefix="agentloop-adapter-"))
+
+    def load_adapter(self, files: Files | None, version: int) -> int:
+        """Acts with the adapter given by value (None = base model); returns the version."""
+        path = None if files is None else unpack_dir(files, self._adapter_dir / f"v{version}")
+        self.policy.load_adapter(path, version)
+        return self.policy.version
+
+    def run(self, task_ids: Sequence[str], source: Source, iteration: int) -> tuple[list[Trajectory], Any]:
+        """One episode per task id; returns trajectories in order and throughput stats."""
+        from agentloop.envs import make_env
+        from agentloop.rollout import rollout
+
+        unknown = [t for t in task_ids if t not in self.tasks]
+        if unknown:
+            raise KeyError(f"unknown task ids: {unknown[:5]}")
+        tasks = [self.tasks[t] for t in task_ids]
+        env_tasks = list(self.tasks.values())
+        return rollout(
+            self.policy,
+            lambda: make_env(self.env_name, env_tasks, self.env_config),
+            [t.task for t in tasks],
+            self.rollout_config,
+            source=source,
+            iteration=iteration,
+            progress=True,
+        )
+
+    def close(self) -> None:
+        shutil.rmtree(self._adapter_dir, ignore_errors=True)
+
+
+class LearnerWorker:
+    """Trains adapters: SFT from the base model, then DPO rounds on the same adapter."""
+
+    def __init__(self, base_model: str, sft_config: Any, dpo_config: Any) -> None:
+        from agentloop.policy.model import resolve_model
+
+        logging.basicConfig(level=logging.INFO)
+        self.base_model = Path(resolve_model(base_model))
+        self.sft_config, self.dpo_config = sft_config, dpo_config
+        self._work = Path(tempfile.mkdtemp(prefix="agentloop-learner-"))
+
+    def sft(self, trajectories: Sequence[Trajectory]) -> tuple[Files, dict[str, float]]:
+        """Behaviour cloning; returns the new adapter (by value) and metrics."""
+        from agentloop.learners.sft import train_sft
+
+        out = self._fresh("sft")
+        metrics = train_sft(self.base_model, trajectories, self.sft_config, out)
+        return pack_dir(out), metrics
+
+    def dpo(self, adapter: Files, pairs: Sequence[Pair]) -> tuple[Files, dict[str, float]]:
+        """One ETO round on ``pairs``; the reference is the policy given by ``adapter``."""
+        from agentloop.learners.dpo import train_dpo
+
+        start = unpack_dir(adapter, self._fresh("start"))
+        out = self._fresh("dpo")
+        metrics = train_dpo(self.base_model, start, pairs, self.dpo_config, out)
+        return pack_dir(out), metrics
+
+    def _fresh(self, name: str) -> Path:
+        path = self._work / name
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    def close(self) -> None:
+        shutil.rmtree(self._work, ignore_errors=True)
+
+
+def start_workers(config: Any, tasks: Sequence[Any]) -> tuple[Any, Any]:
+    """Starts the rollout and learner actors; they ask for GPUs when the cluster has them.
+
+    With two or more GPUs each actor gets one; with one GPU they share it (0.5 each: the loop
+    runs them one at a time); with none both run on CPU. On a 2-core machine each actor
+    reserves one CPU so both fit, and each sets its own torch thread count.
+    """
+    import ray
+
+    total = ray.cluster_resources().get("GPU", 0)
+    gpus = 1 if total >= 2 else 0.5 if total >= 1 else 0
+    rollout_actor = ray.remote(num_cpus=1, num_gpus=gpus)(RolloutWorker).remote(
+        config.policy, config.rollout, config.env, config.db, tasks
+    )
+    learner_actor = ray.remote(num_cpus=1, num_gpus=gpus)(LearnerWorker).remote(
+        config.policy.model, config.sft, config.dpo
+    )
+    logger.info("started rollout and learner actors (%s GPU each)", gpus)
+    return rollout_actor, learner_actor
