@@ -15,6 +15,7 @@ The base Gemma 3 checkpoint ships no chat template, but its tokenizer has the tu
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -63,6 +64,13 @@ def turn_format_for(tokenizer: Any) -> TurnFormat:
     )
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of the vocabulary and special tokens: equal for the same tokenizer however loaded."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    specials = sorted(str(v) for v in tokenizer.special_tokens_map.values())
+    return hashlib.sha1(repr((vocab, specials)).encode()).hexdigest()[:16]
+
+
 class ChatTokenizer:
     """Tokenizes conversations turn by turn for one tokenizer and turn format."""
 
@@ -73,7 +81,7 @@ class ChatTokenizer:
         # An assistant turn ends at the turn's stop token, or at ``eos`` if the model emits it.
         eos = tokenizer.eos_token_id
         self.stop_ids = (self.stop_id,) if eos is None or eos == self.stop_id else (self.stop_id, eos)
-        self.name = f"{self.format.name}:{getattr(tokenizer, 'name_or_path', '')}"
+        self.name = f"{self.format.name}:{tokenizer_fingerprint(tokenizer)}"
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
