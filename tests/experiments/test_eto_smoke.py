@@ -1,0 +1,72 @@
+"""End to end: ``experiments/eto.py`` on a tiny random model, then resumed for one more round."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AGENTLOOP_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run(
+        [sys.executable, "experiments/eto.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir):
+    from agentloop.replay import ReplayStore
+
+    run_dir = tmp_path / "run"
+    tiny = [
+        f"run_dir={run_dir}",
+        f"policy.model={tiny_model_dir}",
+        "policy.dtype=float32",
+        "sft.dtype=float32",
+        "dpo.dtype=float32",
+        "sft.epochs=1",
+        "dpo.epochs=1",
+        "train_tasks=6",
+        "eval_tasks=4",
+        "iterations=1",
+        "db.max_turns=2",
+        "rollout.sampling.max_new_tokens=12",
+    ]
+    first = _run(tiny, data_dir)
+    assert first.returncode == 0, first.stderr[-4000:]
+
+    stages = [json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert stages == ["experts", "eval/base", "sft", "eval/sft", "explore/1", "dpo/1", "eval/1"]
+    assert (run_dir / "learning_curve.png").stat().st_size > 0
+    assert (run_dir / "adapters" / "sft" / "adapter_config.json").is_file()
+    assert (run_dir / "adapters" / "dpo-1" / "adapter_config.json").is_file()
+    store = ReplayStore(f"sqlite:///{run_dir / 'replay.db'}")
+    assert len(store.trajectories(stage="eval/1")) == 4
+    assert len(store.trajectories(stage="explore/1")) == 6
+    assert {t.policy_version for t in store.trajectories(stage="eval/1")} == {2}
+    store.close()
+
+    second = _run(["--resume", str(run_dir), "iterations=2"], data_dir)
+    assert second.returncode == 0, second.stderr[-4000:]
+    stages = [json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert stages[7:] == ["explore/2", "dpo/2", "eval/2"]  # nothing done twice
+    store = ReplayStore(f"sqlite:///{run_dir / 'replay.db'}")
+    assert {t.policy_version for t in store.trajectories(stage="explore/2")} == {2}
+    assert {t.policy_version for t in store.trajectories(stage="eval/2")} == {3}
+    store.close()
+
+
+def test_bad_config_fails_before_any_work(tmp_path, data_dir):
+    result = _run([f"run_dir={tmp_path / 'r'}", "sft.epochs=zero"], data_dir)
+    assert result.returncode != 0 and "sft.epochs" in result.stderr
+    assert not (tmp_path / "r").exists()
+    result = _run([f"run_dir={tmp_path / 'r'}", f"data_dir={tmp_path / 'nowhere'}"], data_dir)
+    assert result.returncode != 0 and "data_dir" in result.stderr
