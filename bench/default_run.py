@@ -1,0 +1,55 @@
+"""Times the default ETO run and samples its peak memory (driver, Ray and actors together).
+
+    python bench/default_run.py [override ...]      # e.g. iterations=2
+
+Runs ``experiments/eto.py`` in a subprocess, sums the proportional set size (PSS: shared
+pages split between processes) of its whole process tree every 2 s, and prints the wall
+time, the peak, each stage's time from the run's metrics, and the ratios to the targets of
+issue 2 (60 minutes, 8 GiB).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+TARGET_S, TARGET_GIB = 3600.0, 8.0
+
+
+def tree_pss(root: psutil.Process) -> int:
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def main() -> None:
+    run_dir = Path(f"runs/bench-default-{time.strftime('%Y%m%d-%H%M%S')}")
+    cmd = [sys.executable, "experiments/eto.py", f"run_dir={run_dir}", *sys.argv[1:]]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        peak = max(peak, tree_pss(root))
+        time.sleep(2)
+    wall = time.perf_counter() - started
+    print(f"exit code {proc.returncode}; run directory {run_dir}")
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        timing = {k: round(v) for k, v in record.items() if k.startswith("timing/")}
+        success = record.get("eval/success_rate", record.get("explore/success_rate"))
+        print(f"  {record['stage']:<12} {timing} success_rate={success}")
+    print(f"wall time {wall / 60:.1f} min = {wall / TARGET_S:.2f} x target (60 min)")
+    print(f"peak PSS {peak / 2**30:.2f} GiB = {peak / 2**30 / TARGET_GIB:.2f} x target (8 GiB)")
+
+
+if __name__ == "__main__":
+    main()

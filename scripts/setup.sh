@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs agentloop and what it needs into .venv on a fresh Debian/Ubuntu machine.
+#   bash scripts/setup.sh          CPU machine: torch 2.13.0 (CPU build)
+#   bash scripts/setup.sh gpu      GPU machine: CUDA torch and vLLM (extra "gpu")
+# System packages (PostgreSQL for the replay store's tests) come from apt when missing.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+flavour=${1:-cpu}
+
+pg_bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+apt_missing=()
+[ -x "$(pg_bindir)/initdb" ] || apt_missing+=(postgresql)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}"
+    else
+        echo "missing system packages (tests that need them will be skipped): ${apt_missing[*]}" >&2
+    fi
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if [ "$flavour" = gpu ]; then
+    .venv/bin/pip install -q -e ".[gpu,dev]"
+else
+    # torch first and pinned: an unpinned torch may pull a multi-GB CUDA build.
+    .venv/bin/pip install -q torch==2.13.0
+    .venv/bin/pip install -q -e ".[cpu,dev]"
+    # CUDA-linked companions that some packages pull in break CPU imports: never keep them.
+    .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
+echo "agentloop installed in .venv ($flavour)"
