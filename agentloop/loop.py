@@ -118,5 +118,6 @@ class Stages:
         self.store.commit_stage(stage, metrics=metrics, **records)
         self.completed.append(stage)
         self.metrics.log(metrics, stage=stage, step=step)
-        shown = {k: round(v, 4) for k, v in metrics.items() if "/kind/" not in k}
+        detail = ("/kind/", "/env/", "/by_type/", "/by_kind/", "/recovery/")
+        shown = {k: round(v, 4) for k, v in metrics.items() if not any(d in k for d in detail)}
         logger.info("%s done: %s", stage, shown)

@@ -4,8 +4,8 @@ The policy is a fixed base checkpoint plus one PEFT LoRA adapter directory. ``tr
 creates (or continues) the adapter; each ``train_dpo`` round continues it against the
 policy as it was at the start of the round, and writes a new adapter directory.
 
-Experience replay is the loop's step: ``mix_replay(new, old, config.replay_fraction, rng)``
-with the ``replay_fraction`` of :class:`SFTLearnerConfig` or :class:`DPOLearnerConfig`.
+Experience replay is the loop's step: each DPO round trains on its own pairs plus
+``mix_replay(new, old, DPOLearnerConfig.replay_fraction, rng)`` of earlier rounds' pairs.
 
 Importing this package is light: torch, transformers, TRL and PEFT load when training starts.
 """

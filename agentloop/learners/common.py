@@ -37,8 +37,6 @@ def check_training_fields(config: Any) -> None:
         raise ConfigError(f"learning_rate: must be positive, got {config.learning_rate}")
     if not 0 <= config.warmup_ratio < 1:
         raise ConfigError(f"warmup_ratio: must be in [0, 1), got {config.warmup_ratio}")
-    if not 0 <= config.replay_fraction <= 1:
-        raise ConfigError(f"replay_fraction: must be in [0, 1], got {config.replay_fraction}")
     if config.scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler: {config.scheduler!r} is not one of {list(SCHEDULERS)}")
     if config.dtype not in DTYPES:

@@ -83,6 +83,8 @@ class DPOLearnerConfig:
         common.check_training_fields(self)
         if not self.beta > 0:
             raise ConfigError(f"beta: must be positive, got {self.beta}")
+        if not 0 <= self.replay_fraction <= 1:
+            raise ConfigError(f"replay_fraction: must be in [0, 1], got {self.replay_fraction}")
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type: {self.loss_type!r} is not one of {list(LOSS_TYPES)}")
 

@@ -68,8 +68,6 @@ class SFTLearnerConfig:
     """Weights and autocast dtype: bfloat16 (AMX/AVX-512 bf16 is ~3x fp32 on CPU) or float32."""
     seed: int = 0
     """Seed for LoRA initialisation and data order."""
-    replay_fraction: float = 0.0
-    """Share of earlier rounds' examples the loop mixes into a round (``data.mix_replay``); 0 = none."""
 
     def validate(self) -> None:
         """Raises ``ConfigError`` on an out-of-range field."""

@@ -189,6 +189,12 @@ def test_a_round_without_pairs_keeps_the_adapter(tiny_model_dir: Path, start_ada
 
 def test_config_is_validated() -> None:
     assert from_dict(DPOLearnerConfig, {"beta": 0.5}).beta == 0.5
-    for bad in ({"beta": 0.0}, {"loss_type": "kto"}, {"batch_size": 0}, {"scheduler": "step"}):
+    for bad in (
+        {"beta": 0.0},
+        {"loss_type": "kto"},
+        {"batch_size": 0},
+        {"scheduler": "step"},
+        {"replay_fraction": 1.5},
+    ):
         with pytest.raises(ConfigError):
             from_dict(DPOLearnerConfig, bad)

@@ -134,6 +134,6 @@ def test_training_continues_a_given_adapter(tiny_model_dir: Path, tmp_path: Path
 
 def test_config_is_validated() -> None:
     assert from_dict(SFTLearnerConfig, {"epochs": 1}).epochs == 1
-    for bad in ({"epochs": 0}, {"warmup_ratio": 1.5}, {"dtype": "float16"}, {"replay_fraction": 2.0}, {"lora_r": 0}):
+    for bad in ({"epochs": 0}, {"warmup_ratio": 1.5}, {"dtype": "float16"}, {"lora_r": 0}):
         with pytest.raises(ConfigError):
             from_dict(SFTLearnerConfig, bad)
