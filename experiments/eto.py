@@ -54,6 +54,8 @@ class ETOConfig:
     """Evaluate on this many held-out tasks (the first ones; 0 = all)."""
     iterations: int = 2
     seed: int = 0
+    threads: int = 0
+    """torch threads of each actor; 0 = all cores of its node (the loop runs one actor at a time)."""
     db: SQLEnvConfig = field(default_factory=SQLEnvConfig)
     experts: DBExpertConfig = field(default_factory=DBExpertConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -67,8 +69,8 @@ class ETOConfig:
     def validate(self) -> None:
         if not Path(self.data_dir).is_dir():
             raise ConfigError(f"data_dir {self.data_dir!r} is not a directory (set AGENTLOOP_DATA_DIR)")
-        if self.iterations < 0 or self.train_tasks < 0 or self.eval_tasks < 0:
-            raise ConfigError("iterations, train_tasks and eval_tasks must be >= 0")
+        if min(self.iterations, self.train_tasks, self.eval_tasks, self.threads) < 0:
+            raise ConfigError("iterations, train_tasks, eval_tasks and threads must be >= 0")
 
 
 def main(argv: list[str] | None = None) -> None:

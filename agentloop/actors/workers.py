@@ -8,6 +8,7 @@ return records.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -20,13 +21,34 @@ from agentloop.types import Pair, Source, Trajectory
 logger = logging.getLogger(__name__)
 
 
+def set_threads(threads: int) -> int:
+    """Sets torch's thread count: ``threads``, or (0) every core this process may run on.
+
+    Ray sets ``OMP_NUM_THREADS`` to an actor's CPU reservation (1 here), which would leave
+    all but one core idle; the loop runs one actor at a time, so each may use them all.
+    """
+    import torch
+
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    return torch.get_num_threads()
+
+
 class RolloutWorker:
     """Runs episodes of one environment with the current policy."""
 
-    def __init__(self, policy_config: Any, rollout_config: Any, env_name: str, env_config: Any, tasks: Sequence[Any]):
+    def __init__(
+        self,
+        policy_config: Any,
+        rollout_config: Any,
+        env_name: str,
+        env_config: Any,
+        tasks: Sequence[Any],
+        threads: int = 0,
+    ) -> None:
         from agentloop.policy.hf import HFPolicy
 
         logging.basicConfig(level=logging.INFO)
+        logger.info("rollout worker: %d torch threads", set_threads(threads))
         self.policy = HFPolicy(policy_config)
         self.rollout_config = rollout_config
         self.env_name, self.env_config = env_name, env_config
@@ -66,10 +88,11 @@ class RolloutWorker:
 class LearnerWorker:
     """Trains adapters: SFT from the base model, then DPO rounds on the same adapter."""
 
-    def __init__(self, base_model: str, sft_config: Any, dpo_config: Any) -> None:
+    def __init__(self, base_model: str, sft_config: Any, dpo_config: Any, threads: int = 0) -> None:
         from agentloop.policy.model import resolve_model
 
         logging.basicConfig(level=logging.INFO)
+        logger.info("learner: %d torch threads", set_threads(threads))
         self.base_model = Path(resolve_model(base_model))
         self.sft_config, self.dpo_config = sft_config, dpo_config
         self._work = Path(tempfile.mkdtemp(prefix="agentloop-learner-"))
@@ -112,10 +135,10 @@ def start_workers(config: Any, tasks: Sequence[Any]) -> tuple[Any, Any]:
     total = ray.cluster_resources().get("GPU", 0)
     gpus = 1 if total >= 2 else 0.5 if total >= 1 else 0
     rollout_actor = ray.remote(num_cpus=1, num_gpus=gpus)(RolloutWorker).remote(
-        config.policy, config.rollout, config.env, config.db, tasks
+        config.policy, config.rollout, config.env, config.db, tasks, config.threads
     )
     learner_actor = ray.remote(num_cpus=1, num_gpus=gpus)(LearnerWorker).remote(
-        config.policy.model, config.sft, config.dpo
+        config.policy.model, config.sft, config.dpo, config.threads
     )
     logger.info("started rollout and learner actors (%s GPU each)", gpus)
     return rollout_actor, learner_actor

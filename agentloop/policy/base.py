@@ -42,14 +42,10 @@ class PolicyConfig:
     """bf16 runs 3x faster than fp32 on CPUs with AMX/AVX-512-bf16 (see STACK.md)."""
     batch_size: int = 32
     """Most prompts generated together in one forward pass."""
-    num_threads: int = 0
-    """torch threads in the process running the policy; 0 = one per core."""
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_threads < 0:
-            raise ConfigError(f"num_threads must be >= 0, got {self.num_threads}")
 
 
 @dataclass(frozen=True)

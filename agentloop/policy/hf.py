@@ -24,8 +24,6 @@ class HFPolicy:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
         self.config = config
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         path = resolve_model(config.model)

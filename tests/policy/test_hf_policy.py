@@ -10,7 +10,7 @@ from agentloop.policy.hf import HFPolicy
 
 @pytest.fixture(scope="module")
 def policy(tiny_model_dir):
-    return HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=4, num_threads=1))
+    return HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=4))
 
 
 def test_batched_greedy_equals_one_by_one(policy):
