@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     stages = Stages(run, store, metrics)
     print(f"run directory: {run.path}")
 
-    ray.init(address=config.ray_address or None, log_to_driver=True)
+    # A job from `ray job submit` finds its cluster in RAY_ADDRESS; otherwise start a local one
+    # (never silently join a cluster some earlier `ray start` left behind).
+    ray.init(address=config.ray_address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
     actor, learner = start_workers(config, train + held_out)
     policy = PolicySync(actor)
 
