@@ -26,6 +26,33 @@ def test_batched_greedy_equals_one_by_one(policy):
         assert gen.finished == (gen.token_ids[-1] in policy.chat.stop_ids)
 
 
+def test_rows_that_stop_leave_the_batch_and_match_transformers_generate(policy, monkeypatch):
+    import torch
+
+    prompts = [policy.chat.user_segment(text, first=True) for text in ["a", "bb cc", "SELECT 1", "x y z w", "q"]]
+    sampling = SamplingConfig(max_new_tokens=10)
+    free = policy.generate(prompts, sampling)
+    # Declare tokens the rows actually produce as stops, so rows end at different steps.
+    stops = (free[0].token_ids[2], free[3].token_ids[5])
+    monkeypatch.setattr(policy.chat, "stop_ids", stops)
+    batched = policy.generate(prompts, sampling)
+    assert any(g.finished for g in batched) and any(len(g.token_ids) < 10 for g in batched)
+    for prompt, gen in zip(prompts, batched, strict=True):
+        with torch.no_grad():
+            ref = policy.model.generate(
+                input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=list(stops)
+            )[0, len(prompt) :].tolist()
+        assert list(gen.token_ids) == ref[: len(gen.token_ids)]
+        assert gen.finished == (ref[len(gen.token_ids) - 1] in stops)
+
+
+def test_sampling_is_seeded(policy):
+    prompts = [policy.chat.user_segment(text, first=True) for text in ["a", "bb cc"]]
+    hot = SamplingConfig(max_new_tokens=8, temperature=1.5, top_p=0.95, seed=3)
+    assert policy.generate(prompts, hot) == policy.generate(prompts, hot)
+    assert policy.generate(prompts, hot) != policy.generate(prompts, SamplingConfig(max_new_tokens=8))
+
+
 def test_completion_stops_at_stop_token(policy):
     stop = policy.chat.stop_id
     gen = policy._completion([7, 8, stop, 9, 9])
