@@ -1,4 +1,4 @@
-"""Rollout: many multi-turn episodes at once, one batched generation per turn.
+"""Rollout: many multi-turn episodes at once over one stream of generation requests.
 
 Plain Python, no Ray: a policy, a way to make environments and a list of tasks in,
 trajectories out. Every episode keeps the exact tokens its policy saw and produced, so the
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentloop.config import ConfigError
-from agentloop.policy.base import Policy, SamplingConfig
+from agentloop.policy.base import Generation, Policy, SamplingConfig, open_stream
 from agentloop.types import Message, Source, Task, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ class RolloutConfig:
 
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     concurrent_episodes: int = 32
-    """Episodes advanced together; each turn of all of them is one batched generation."""
+    """Episodes in flight; their turns are generation requests that batch together as they come."""
     max_context_tokens: int = 2048
     """An episode whose next prompt plus a full turn would exceed this is truncated."""
 
@@ -58,10 +58,19 @@ class RolloutStats:
     episodes: int
     generated_tokens: int
     seconds: float
+    prompt_tokens: int = 0
+    """Prompt tokens over all turns (what a backend without a prefix cache prefills)."""
+    reused_prompt_tokens: int = 0
+    """Of those, the tokens the policy's prefix cache served (0 without one)."""
 
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def prefix_reuse(self) -> float:
+        """Fraction of prompt tokens not prefilled again thanks to the prefix cache."""
+        return self.reused_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 def rollout(
@@ -88,18 +97,29 @@ def rollout(
     from tqdm import tqdm
 
     started = time.perf_counter()
+    cache = getattr(policy, "prefix_cache", None)
+    reused_before = cache.reused_tokens if cache is not None else 0
+    prompt_tokens = 0
     queue = deque(enumerate(tasks))
     envs = [make_env() for _ in range(min(config.concurrent_episodes, len(tasks)))]
     active: dict[int, _Episode] = {}
     done: dict[int, Trajectory] = {}
+    stream = open_stream(policy, config.sampling)
     bar = tqdm(total=len(tasks), desc=f"{source} episodes", disable=not progress, leave=False)
     try:
         while queue or active:
             while queue and len(active) < len(envs):
                 index, task = queue.popleft()
                 active[index] = _start(policy, _free_env(envs, active), task)
-            finished = _advance(policy, active, config)
-            for index, episode, outcome in finished:
+                stream.add(index, active[index].prompt)
+                prompt_tokens += len(active[index].prompt)
+            for index, generation in stream.step():
+                episode = active[index]
+                outcome = _advance(policy, episode, generation, config)
+                if outcome is None:  # the episode goes on: its next turn joins the stream
+                    stream.add(index, episode.prompt)
+                    prompt_tokens += len(episode.prompt)
+                    continue
                 done[index] = _trajectory(policy, episode, outcome, source, iteration)
                 del active[index]
                 bar.update(1)
@@ -108,7 +128,13 @@ def rollout(
         for env in envs:
             env.close()
     trajectories = [done[i] for i in range(len(tasks))]
-    stats = RolloutStats(len(tasks), sum(t.generated_tokens for t in trajectories), time.perf_counter() - started)
+    stats = RolloutStats(
+        episodes=len(tasks),
+        generated_tokens=sum(t.generated_tokens for t in trajectories),
+        seconds=time.perf_counter() - started,
+        prompt_tokens=prompt_tokens,
+        reused_prompt_tokens=(cache.reused_tokens - reused_before) if cache is not None else 0,
+    )
     return trajectories, stats
 
 
@@ -124,27 +150,21 @@ def _start(policy: Policy, env: Any, task: Task) -> _Episode:
 
 
 def _advance(
-    policy: Policy, active: dict[int, _Episode], config: RolloutConfig
-) -> list[tuple[int, _Episode, tuple[float, bool, bool, bool]]]:
-    """One assistant turn for every active episode; returns those that ended."""
-    indices = list(active)
-    generations = policy.generate([active[i].prompt for i in indices], config.sampling)
-    ended = []
-    for index, gen in zip(indices, generations, strict=True):
-        episode = active[index]
-        episode.messages.append(Message("assistant", gen.text, gen.token_ids))
-        episode.generated += len(gen.token_ids)
-        observation, reward, terminated, truncated, info = episode.env.step(gen.text)
-        episode.invalid += int(bool(info.get("invalid", False)))
-        success = bool(info.get("success", False))
-        if terminated or truncated:
-            ended.append((index, episode, (float(reward), success, terminated, truncated)))
-            continue
-        segment = tuple(policy.chat.user_segment(observation, first=False))
-        episode.messages.append(Message("user", observation, segment))
-        if len(episode.prompt) + config.sampling.max_new_tokens > config.max_context_tokens:
-            ended.append((index, episode, (float(reward), success, False, True)))
-    return ended
+    policy: Policy, episode: _Episode, gen: Generation, config: RolloutConfig
+) -> tuple[float, bool, bool, bool] | None:
+    """Plays one generated turn; returns (reward, success, terminated, truncated) if the episode ended."""
+    episode.messages.append(Message("assistant", gen.text, gen.token_ids))
+    episode.generated += len(gen.token_ids)
+    observation, reward, terminated, truncated, info = episode.env.step(gen.text)
+    episode.invalid += int(bool(info.get("invalid", False)))
+    success = bool(info.get("success", False))
+    if terminated or truncated:
+        return float(reward), success, terminated, truncated
+    segment = tuple(policy.chat.user_segment(observation, first=False))
+    episode.messages.append(Message("user", observation, segment))
+    if len(episode.prompt) + config.sampling.max_new_tokens > config.max_context_tokens:
+        return float(reward), success, False, True
+    return None
 
 
 def _trajectory(

@@ -1,6 +1,7 @@
 """Times the default ETO run and samples its peak memory (driver, Ray and actors together).
 
     python bench/default_run.py [override ...]      # e.g. iterations=2
+    python bench/default_run.py --resume RUN_DIR    # time the stages a resumed run still has to do
 
 Runs ``experiments/eto.py`` in a subprocess, sums the proportional set size (PSS: shared
 pages split between processes) of its whole process tree every 2 s, and prints the wall
@@ -32,21 +33,31 @@ def tree_pss(root: psutil.Process) -> int:
 
 
 def main() -> None:
-    run_dir = Path(f"runs/bench-default-{time.strftime('%Y%m%d-%H%M%S')}")
-    cmd = [sys.executable, "experiments/eto.py", f"run_dir={run_dir}", *sys.argv[1:]]
-    started = time.perf_counter()
+    args = sys.argv[1:]
+    if args[:1] == ["--resume"]:
+        run_dir = Path(args[1])
+        cmd = [sys.executable, "experiments/eto.py", *args]
+    else:
+        run_dir = Path(f"runs/bench-default-{time.strftime('%Y%m%d-%H%M%S')}")
+        cmd = [sys.executable, "experiments/eto.py", f"run_dir={run_dir}", *args]
+    started, started_at = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd)
-    root, peak = psutil.Process(proc.pid), 0
+    root, samples = psutil.Process(proc.pid), []
     while proc.poll() is None:
-        peak = max(peak, tree_pss(root))
+        samples.append((time.time(), tree_pss(root)))
         time.sleep(2)
     wall = time.perf_counter() - started
+    peak = max((pss for _, pss in samples), default=0)
     print(f"exit code {proc.returncode}; run directory {run_dir}")
+    stage_start = started_at
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         timing = {k: round(v) for k, v in record.items() if k.startswith("timing/")}
         success = record.get("eval/success_rate", record.get("explore/success_rate"))
-        print(f"  {record['stage']:<12} {timing} success_rate={success}")
+        during = [pss for t, pss in samples if stage_start <= t <= record["time"]]
+        stage_peak = f"{max(during) / 2**30:.2f} GiB" if during else "-"  # stages of an earlier process: -
+        print(f"  {record['stage']:<12} {timing} success_rate={success} peak={stage_peak}")
+        stage_start = max(stage_start, record["time"])
     print(f"wall time {wall / 60:.1f} min = {wall / TARGET_S:.2f} x target (60 min)")
     print(f"peak PSS {peak / 2**30:.2f} GiB = {peak / 2**30 / TARGET_GIB:.2f} x target (8 GiB)")
 

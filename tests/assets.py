@@ -52,7 +52,8 @@ def build_tiny_model(out_dir: Path, vocab_size: int = 320, seed: int = 0) -> Pat
         num_key_value_heads=1,
         head_dim=16,
         max_position_embeddings=2048,
-        sliding_window=64,
+        sliding_window=16,  # short, so test prompts cross it
+        layer_types=["sliding_attention", "full_attention"],
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")],

@@ -74,6 +74,8 @@ def test_rollout_replays_experts_and_keeps_tokens(setup):
         assert t.num_turns == sum(m.role == "assistant" for m in t.messages)
         assert t.generated_tokens == sum(len(m.token_ids) for m in t.messages if m.role == "assistant")
     assert stats.episodes == 5 and stats.generated_tokens == sum(t.generated_tokens for t in trajectories)
+    prompts = sum(len(t.token_ids) - len(t.messages[-1].token_ids) for t in trajectories if t.num_turns == 1)
+    assert stats.prompt_tokens >= prompts > 0 and stats.prefix_reuse == 0.0  # a scripted policy caches nothing
 
 
 def test_turn_limit_and_context_budget_truncate(setup):
@@ -110,3 +112,35 @@ def test_malformed_actions_are_counted(setup):
         policy, lambda: make_env("db", tasks, SQLEnvConfig()), [task.task], RolloutConfig(), source="eval", iteration=0
     )
     assert t.invalid_actions == 2 and t.terminated and t.num_turns == 3
+
+
+class _NoStream:
+    """Hides a policy's own stream, so the rollout falls back to one generation call per turn."""
+
+    def __init__(self, policy) -> None:
+        self.chat, self.version, self.generate = policy.chat, policy.version, policy.generate
+
+
+def test_continuous_batching_plays_the_same_episodes_as_lockstep_turns(setup, tiny_model_dir):
+    from agentloop.policy.base import PolicyConfig
+    from agentloop.policy.hf import HFPolicy
+
+    chat, tasks = setup
+    config = RolloutConfig(concurrent_episodes=5, sampling=SamplingConfig(max_new_tokens=24))
+    runs = {}
+    for name in ("continuous", "lockstep"):
+        policy = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=3))
+        acting = policy if name == "continuous" else _NoStream(policy)
+        runs[name] = rollout(
+            acting,
+            lambda: make_env("db", tasks, SQLEnvConfig(max_turns=3)),
+            [t.task for t in tasks[:7]],
+            config,
+            source="eval",
+            iteration=0,
+        )
+    (ours, stats), (reference, reference_stats) = runs["continuous"], runs["lockstep"]
+    assert [t.messages for t in ours] == [t.messages for t in reference]
+    assert sum(t.num_turns for t in ours) > len(ours)  # multi-turn episodes
+    assert stats.prompt_tokens == reference_stats.prompt_tokens
+    assert stats.prefix_reuse > 0.5  # later turns prefilled only their new tokens

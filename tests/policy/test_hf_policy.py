@@ -46,11 +46,44 @@ def test_rows_that_stop_leave_the_batch_and_match_transformers_generate(policy, 
         assert gen.finished == (ref[len(gen.token_ids) - 1] in stops)
 
 
-def test_sampling_is_seeded(policy):
+def test_sampling_is_seeded(policy, tiny_model_dir):
     prompts = [policy.chat.user_segment(text, first=True) for text in ["a", "bb cc"]]
     hot = SamplingConfig(max_new_tokens=8, temperature=1.5, top_p=0.95, seed=3)
-    assert policy.generate(prompts, hot) == policy.generate(prompts, hot)
-    assert policy.generate(prompts, hot) != policy.generate(prompts, SamplingConfig(max_new_tokens=8))
+    runs = []
+    for _ in range(2):
+        fresh = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32"))
+        runs.append([fresh.generate(prompts, hot) for _ in range(2)])
+    assert runs[0] == runs[1]
+    assert runs[0][0] != policy.generate(prompts, SamplingConfig(max_new_tokens=8))
+
+
+def test_later_turns_resume_from_the_prefix_cache_with_the_same_result(tiny_model_dir):
+    cached = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=3))
+    plain = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=3, prefix_cache_tokens=0))
+    chat = cached.chat
+    texts = ["SELECT a FROM t WHERE b = 'x y z'", "hi", "INSERT INTO t VALUES (1, 2, 3)", "Error: near"]
+    conversations = [list(chat.user_segment(t, first=True)) for t in texts]
+    sampling = SamplingConfig(max_new_tokens=12)
+    for turn in range(3):
+        ours, reference = cached.generate(conversations, sampling), plain.generate(conversations, sampling)
+        assert [g.token_ids for g in ours] == [g.token_ids for g in reference], turn
+        # from the second turn on, every conversation resumed from its cached first turns
+        assert cached.prefix_cache.hits == turn * len(conversations)
+        for conversation, gen, text in zip(conversations, ours, texts, strict=True):
+            conversation += [*gen.token_ids, *chat.user_segment(f"Observation {turn}: {text[::-1]}", first=False)]
+    assert max(len(c) for c in conversations) > 3 * 16  # well past the sliding window
+    cached.load_adapter(None, version=0)
+    assert len(cached.prefix_cache) == 0  # new weights, stale keys and values dropped
+
+
+def test_compacting_the_cache_changes_nothing(policy, monkeypatch):
+    from agentloop.policy.decode import DecodeEngine
+
+    prompts = [policy.chat.user_segment(text, first=True) for text in ["a", "bb cc dd ee ff", "SELECT 1", "x"]]
+    sampling = SamplingConfig(max_new_tokens=10)
+    expected = policy.generate(prompts, sampling)
+    monkeypatch.setattr(DecodeEngine, "_sparse", lambda self: True)  # compact after every step
+    assert policy.generate(prompts, sampling) == expected
 
 
 def test_completion_stops_at_stop_token(policy):

@@ -1,0 +1,361 @@
+"""Batched decoding for transformers causal LMs, with a prefix cache across turns.
+
+Two costs dominate multi-turn generation with ``model.generate`` on a CPU: every row of a
+batch runs until the longest one stops, and every turn prefills the whole conversation
+again. :func:`decode` removes both:
+
+- A row leaves the batch (and its cache rows) as soon as it emits a stop token.
+- The keys and values of a finished turn are kept in a :class:`PrefixCache`. The next turn
+  of the same conversation starts with those tokens, so only its new tokens (the end of the
+  last reply and the new observation) go through the model.
+
+Rows resume from caches of different lengths, so a batch is laid out as
+``[padding, cached tokens, padding, new tokens]`` per row and the attention masks are built
+here from each key's true position, not its column: causal, the sliding window of local
+layers (Gemma 3 alternates local and global layers), and no attention to padding. The
+result equals decoding each prompt alone from scratch (tests check it against
+``model.generate``), up to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class CachedPrefix:
+    """The keys and values of one token sequence, per layer ``[1, kv_heads, len(ids), head_dim]``."""
+
+    ids: tuple[int, ...]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+class PrefixCache:
+    """Finished turns' keys and values, looked up by the prompt that continues them.
+
+    An entry serves one continuation (it is removed when used; the continuation stores a
+    longer one). When more than ``max_tokens`` are held, the oldest entries go first.
+    """
+
+    _TAIL = 16  # tokens hashed with the length to find candidate entries quickly
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self._entries: OrderedDict[tuple[int, int], CachedPrefix] = OrderedDict()
+        self._tokens = 0
+        self.hits = 0
+        """Prompts that resumed from an entry."""
+        self.reused_tokens = 0
+        """Prompt tokens those prompts did not prefill."""
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+    def put(self, entry: CachedPrefix) -> None:
+        if not entry.ids or len(entry.ids) > self.max_tokens:
+            return
+        key = self._key(entry.ids, len(entry.ids))
+        if key in self._entries:
+            self._tokens -= len(self._entries.pop(key).ids)
+        self._entries[key] = entry
+        self._tokens += len(entry.ids)
+        while self._tokens > self.max_tokens:
+            _, old = self._entries.popitem(last=False)
+            self._tokens -= len(old.ids)
+
+    def pop(self, prompt: Sequence[int]) -> CachedPrefix | None:
+        """Removes and returns the longest entry that is a strict prefix of ``prompt``."""
+        lengths = sorted({n for n, _ in self._entries if n < len(prompt)}, reverse=True)
+        for n in lengths:
+            key = self._key(prompt, n)
+            entry = self._entries.get(key)
+            if entry is not None and tuple(prompt[:n]) == entry.ids:
+                del self._entries[key]
+                self._tokens -= n
+                self.hits += 1
+                self.reused_tokens += n
+                return entry
+        return None
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._tokens = 0
+
+    @classmethod
+    def _key(cls, ids: Sequence[int], n: int) -> tuple[int, int]:
+        return n, hash(tuple(ids[max(0, n - cls._TAIL) : n]))
+
+
+class DecodeEngine:
+    """Continuous batching: requests join and leave a running batch one token step at a time.
+
+    ``add`` queues a prompt; each ``step`` either admits queued prompts (one prefill forward
+    for them, resumed from the prefix cache where possible, then merged into the batch) or
+    advances every running row by one token, and returns the requests that finished. A
+    finished request's keys and values go to the prefix cache, so when its conversation
+    comes back with one more turn only the new tokens are prefilled.
+
+    Batch layout: ``key_pos[row, column]`` is the position of the token whose keys and values
+    sit in that cache column, or -1 for an empty column (padding, or columns a row that joined
+    later never used). Attention masks are built from these positions.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        pad_id: int,
+        pick: Callable[[torch.Tensor], torch.Tensor],
+        max_rows: int,
+        cache: PrefixCache | None = None,
+    ) -> None:
+        import torch
+
+        self.model, self.max_new_tokens, self.pad_id, self.pick = model, max_new_tokens, pad_id, pick
+        self.max_rows, self.cache = max_rows, cache
+        self.device = next(model.parameters()).device
+        self.stops = torch.tensor(sorted(set(stop_ids)), device=self.device)
+        self.window = _sliding_window(model.config)
+        self.waiting: deque[tuple[Hashable, tuple[int, ...]]] = deque()
+        self.rows: list[Hashable] = []  # request of each running row
+        self.prompts: dict[Hashable, tuple[int, ...]] = {}
+        self.outputs: dict[Hashable, list[int]] = {}
+        self.kv = None  # DynamicCache of the running rows
+        self.key_pos: torch.Tensor | None = None
+        self.next_tokens: torch.Tensor | None = None  # each running row's last sampled token, not yet fed
+
+    def add(self, key: Hashable, prompt: Sequence[int]) -> None:
+        if key in self.prompts:
+            raise ValueError(f"request {key!r} is already running")
+        if not prompt:
+            raise ValueError(f"request {key!r} has an empty prompt")
+        self.prompts[key] = tuple(prompt)
+        self.waiting.append((key, tuple(prompt)))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    def step(self) -> list[tuple[Hashable, list[int]]]:
+        """One forward pass; returns ``(key, generated ids)`` of the requests that ended."""
+        if self.waiting and self._admit_now():
+            return self._admit()
+        if self.rows:
+            return self._decode()
+        return []
+
+    def _admit_now(self) -> bool:
+        free = self.max_rows - len(self.rows)
+        # Prefill in groups: a lone prompt waits while the batch is still mostly full.
+        return free > 0 and (len(self.rows) <= self.max_rows // 2 or len(self.waiting) >= max(1, free // 2))
+
+    def _admit(self) -> list[tuple[Hashable, list[int]]]:
+        import torch
+        from transformers import DynamicCache
+
+        free = self.max_rows - len(self.rows)
+        group = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        found = [self.cache.pop(p) if self.cache is not None else None for _, p in group]
+        cached = [len(f.ids) if f else 0 for f in found]
+        new = [p[c:] for (_, p), c in zip(group, cached, strict=True)]
+        width_cached, width_new = max(cached), max(len(n) for n in new)
+
+        kv = DynamicCache()
+        if width_cached:
+            _fill_cache(kv, found, width_cached, self.device)
+        key_pos = torch.full((len(group), width_cached + width_new), -1, dtype=torch.long)
+        input_ids = torch.full((len(group), width_new), self.pad_id, dtype=torch.long)
+        for r, (c, tokens) in enumerate(zip(cached, new, strict=True)):
+            key_pos[r, width_cached - c : width_cached] = torch.arange(c)
+            input_ids[r, width_new - len(tokens) :] = torch.tensor(tokens)
+            key_pos[r, width_cached + width_new - len(tokens) :] = torch.arange(c, c + len(tokens))
+        key_pos = key_pos.to(self.device)
+        tokens = self._forward(input_ids.to(self.device), key_pos[:, width_cached:], key_pos, kv)
+        keys = [key for key, _ in group]
+        for key in keys:
+            self.outputs[key] = []
+        return self._advance(keys, tokens, kv, key_pos, joining=True)
+
+    def _decode(self) -> list[tuple[Hashable, list[int]]]:
+        import torch
+
+        query_pos = self.key_pos.max(dim=1, keepdim=True).values + 1
+        key_pos = torch.cat([self.key_pos, query_pos], dim=1)
+        tokens = self._forward(self.next_tokens.unsqueeze(1), query_pos, key_pos, self.kv)
+        return self._advance(self.rows, tokens, self.kv, key_pos, joining=False)
+
+    def _forward(self, input_ids, query_pos, key_pos, kv) -> torch.Tensor:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.get_decoder()(
+                input_ids=input_ids,
+                attention_mask=_masks(self.model.config, query_pos, key_pos, self.window),
+                position_ids=query_pos.clamp(min=0),
+                past_key_values=kv,
+                use_cache=True,
+            )
+            logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1].contiguous()).float()
+            softcap = getattr(self.model.config, "final_logit_softcapping", None)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            return self.pick(logits)
+
+    def _advance(self, keys, tokens, kv, key_pos, *, joining: bool) -> list[tuple[Hashable, list[int]]]:
+        """Records each row's new token; rows that ended leave the batch (into the prefix cache)."""
+        import torch
+
+        for key, token in zip(keys, tokens.tolist(), strict=True):
+            self.outputs[key].append(token)
+        going = ~torch.isin(tokens, self.stops)
+        going &= torch.tensor([len(self.outputs[k]) < self.max_new_tokens for k in keys], device=self.device)
+        finished = []
+        for row in (~going).nonzero().squeeze(1).tolist():
+            key = keys[row]
+            prompt, generated = self.prompts.pop(key), self.outputs.pop(key)
+            if self.cache is not None:
+                self.cache.put(_extract(kv, row, key_pos[row], prompt + tuple(generated[:-1])))
+            finished.append((key, generated))
+        keep = going.nonzero().squeeze(1)
+        if len(keep) < len(keys):
+            kv.batch_select_indices(keep)
+            key_pos, tokens = key_pos[keep], tokens[keep]
+            keys = [keys[i] for i in keep.tolist()]
+        if joining and self.rows:
+            kv, key_pos = _merge(self.kv, self.key_pos, kv, key_pos)
+            keys, tokens = self.rows + keys, torch.cat([self.next_tokens, tokens])
+        self.rows, self.kv, self.key_pos, self.next_tokens = keys, kv, key_pos, tokens
+        if not self.rows:
+            self.kv = self.key_pos = self.next_tokens = None
+        elif self._sparse():
+            self.kv, self.key_pos = _compact(self.kv, self.key_pos)
+        return finished
+
+    def _sparse(self) -> bool:
+        """True when empty columns make up most of the cache (rows that joined late, or left)."""
+        used = int((self.key_pos >= 0).sum(dim=1).max())
+        return self.key_pos.shape[1] > 2 * used + 64
+
+
+def _fill_cache(kv, found: list[CachedPrefix | None], width: int, device) -> None:
+    """Writes each row's cached keys and values right-aligned in ``width`` columns."""
+    import torch
+
+    template = next(f for f in found if f is not None)
+    for layer in range(len(template.keys)):
+        shape = list(template.keys[layer].shape)
+        shape[0], shape[2] = len(found), width
+        keys = torch.zeros(shape, dtype=template.keys[layer].dtype, device=device)
+        values = torch.zeros_like(keys)
+        for r, entry in enumerate(found):
+            if entry is not None:
+                n = len(entry.ids)
+                keys[r, :, width - n :] = entry.keys[layer][0]
+                values[r, :, width - n :] = entry.values[layer][0]
+        kv.update(keys, values, layer)
+
+
+def _extract(kv, row: int, key_pos: torch.Tensor, ids: tuple[int, ...]) -> CachedPrefix:
+    """Row ``row``'s keys and values (``key_pos`` is its position row), in token order."""
+    columns = (key_pos >= 0).nonzero().squeeze(1)
+    if len(columns) != len(ids):
+        raise RuntimeError(f"cache holds {len(columns)} tokens of a {len(ids)}-token sequence")
+    keys = [layer.keys[row : row + 1, :, columns].clone() for layer in kv.layers]
+    values = [layer.values[row : row + 1, :, columns].clone() for layer in kv.layers]
+    return CachedPrefix(ids, keys, values)
+
+
+def _merge(kv_a, pos_a: torch.Tensor, kv_b, pos_b: torch.Tensor):
+    """Stacks two batches' caches, right-aligning both in the wider one's columns."""
+    import torch
+    from transformers import DynamicCache
+
+    width = max(pos_a.shape[1], pos_b.shape[1])
+
+    def widen(t: torch.Tensor, fill) -> torch.Tensor:
+        missing = width - t.shape[-1] if t.dim() == 2 else width - t.shape[2]
+        if not missing:
+            return t
+        if t.dim() == 2:
+            return torch.cat([t.new_full((t.shape[0], missing), fill), t], dim=1)
+        pad = t.new_zeros(t.shape[0], t.shape[1], missing, t.shape[3])
+        return torch.cat([pad, t], dim=2)
+
+    merged = DynamicCache()
+    for i, (a, b) in enumerate(zip(kv_a.layers, kv_b.layers, strict=True)):
+        keys = torch.cat([widen(a.keys, 0), widen(b.keys, 0)])
+        values = torch.cat([widen(a.values, 0), widen(b.values, 0)])
+        merged.update(keys, values, i)
+    return merged, torch.cat([widen(pos_a, -1), widen(pos_b, -1)])
+
+
+def _compact(kv, key_pos: torch.Tensor):
+    """Drops empty columns: each row's tokens moved, in order, to the right of a narrower cache."""
+    import torch
+    from transformers import DynamicCache
+
+    valid = key_pos >= 0
+    counts = valid.sum(dim=1)
+    width = int(counts.max())
+    # Column to read for each (row, new column): the row's valid columns, right-aligned.
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :width]  # valid columns first, in order
+    shift = width - counts
+    target = torch.arange(width, device=key_pos.device)[None, :] - shift[:, None]  # index into the valid list
+    source = order.gather(1, target.clamp(min=0))
+    empty = target < 0
+    new_pos = key_pos.gather(1, source).masked_fill(empty, -1)
+    compacted = DynamicCache()
+    for i, layer in enumerate(kv.layers):
+        index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        compacted.update(layer.keys.gather(2, index), layer.values.gather(2, index), i)
+    return compacted, new_pos
+
+
+def _sliding_window(config) -> int | None:
+    types = getattr(config, "layer_types", None) or []
+    return getattr(config, "sliding_window", None) if "sliding_attention" in types else None
+
+
+def _masks(config, query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None):
+    """Attention masks from true positions: ``[rows, 1, queries, keys]``, True = attend.
+
+    A padded query (position -1) attends only to its own column, which no real query sees:
+    a query that attends to nothing would make NaNs that spread through the padding's keys.
+    """
+    import torch
+
+    q, k = query_pos[:, :, None], key_pos[:, None, :]
+    causal = (k >= 0) & (k <= q)
+    pad_query = query_pos < 0
+    if pad_query.any():
+        own = torch.zeros_like(causal)
+        offset = key_pos.shape[1] - query_pos.shape[1]
+        idx = torch.arange(query_pos.shape[1], device=query_pos.device)
+        own[:, idx, offset + idx] = True
+        causal = torch.where(pad_query[:, :, None], own, causal)
+    masks = {"full_attention": causal[:, None]}
+    if window is not None:
+        masks["sliding_attention"] = (causal & ((q - k < window) | pad_query[:, :, None]))[:, None]
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        masks = {name: _additive(mask) for name, mask in masks.items()}
+    types = getattr(config, "layer_types", None)
+    return masks if types else masks["full_attention"]
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
