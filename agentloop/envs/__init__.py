@@ -5,8 +5,9 @@ Each environment module is imported only when its name is first used, so importi
 :class:`agentloop.envs.sql.DBTask`); every one of them carries its
 :class:`~agentloop.types.Task` record as ``.task``.
 
-Known environments: ``"db"`` (AgentBench dbbench on SQLite). ``"os"``, ``"alfworld"`` and
-``"webshop"`` are planned.
+Known environments: ``"db"`` (AgentBench dbbench on SQLite; splits ``train``, ``dev``) and
+``"webshop"`` (WebShop's 1,000-product shop; splits ``train``, ``test``). ``"os"`` and
+``"alfworld"`` are planned.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
     from agentloop.types import Trajectory
 
-KNOWN_ENVS = ("db",)
+KNOWN_ENVS = ("db", "webshop")
 """Names accepted by the functions below."""
 
 
@@ -37,19 +38,28 @@ def load_tasks(env: str, data_dir: Path, split: str) -> list[Any]:
         FileNotFoundError: When the environment's data is missing from ``data_dir``.
     """
     _check(env)
+    if env == "webshop":
+        from agentloop.envs.webshop import load_webshop_tasks
+
+        return load_webshop_tasks(Path(data_dir), split)
     from agentloop.envs.sql import load_db_tasks
 
     return load_db_tasks(Path(data_dir), split)
 
 
 def make_env(env: str, tasks: Sequence[Any], config: Any) -> gymnasium.Env:
-    """A Gymnasium environment over ``tasks`` (for ``"db"``, ``config`` is an ``SQLEnvConfig``).
+    """A Gymnasium environment over ``tasks``; ``config`` is the env's own (``SQLEnvConfig``, ``WebShopEnvConfig``).
 
     Raises:
         ValueError: For an unknown environment.
         TypeError: When ``config`` is not the environment's config type.
     """
     _check(env)
+    if env == "webshop":
+        from agentloop.envs.webshop import WebShopEnv, WebShopEnvConfig
+
+        _expect(config, WebShopEnvConfig)
+        return WebShopEnv(tasks, config)
     from agentloop.envs.sql import SQLEnv, SQLEnvConfig
 
     _expect(config, SQLEnvConfig)
@@ -62,13 +72,21 @@ def build_experts(
     """Expert demonstrations for ``tasks``, replayed in the real environment; only successes kept.
 
     For ``"db"``, ``env_config`` is an ``SQLEnvConfig`` and ``expert_config`` a
-    ``DBExpertConfig``. Returns the demonstrations and a per-type success report.
+    ``DBExpertConfig``; for ``"webshop"``, a ``WebShopEnvConfig`` and None (the scripted
+    expert has no settings). Returns the demonstrations and a per-type success report.
 
     Raises:
         ValueError: For an unknown environment.
         TypeError: When a config is not of the environment's type.
     """
     _check(env)
+    if env == "webshop":
+        from agentloop.envs.webshop import WebShopEnvConfig, build_webshop_experts
+
+        _expect(env_config, WebShopEnvConfig)
+        if expert_config is not None:
+            raise TypeError(f"the webshop expert takes no config, got {type(expert_config).__name__}")
+        return build_webshop_experts(tasks, env_config)
     from agentloop.envs.sql import DBExpertConfig, SQLEnvConfig, build_db_experts
 
     _expect(env_config, SQLEnvConfig)

@@ -1,0 +1,281 @@
+"""The WebShop environment on the real 1,000-product set, its reward, and its scripted expert."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import pytest
+from gymnasium.error import ResetNeeded
+from gymnasium.utils.env_checker import check_env
+from hostile import PAYLOADS, RAW
+
+from agentloop.config import ConfigError
+from agentloop.envs.webshop import (
+    Goal,
+    Product,
+    WebShopEnv,
+    WebShopEnvConfig,
+    WebShopTask,
+    build_webshop_experts,
+    expert_actions,
+    load_webshop_tasks,
+    score_purchase,
+    type_reward,
+)
+
+BED = "train-B0769HRGD2-000"  # a platform bed on the second results page; size: twin, color: blue
+LAMP = "train-B00062IG3A-000"  # a floor lamp without options, first on the first results page
+OTTOMAN = "train-B08KLHMPP9-000"  # its instruction does not bring its product into the top 50
+
+
+@pytest.fixture(scope="module")
+def train_tasks(data_dir: Path) -> list[WebShopTask]:
+    return load_webshop_tasks(data_dir, "train")
+
+
+@pytest.fixture(scope="module")
+def by_id(train_tasks: list[WebShopTask]) -> dict[str, WebShopTask]:
+    return {t.task.task_id: t for t in train_tasks}
+
+
+@pytest.fixture()
+def env(by_id: dict[str, WebShopTask]) -> WebShopEnv:
+    shop = WebShopEnv([by_id[i] for i in (BED, LAMP, OTTOMAN)], WebShopEnvConfig())
+    yield shop
+    shop.close()
+
+
+def test_splits_hold_disjoint_products_with_goal_texts(data_dir: Path, train_tasks: list[WebShopTask]) -> None:
+    test_tasks = load_webshop_tasks(data_dir, "test")
+    assert (len(train_tasks), len(test_tasks)) == (1423, 336)
+    train_products, test_products = {t.goal.asin for t in train_tasks}, {t.goal.asin for t in test_tasks}
+    assert (len(train_products), len(test_products)) == (332, 83) and not train_products & test_products
+    assert {t.task.kind for t in train_tasks} == {"beauty", "electronics", "fashion", "garden", "grocery"}
+    bed = next(t for t in train_tasks if t.task.task_id == BED)
+    assert (bed.task.env, bed.task.split, bed.goal.options) == (
+        "webshop",
+        "train",
+        (("size", "twin"), ("color", "blue")),
+    )
+    assert bed.task.instruction == (
+        "Find me beds with wood frame, box spring, solid wood with size: twin, and color: blue, "
+        "and price lower than 390.00 dollars"
+    )
+    assert bed.product.price < bed.goal.price_upper and bed.catalog is test_tasks[0].catalog
+    assert [t.task.task_id for t in load_webshop_tasks(data_dir, "train")] == [t.task.task_id for t in train_tasks]
+
+
+def test_loading_errors_name_the_problem(tmp_path: Path, data_dir: Path) -> None:
+    with pytest.raises(ValueError, match="unknown webshop split 'dev'"):
+        load_webshop_tasks(data_dir, "dev")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "webshop")):
+        load_webshop_tasks(tmp_path, "train")
+    (tmp_path / "webshop").mkdir()
+    with pytest.raises(FileNotFoundError, match="products_1k.jsonl"):
+        load_webshop_tasks(tmp_path, "train")
+
+
+def test_config_validation() -> None:
+    WebShopEnvConfig().validate()
+    with pytest.raises(ConfigError, match="max_steps"):
+        WebShopEnvConfig(max_steps=0).validate()
+    with pytest.raises(ConfigError, match="max_observation_chars"):
+        WebShopEnvConfig(max_detail_chars=5000).validate()
+
+
+def test_passes_gymnasium_check_env(env: WebShopEnv) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env, skip_render_check=True)
+
+
+def test_expert_episode_pages_to_the_goal_chooses_options_and_scores_one(
+    env: WebShopEnv, by_id: dict[str, WebShopTask]
+) -> None:
+    actions = expert_actions(by_id[BED], env.config)
+    assert actions is not None and actions[1:] == [
+        "click[Next >]",
+        "click[B0769HRGD2]",
+        "click[twin]",
+        "click[blue]",
+        "click[Buy Now]",
+    ]
+    observation, info = env.reset(options={"task_id": BED})
+    assert info["task"].task_id == BED and "[Search]" in observation and "search[" in observation
+    for action in actions:
+        observation, reward, terminated, truncated, info = env.step(action)
+        assert env.observation_space.contains(observation) and not info["invalid"]
+    assert (reward, terminated, truncated, info["success"]) == (1.0, True, False, True)
+    assert "Your score: 1.000" in observation
+
+
+def test_pagination_details_and_back_navigation(env: WebShopEnv) -> None:
+    env.reset(options={"task_id": BED})
+    first, *_ = env.step("Thought: beds.\nAction: search[platform bed solid wood]")
+    assert first.startswith("[Back to Search] [SEP] Page 1 (Total results: 50) [SEP] [Next >] [SEP] [")
+    second, *_ = env.step("click[next >]")
+    assert "Page 2 (Total results: 50)" in second and "[< Prev]" in second and second != first
+    assert env.step("click[< Prev]")[0] == first
+    env.step("click[Next >]")
+    asin = second.split(" [SEP] ")[4].strip("[]")
+    item, *_ = env.step(f"click[{asin.lower()}]")
+    assert "[Buy Now]" in item and "[Description]" in item
+    described, *_ = env.step("click[Description]")
+    assert described.startswith("[Back to Search] [SEP] [< Prev] [SEP] ")
+    assert env.step("click[< Prev]")[0] == item
+    assert env.step("click[< Prev]")[0] == second
+    search, *_ = env.step("click[Back to Search]")
+    assert search.startswith("WebShop [SEP] Instruction: [SEP] Find me beds")
+    _, _, _, truncated, info = env.step("search[twin bed]")
+    assert not info["invalid"] and truncated  # the tenth action
+
+
+def test_invalid_actions_explain_and_cost_a_step(by_id: dict[str, WebShopTask]) -> None:
+    env = WebShopEnv([by_id[LAMP]], WebShopEnvConfig(max_steps=5))
+    env.reset()
+    obs, _, _, _, info = env.step("click[Search]")
+    assert info["invalid"] and "not a button" in obs and "search[...]" in obs
+    env.step("search[floor lamp]")
+    obs, _, _, _, info = env.step("search[lamp]")
+    assert info["invalid"] and "no search box" in obs and "[Back to Search]" in obs
+    obs, _, _, _, info = env.step("buy the lamp")
+    assert info["invalid"] and "is not search[...] or click[...]" in obs
+    obs, reward, terminated, truncated, info = env.step("click[Buy Now]")
+    assert info["invalid"] and (reward, terminated, truncated) == (0.0, False, True)
+    with pytest.raises(ResetNeeded):
+        env.step("click[Back to Search]")
+
+
+def test_step_limit_truncates_and_then_needs_reset(by_id: dict[str, WebShopTask]) -> None:
+    env = WebShopEnv([by_id[LAMP]], WebShopEnvConfig(max_steps=2))
+    with pytest.raises(ResetNeeded):
+        env.step("search[lamp]")
+    env.reset()
+    assert env.step("search[lamp]")[1:4] == (0.0, False, False)
+    _, reward, terminated, truncated, info = env.step("click[Back to Search]")
+    assert (reward, terminated, truncated, info["success"]) == (0.0, False, True, False)
+    with pytest.raises(ResetNeeded):
+        env.step("search[lamp]")
+    assert env.reset(options={"task_id": LAMP})[0].endswith("[Search]")
+
+
+def test_wrong_option_or_wrong_product_bought_in_the_shop_scores_less(
+    env: WebShopEnv, by_id: dict[str, WebShopTask]
+) -> None:
+    actions = expert_actions(by_id[BED], env.config)
+    assert actions is not None
+    assert play(env, BED, [*actions[:3], "click[full]", *actions[4:]]) == pytest.approx(5 / 6)  # size wrong
+    assert play(env, BED, [*actions[:3], "click[Buy Now]"]) == pytest.approx(4 / 6)  # no option chosen
+    lamp = expert_actions(by_id[LAMP], env.config)
+    assert lamp is not None and play(env, BED, [lamp[0], lamp[1], "click[Buy Now]"]) == 0.0  # a lamp, not a bed
+
+
+def play(env: WebShopEnv, task_id: str, actions: list[str]) -> float:
+    env.reset(options={"task_id": task_id})
+    reward = 0.0
+    for action in actions:
+        _, reward, _, _, _ = env.step(action)
+    return reward
+
+
+SHIRT = Product(
+    asin="A1",
+    title="Cotton Crew Neck Shirt Classic Summer Tee Casual",
+    description="A soft tee with short sleeve cut.",
+    features=("Machine wash cold",),
+    category=("Clothing", "Men", "Shirts"),
+    query="men's t-shirts",
+    attributes=("machine wash",),
+    options=(("size", ("small", "large")), ("color", ("black", "white"))),
+    price=20.0,
+    shop="fashion",
+    text="",
+)
+GOAL = Goal(
+    "A1",
+    "Find me machine wash, short sleeve shirts",
+    ("machine wash", "short sleeve"),
+    (("size", "large"), ("color", "black")),
+    30.0,
+)
+
+
+@pytest.mark.parametrize(
+    ("bought", "chosen", "reward"),
+    [
+        (SHIRT, {"size": "large", "color": "black"}, 1.0),  # (2 attributes + 2 options + price) / 5
+        (SHIRT, {"size": "small", "color": "black"}, 4 / 5),  # one wrong option
+        (SHIRT, {}, 3 / 5),  # no option chosen
+        (dataclasses.replace(SHIRT, price=35.0), {"size": "large", "color": "black"}, 4 / 5),  # over the bound
+        (dataclasses.replace(SHIRT, description="A soft tee."), {"size": "large", "color": "black"}, 4 / 5),
+    ],
+)
+def test_reward_parts_by_hand(bought: Product, chosen: dict[str, str], reward: float) -> None:
+    assert score_purchase(bought, chosen, SHIRT, GOAL).reward == pytest.approx(reward)
+
+
+def test_type_reward_by_title_query_and_category() -> None:
+    other = dataclasses.replace(SHIRT, query="aprons", category=("Home", "Kitchen"))
+    assert type_reward(SHIRT, SHIRT) == 1.0
+    assert type_reward(dataclasses.replace(other, title="Classic Crew Shirt"), SHIRT) == 1.0  # 3 of 8 title words
+    assert type_reward(dataclasses.replace(other, title="Classic Apron"), SHIRT) == 0.5  # 1 of 8 words
+    assert type_reward(dataclasses.replace(other, title="Classic Apron", query="men's t-shirts"), SHIRT) == 1.0
+    assert type_reward(dataclasses.replace(other, title="Classic Apron", category=("Clothing", "Men")), SHIRT) == 1.0
+    wordy = dataclasses.replace(SHIRT, title=SHIRT.title + " Breathable Stretch Slim Fit Solid Pocket")  # 14 words
+    assert type_reward(dataclasses.replace(other, title="Classic Apron"), wordy) == 0.1
+    knives = dataclasses.replace(other, title="Stainless Steel Kitchen Knife Set")
+    assert type_reward(knives, SHIRT) == 0.0
+    assert score_purchase(knives, {"size": "large", "color": "black"}, SHIRT, GOAL).reward == 0.0
+
+
+def test_experts_report_successes_and_failure_classes(by_id: dict[str, WebShopTask]) -> None:
+    tasks = [by_id[BED], by_id[LAMP], by_id[OTTOMAN]]
+    demos, report = build_webshop_experts(tasks, WebShopEnvConfig())
+    assert [d.task.task_id for d in demos] == [BED, LAMP]
+    assert all(d.success and d.reward == 1.0 and d.source == "expert" and d.invalid_actions == 0 for d in demos)
+    assert report["failures"] == {"not_found": {"count": 1, "examples": [OTTOMAN]}}
+    assert report["by_kind"] == {"garden": {"attempted": 3, "succeeded": 2}}
+    _, short = build_webshop_experts([by_id[BED]], WebShopEnvConfig(max_steps=5))
+    assert short["failures"] == {"too_long": {"count": 1, "examples": [BED]}}
+
+
+def test_reset_is_seeded_and_rejects_unknown_tasks(env: WebShopEnv) -> None:
+    first = [env.reset(seed=3)[1]["task"].task_id] + [env.reset()[1]["task"].task_id for _ in range(6)]
+    again = [env.reset(seed=3)[1]["task"].task_id] + [env.reset()[1]["task"].task_id for _ in range(6)]
+    assert first == again and len(set(first)) > 1
+    with pytest.raises(KeyError, match="train-nothing"):
+        env.reset(options={"task_id": "train-nothing"})
+    with pytest.raises(ValueError, match="unknown reset option"):
+        env.reset(options={"goal": 1})
+
+
+def hostile_actions() -> list[object]:
+    wrapped = [f"{verb}[{payload}]" for payload in PAYLOADS for verb in ("search", "click")]
+    return [*RAW, *wrapped]
+
+
+@pytest.mark.parametrize("page", ["search", "results", "item"])
+def test_hostile_actions_become_observations(env: WebShopEnv, page: str) -> None:
+    lead = {"search": [], "results": ["search[bed]"], "item": ["search[bed]", "click[B0769HRGD2]"]}
+    for action in hostile_actions():
+        env.reset(options={"task_id": BED})
+        for step in lead[page]:
+            assert not env.step(step)[4]["invalid"]
+        obs, reward, terminated, truncated, info = env.step(action)  # type: ignore[arg-type]
+        assert isinstance(obs, str) and env.observation_space.contains(obs), repr(action)[:80]
+        assert reward == 0.0 and not info["success"] and not terminated
+
+
+def test_registry_loads_makes_and_builds_experts(data_dir: Path) -> None:
+    from agentloop import envs
+
+    tasks = envs.load_tasks("webshop", data_dir, "test")[:3]
+    env = envs.make_env("webshop", tasks, WebShopEnvConfig())
+    observation, info = env.reset(options={"task_id": tasks[0].task.task_id})
+    assert info["task"] == tasks[0].task and isinstance(observation, str)
+    demos, _ = envs.build_experts("webshop", tasks, WebShopEnvConfig(), None, seed=0)
+    assert demos and all(d.success and d.task.env == "webshop" for d in demos)
+    with pytest.raises(TypeError):
+        envs.build_experts("webshop", tasks, WebShopEnvConfig(), object(), seed=0)
