@@ -59,8 +59,11 @@ class ETOConfig:
     db: SQLEnvConfig = field(default_factory=SQLEnvConfig)
     experts: DBExpertConfig = field(default_factory=DBExpertConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(sampling=SamplingConfig(max_new_tokens=128)))
-    """128 new tokens per turn cover every expert action (longest: 130 tokens with its stop token, p95 74)."""
+    rollout: RolloutConfig = field(
+        default_factory=lambda: RolloutConfig(concurrent_episodes=48, sampling=SamplingConfig(max_new_tokens=128))
+    )
+    """128 new tokens per turn cover every expert action (longest: 130 tokens with its stop token, p95 74).
+    48 episodes in flight keep the 32 rows of a generation batch busy while some episodes wait."""
     # The embedded default fits SFT + 2 rounds into about an hour on a 2-core CPU: 2 SFT epochs
     # and 1 DPO epoch per round instead of ETO's 3 and 3; 10% of earlier rounds' pairs replayed.
     sft: SFTLearnerConfig = field(default_factory=lambda: SFTLearnerConfig(epochs=2))

@@ -33,6 +33,22 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def release_memory() -> None:
+    """Returns freed heap to the OS, so an idle actor does not keep its peak while another works.
+
+    glibc keeps freed blocks (a stage's activations, a trainer's model) mapped; the rollout and
+    the learner take turns on one machine, so each one's high-water mark would otherwise add up.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class RolloutWorker:
     """Runs episodes of one environment with the current policy."""
 
@@ -59,6 +75,7 @@ class RolloutWorker:
         """Acts with the adapter given by value (None = base model); returns the version."""
         path = None if files is None else unpack_dir(files, self._adapter_dir / f"v{version}")
         self.policy.load_adapter(path, version)
+        release_memory()
         return self.policy.version
 
     def run(self, task_ids: Sequence[str], source: Source, iteration: int) -> tuple[list[Trajectory], Any]:
@@ -71,15 +88,18 @@ class RolloutWorker:
             raise KeyError(f"unknown task ids: {unknown[:5]}")
         tasks = [self.tasks[t] for t in task_ids]
         env_tasks = list(self.tasks.values())
-        return rollout(
-            self.policy,
-            lambda: make_env(self.env_name, env_tasks, self.env_config),
-            [t.task for t in tasks],
-            self.rollout_config,
-            source=source,
-            iteration=iteration,
-            progress=True,
-        )
+        try:
+            return rollout(
+                self.policy,
+                lambda: make_env(self.env_name, env_tasks, self.env_config),
+                [t.task for t in tasks],
+                self.rollout_config,
+                source=source,
+                iteration=iteration,
+                progress=True,
+            )
+        finally:
+            release_memory()
 
     def close(self) -> None:
         shutil.rmtree(self._adapter_dir, ignore_errors=True)
@@ -102,7 +122,10 @@ class LearnerWorker:
         from agentloop.learners.sft import train_sft
 
         out = self._fresh("sft")
-        metrics = train_sft(self.base_model, trajectories, self.sft_config, out)
+        try:
+            metrics = train_sft(self.base_model, trajectories, self.sft_config, out)
+        finally:
+            release_memory()
         return pack_dir(out), metrics
 
     def dpo(self, adapter: Files, pairs: Sequence[Pair]) -> tuple[Files, dict[str, float]]:
@@ -111,7 +134,10 @@ class LearnerWorker:
 
         start = unpack_dir(adapter, self._fresh("start"))
         out = self._fresh("dpo")
-        metrics = train_dpo(self.base_model, start, pairs, self.dpo_config, out)
+        try:
+            metrics = train_dpo(self.base_model, start, pairs, self.dpo_config, out)
+        finally:
+            release_memory()
         return pack_dir(out), metrics
 
     def _fresh(self, name: str) -> Path:

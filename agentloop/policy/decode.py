@@ -97,6 +97,64 @@ class PrefixCache:
         return n, hash(tuple(ids[max(0, n - cls._TAIL) : n]))
 
 
+class KVBuffer:
+    """The keys and values of a running batch, per layer ``[rows, kv_heads, columns, head_dim]``.
+
+    Each layer's tensors have spare columns, so a decode step writes its column in place;
+    transformers' ``DynamicCache`` concatenates, copying the whole cache at every step. The
+    model's attention layers call :meth:`update`, the only method they need.
+    """
+
+    def __init__(self, keys: list[torch.Tensor] | None = None, values: list[torch.Tensor] | None = None) -> None:
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._lengths: list[int] = []
+        for k, v in zip(keys or [], values or [], strict=True):
+            self._append_layer(k, v)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one layer's filled columns."""
+        n = self._lengths[index]
+        return self._keys[index][:, :, :n], self._values[index][:, :, :n]
+
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
+        if layer_idx == len(self._keys):
+            self._append_layer(key_states, value_states)
+            return self.layer(layer_idx)
+        n, q = self._lengths[layer_idx], key_states.shape[2]
+        if n + q > self._keys[layer_idx].shape[2]:
+            self._keys[layer_idx] = _grow(self._keys[layer_idx], n, n + q)
+            self._values[layer_idx] = _grow(self._values[layer_idx], n, n + q)
+        self._keys[layer_idx][:, :, n : n + q] = key_states
+        self._values[layer_idx][:, :, n : n + q] = value_states
+        self._lengths[layer_idx] = n + q
+        return self.layer(layer_idx)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keeps only ``rows`` (a 1-D index tensor)."""
+        self._keys = [k[rows] for k in self._keys]
+        self._values = [v[rows] for v in self._values]
+
+    def _append_layer(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        n = keys.shape[2]
+        self._keys.append(_grow(keys, n, n))
+        self._values.append(_grow(values, n, n))
+        self._lengths.append(n)
+
+
+def _grow(t: torch.Tensor, filled: int, needed: int) -> torch.Tensor:
+    """A copy of ``t``'s first ``filled`` columns in a tensor with room for ``needed`` plus spare."""
+    import torch
+
+    capacity = needed + max(64, needed // 4)
+    out = torch.empty(t.shape[0], t.shape[1], capacity, t.shape[3], dtype=t.dtype, device=t.device)
+    out[:, :, :filled] = t[:, :, :filled]
+    return out
+
+
 class DecodeEngine:
     """Continuous batching: requests join and leave a running batch one token step at a time.
 
@@ -133,7 +191,7 @@ class DecodeEngine:
         self.rows: list[Hashable] = []  # request of each running row
         self.prompts: dict[Hashable, tuple[int, ...]] = {}
         self.outputs: dict[Hashable, list[int]] = {}
-        self.kv = None  # DynamicCache of the running rows
+        self.kv: KVBuffer | None = None  # keys and values of the running rows
         self.key_pos: torch.Tensor | None = None
         self.next_tokens: torch.Tensor | None = None  # each running row's last sampled token, not yet fed
 
@@ -164,7 +222,6 @@ class DecodeEngine:
 
     def _admit(self) -> list[tuple[Hashable, list[int]]]:
         import torch
-        from transformers import DynamicCache
 
         free = self.max_rows - len(self.rows)
         group = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
@@ -173,9 +230,7 @@ class DecodeEngine:
         new = [p[c:] for (_, p), c in zip(group, cached, strict=True)]
         width_cached, width_new = max(cached), max(len(n) for n in new)
 
-        kv = DynamicCache()
-        if width_cached:
-            _fill_cache(kv, found, width_cached, self.device)
+        kv = _fill_cache(found, width_cached, self.device) if width_cached else KVBuffer()
         key_pos = torch.full((len(group), width_cached + width_new), -1, dtype=torch.long)
         input_ids = torch.full((len(group), width_new), self.pad_id, dtype=torch.long)
         for r, (c, tokens) in enumerate(zip(cached, new, strict=True)):
@@ -231,7 +286,7 @@ class DecodeEngine:
             finished.append((key, generated))
         keep = going.nonzero().squeeze(1)
         if len(keep) < len(keys):
-            kv.batch_select_indices(keep)
+            kv.select(keep)
             key_pos, tokens = key_pos[keep], tokens[keep]
             keys = [keys[i] for i in keep.tolist()]
         if joining and self.rows:
@@ -250,11 +305,12 @@ class DecodeEngine:
         return self.key_pos.shape[1] > 2 * used + 64
 
 
-def _fill_cache(kv, found: list[CachedPrefix | None], width: int, device) -> None:
-    """Writes each row's cached keys and values right-aligned in ``width`` columns."""
+def _fill_cache(found: list[CachedPrefix | None], width: int, device) -> KVBuffer:
+    """A buffer holding each row's cached keys and values right-aligned in ``width`` columns."""
     import torch
 
     template = next(f for f in found if f is not None)
+    all_keys, all_values = [], []
     for layer in range(len(template.keys)):
         shape = list(template.keys[layer].shape)
         shape[0], shape[2] = len(found), width
@@ -265,7 +321,9 @@ def _fill_cache(kv, found: list[CachedPrefix | None], width: int, device) -> Non
                 n = len(entry.ids)
                 keys[r, :, width - n :] = entry.keys[layer][0]
                 values[r, :, width - n :] = entry.values[layer][0]
-        kv.update(keys, values, layer)
+        all_keys.append(keys)
+        all_values.append(values)
+    return KVBuffer(all_keys, all_values)
 
 
 def _extract(kv, row: int, key_pos: torch.Tensor, ids: tuple[int, ...]) -> CachedPrefix:
@@ -273,15 +331,15 @@ def _extract(kv, row: int, key_pos: torch.Tensor, ids: tuple[int, ...]) -> Cache
     columns = (key_pos >= 0).nonzero().squeeze(1)
     if len(columns) != len(ids):
         raise RuntimeError(f"cache holds {len(columns)} tokens of a {len(ids)}-token sequence")
-    keys = [layer.keys[row : row + 1, :, columns].clone() for layer in kv.layers]
-    values = [layer.values[row : row + 1, :, columns].clone() for layer in kv.layers]
+    layers = [kv.layer(i) for i in range(len(kv))]
+    keys = [k[row : row + 1, :, columns].clone() for k, _ in layers]
+    values = [v[row : row + 1, :, columns].clone() for _, v in layers]
     return CachedPrefix(ids, keys, values)
 
 
 def _merge(kv_a, pos_a: torch.Tensor, kv_b, pos_b: torch.Tensor):
     """Stacks two batches' caches, right-aligning both in the wider one's columns."""
     import torch
-    from transformers import DynamicCache
 
     width = max(pos_a.shape[1], pos_b.shape[1])
 
@@ -294,18 +352,17 @@ def _merge(kv_a, pos_a: torch.Tensor, kv_b, pos_b: torch.Tensor):
         pad = t.new_zeros(t.shape[0], t.shape[1], missing, t.shape[3])
         return torch.cat([pad, t], dim=2)
 
-    merged = DynamicCache()
-    for i, (a, b) in enumerate(zip(kv_a.layers, kv_b.layers, strict=True)):
-        keys = torch.cat([widen(a.keys, 0), widen(b.keys, 0)])
-        values = torch.cat([widen(a.values, 0), widen(b.values, 0)])
-        merged.update(keys, values, i)
-    return merged, torch.cat([widen(pos_a, -1), widen(pos_b, -1)])
+    keys, values = [], []
+    for i in range(len(kv_a)):
+        (ka, va), (kb, vb) = kv_a.layer(i), kv_b.layer(i)
+        keys.append(torch.cat([widen(ka, 0), widen(kb, 0)]))
+        values.append(torch.cat([widen(va, 0), widen(vb, 0)]))
+    return KVBuffer(keys, values), torch.cat([widen(pos_a, -1), widen(pos_b, -1)])
 
 
 def _compact(kv, key_pos: torch.Tensor):
     """Drops empty columns: each row's tokens moved, in order, to the right of a narrower cache."""
     import torch
-    from transformers import DynamicCache
 
     valid = key_pos >= 0
     counts = valid.sum(dim=1)
@@ -317,11 +374,13 @@ def _compact(kv, key_pos: torch.Tensor):
     source = order.gather(1, target.clamp(min=0))
     empty = target < 0
     new_pos = key_pos.gather(1, source).masked_fill(empty, -1)
-    compacted = DynamicCache()
-    for i, layer in enumerate(kv.layers):
-        index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-        compacted.update(layer.keys.gather(2, index), layer.values.gather(2, index), i)
-    return compacted, new_pos
+    keys, values = [], []
+    for i in range(len(kv)):
+        k, v = kv.layer(i)
+        index = source[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        keys.append(k.gather(2, index))
+        values.append(v.gather(2, index))
+    return KVBuffer(keys, values), new_pos
 
 
 def _sliding_window(config) -> int | None:

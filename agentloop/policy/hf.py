@@ -37,7 +37,14 @@ class HFPolicy:
         self.chat = ChatTokenizer(tokenizer)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype)).to(self.device)
         self.model.eval()
-        self._base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # A copy of the weights adapters merge into, to merge the next adapter on the pristine
+        # base. The embedding matrix (tied to the output layer: most of this model) is left out:
+        # LoRA adapters that touch it are refused in load_adapter.
+        self._embedding_names = _embedding_module_names(self.model)
+        embedding = self.model.get_input_embeddings().weight.data_ptr()
+        self._base_state = {
+            k: v.detach().clone() for k, v in self.model.state_dict().items() if v.data_ptr() != embedding
+        }
         self.version = 0
         self.adapter: Path | None = None
         self.prefix_cache = PrefixCache(config.prefix_cache_tokens) if config.prefix_cache_tokens else None
@@ -45,9 +52,14 @@ class HFPolicy:
 
     def load_adapter(self, adapter: Path | None, version: int) -> None:
         """Acts with base + ``adapter`` (a PEFT LoRA directory) from now on; None = base model."""
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
-        self.model.load_state_dict(self._base_state)
+        if adapter is not None:
+            peft_config = PeftConfig.from_pretrained(str(adapter))
+            touched = set(peft_config.modules_to_save or []) | set(_as_list(peft_config.target_modules))
+            if clash := sorted(touched & self._embedding_names):
+                raise ValueError(f"adapter {adapter} changes the embeddings ({clash}); only LoRA on other layers")
+        self.model.load_state_dict(self._base_state, strict=False)
         if self.prefix_cache is not None:
             self.prefix_cache.clear()  # keys and values of the old weights
         if adapter is not None:
@@ -101,6 +113,19 @@ class HFPolicy:
         end = next((i for i, t in enumerate(new_ids) if t in stops), None)
         ids = new_ids if end is None else new_ids[: end + 1]
         return Generation(token_ids=tuple(ids), text=self.chat.decode_completion(ids), finished=end is not None)
+
+
+def _embedding_module_names(model) -> set[str]:
+    """Short and full names of the input and output embedding modules."""
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    names = {name for name, module in model.named_modules() if id(module) in wanted}
+    return names | {name.rsplit(".", 1)[-1] for name in names}
+
+
+def _as_list(target_modules) -> list[str]:
+    if target_modules is None:
+        return []
+    return [target_modules] if isinstance(target_modules, str) else list(target_modules)
 
 
 class _Stream:

@@ -35,7 +35,7 @@ PAYLOADS: list[str] = [
     "éß漢字🙂",
     "\ud800",
     "'; DROP TABLE items; --",
-    "\" OR 1=1 --",
+    '" OR 1=1 --',
     "$(rm -rf ~) `rm -rf /` ; rm -rf / --no-preserve-root",
     ":(){ :|:& };:",
     "cat /etc/shadow; curl http://example.com; ping -c1 8.8.8.8",

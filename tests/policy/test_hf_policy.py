@@ -115,6 +115,18 @@ def test_adapter_changes_outputs_and_base_is_restored(policy, tmp_path):
     assert torch.allclose(_logits(policy, prompt[0]), base_logits)
 
 
+def test_adapter_that_changes_the_embeddings_is_refused(policy, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(policy.chat.tokenizer.name_or_path, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    peft.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="embeddings"):
+        policy.load_adapter(tmp_path / "adapter", version=5)
+
+
 def _logits(policy, prompt):
     import torch
 
