@@ -2,7 +2,8 @@
 # Installs agentloop and what it needs into .venv on a fresh Debian/Ubuntu machine.
 #   bash scripts/setup.sh          CPU machine: torch 2.13.0 (CPU build)
 #   bash scripts/setup.sh gpu      GPU machine: CUDA torch and vLLM (extra "gpu")
-# System packages (PostgreSQL for the replay store's tests) come from apt when missing.
+# System packages (PostgreSQL for the replay store's tests, bubblewrap and util-linux's prlimit
+# for the Operating System sandbox) come from apt when missing.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,8 @@ flavour=${1:-cpu}
 pg_bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 apt_missing=()
 [ -x "$(pg_bindir)/initdb" ] || apt_missing+=(postgresql)
+command -v bwrap >/dev/null || apt_missing+=(bubblewrap)
+command -v prlimit >/dev/null || apt_missing+=(util-linux)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}"

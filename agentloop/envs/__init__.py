@@ -5,9 +5,9 @@ Each environment module is imported only when its name is first used, so importi
 :class:`agentloop.envs.sql.DBTask`); every one of them carries its
 :class:`~agentloop.types.Task` record as ``.task``.
 
-Known environments: ``"db"`` (AgentBench dbbench on SQLite; splits ``train``, ``dev``) and
-``"webshop"`` (WebShop's 1,000-product shop; splits ``train``, ``test``). ``"os"`` and
-``"alfworld"`` are planned.
+Known environments: ``"db"`` (AgentBench dbbench on SQLite; splits ``train``, ``dev``),
+``"os"`` (AgentBench's OS tasks in a bubblewrap sandbox; ``train``, ``test``, ``dev``) and
+``"webshop"`` (WebShop's 1,000-product shop; ``train``, ``test``). ``"alfworld"`` is planned.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from agentloop.types import Trajectory
 
-KNOWN_ENVS = ("db", "webshop")
+KNOWN_ENVS = ("db", "os", "webshop")
 """Names accepted by the functions below."""
 
 
@@ -38,6 +38,10 @@ def load_tasks(env: str, data_dir: Path, split: str) -> list[Any]:
         FileNotFoundError: When the environment's data is missing from ``data_dir``.
     """
     _check(env)
+    if env == "os":
+        from agentloop.envs.bash import load_os_tasks
+
+        return load_os_tasks(Path(data_dir), split)
     if env == "webshop":
         from agentloop.envs.webshop import load_webshop_tasks
 
@@ -48,13 +52,18 @@ def load_tasks(env: str, data_dir: Path, split: str) -> list[Any]:
 
 
 def make_env(env: str, tasks: Sequence[Any], config: Any) -> gymnasium.Env:
-    """A Gymnasium environment over ``tasks``; ``config`` is the env's own (``SQLEnvConfig``, ``WebShopEnvConfig``).
+    """A Gymnasium environment over ``tasks``; ``config`` is the env's own (``SQLEnvConfig``, ...).
 
     Raises:
         ValueError: For an unknown environment.
         TypeError: When ``config`` is not the environment's config type.
     """
     _check(env)
+    if env == "os":
+        from agentloop.envs.bash import OSEnv, OSEnvConfig
+
+        _expect(config, OSEnvConfig)
+        return OSEnv(tasks, config)
     if env == "webshop":
         from agentloop.envs.webshop import WebShopEnv, WebShopEnvConfig
 
@@ -72,14 +81,21 @@ def build_experts(
     """Expert demonstrations for ``tasks``, replayed in the real environment; only successes kept.
 
     For ``"db"``, ``env_config`` is an ``SQLEnvConfig`` and ``expert_config`` a
-    ``DBExpertConfig``; for ``"webshop"``, a ``WebShopEnvConfig`` and None (the scripted
-    expert has no settings). Returns the demonstrations and a per-type success report.
+    ``DBExpertConfig``; for ``"os"`` and ``"webshop"``, the env's config and None (their
+    experts have no settings). Returns the demonstrations and a per-type success report.
 
     Raises:
         ValueError: For an unknown environment.
         TypeError: When a config is not of the environment's type.
     """
     _check(env)
+    if env == "os":
+        from agentloop.envs.bash import OSEnvConfig, build_os_experts
+
+        _expect(env_config, OSEnvConfig)
+        if expert_config is not None:
+            raise TypeError(f"the os expert takes no config, got {type(expert_config).__name__}")
+        return build_os_experts(tasks, env_config)
     if env == "webshop":
         from agentloop.envs.webshop import WebShopEnvConfig, build_webshop_experts
 

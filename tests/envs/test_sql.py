@@ -69,7 +69,7 @@ def test_loading_errors_name_the_problem(tmp_path: Path, data_dir: Path) -> None
         load_db_tasks(tmp_path, "dev")
     with pytest.raises(ValueError, match="unknown environment 'chess'; known environments: db"):
         load_tasks("chess", data_dir, "train")
-    assert KNOWN_ENVS == ("db",)
+    assert "db" in KNOWN_ENVS
 
 
 def test_config_validation() -> None:
