@@ -121,6 +121,8 @@ def rollout(
                     prompt_tokens += len(episode.prompt)
                     continue
                 done[index] = _trajectory(policy, episode, outcome, source, iteration)
+                if cache is not None:  # no next turn will resume from this episode's last one
+                    cache.discard(done[index].token_ids)
                 del active[index]
                 bar.update(1)
     finally:

@@ -127,9 +127,9 @@ def test_continuous_batching_plays_the_same_episodes_as_lockstep_turns(setup, ti
 
     chat, tasks = setup
     config = RolloutConfig(concurrent_episodes=5, sampling=SamplingConfig(max_new_tokens=24))
-    runs = {}
+    runs, policies = {}, {}
     for name in ("continuous", "lockstep"):
-        policy = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=3))
+        policy = policies[name] = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=3))
         acting = policy if name == "continuous" else _NoStream(policy)
         runs[name] = rollout(
             acting,
@@ -144,3 +144,4 @@ def test_continuous_batching_plays_the_same_episodes_as_lockstep_turns(setup, ti
     assert sum(t.num_turns for t in ours) > len(ours)  # multi-turn episodes
     assert stats.prompt_tokens == reference_stats.prompt_tokens
     assert stats.prefix_reuse > 0.5  # later turns prefilled only their new tokens
+    assert len(policies["continuous"].prefix_cache) == 0  # ended episodes leave nothing behind

@@ -99,6 +99,8 @@ class RolloutWorker:
                 progress=True,
             )
         finally:
+            if self.policy.prefix_cache is not None:
+                self.policy.prefix_cache.clear()  # the next stage's episodes start afresh
             release_memory()
 
     def close(self) -> None:

@@ -88,6 +88,12 @@ class PrefixCache:
                 return entry
         return None
 
+    def discard(self, sequence: Sequence[int]) -> None:
+        """Drops the entry a finished conversation left (the longest strict prefix of ``sequence``)."""
+        hits, reused = self.hits, self.reused_tokens
+        self.pop(sequence)
+        self.hits, self.reused_tokens = hits, reused
+
     def clear(self) -> None:
         self._entries.clear()
         self._tokens = 0
@@ -263,6 +269,10 @@ class DecodeEngine:
                 past_key_values=kv,
                 use_cache=True,
             )
+            # The output layer runs here, on a 2-D input, rather than through the model's
+            # ``logits_to_keep``: torch 2.13's F.linear on CPU, given the strided 3-D slice that
+            # produces and a weight that does not require grad (as after a LoRA merge), expands
+            # the 262k x 640 weight once per row (a 10 GB copy, 40 s per prefill of 32 prompts).
             logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1].contiguous()).float()
             softcap = getattr(self.model.config, "final_logit_softcapping", None)
             if softcap:
@@ -381,6 +391,48 @@ def _compact(kv, key_pos: torch.Tensor):
         keys.append(k.gather(2, index))
         values.append(v.gather(2, index))
     return KVBuffer(keys, values), new_pos
+
+
+ATTENTION = "agentloop_sdpa"
+"""Name under which :func:`grouped_attention` is registered with transformers."""
+
+
+def grouped_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """SDPA with an explicit mask for grouped-query attention, without copying keys and values.
+
+    transformers' ``sdpa`` repeats every key/value head once per query head it serves when a
+    mask is given (4 copies of the whole cache per layer and step for Gemma 3, which has 4
+    query heads on 1 key/value head). Here the query heads of a group are folded into the
+    query axis instead: ``[b, kv * g, q, d]`` becomes ``[b, kv, g * q, d]`` against the
+    un-copied ``[b, kv, k, d]`` keys, with the mask repeated over the folded rows.
+    """
+    import torch
+
+    b, heads, q, d = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    folded = query.reshape(b, kv_heads, group * q, d)
+    mask = attention_mask
+    if mask is None and q > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        # transformers leaves out a plain causal mask (SDPA's is_causal would do); folded rows need it
+        k = key.shape[2]
+        mask = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)[None, None]
+    if mask is not None:
+        mask = mask[:, :, :, : key.shape[2]].repeat(1, 1, group, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        folded, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+    )
+    return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
+
+
+def use_grouped_attention(model) -> None:
+    """Makes ``model`` (a transformers model using SDPA) attend with :func:`grouped_attention`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, grouped_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # masks the model builds itself: SDPA's format
+    model.set_attn_implementation(ATTENTION)
 
 
 def _sliding_window(config) -> int | None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from agentloop.policy.base import Generation, GenerationStream, PolicyConfig, SamplingConfig
 from agentloop.policy.chat import ChatTokenizer
-from agentloop.policy.decode import DecodeEngine, PrefixCache
+from agentloop.policy.decode import DecodeEngine, PrefixCache, use_grouped_attention
 from agentloop.policy.model import resolve_model
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ class HFPolicy:
         self.chat = ChatTokenizer(tokenizer)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype)).to(self.device)
         self.model.eval()
+        if self.model.config._attn_implementation == "sdpa":
+            use_grouped_attention(self.model)  # same result, no per-head copy of the cache
         # A copy of the weights adapters merge into, to merge the next adapter on the pristine
         # base. The embedding matrix (tied to the output layer: most of this model) is left out:
         # LoRA adapters that touch it are refused in load_adapter.

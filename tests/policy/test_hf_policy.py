@@ -86,6 +86,28 @@ def test_compacting_the_cache_changes_nothing(policy, monkeypatch):
     assert policy.generate(prompts, sampling) == expected
 
 
+def test_grouped_attention_equals_transformers_sdpa(tiny_model_dir):
+    import torch
+
+    grouped = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32"))
+    assert grouped.model.config._attn_implementation == "agentloop_sdpa"
+    texts = ["a", "SELECT a FROM t WHERE b = 'x y z' AND c > 3", "hi there"]
+    prompts = [grouped.chat.user_segment(t, first=True) for t in texts]
+    sampling = SamplingConfig(max_new_tokens=30)
+    ours = grouped.generate(prompts, sampling)
+    grouped.model.set_attn_implementation("sdpa")
+    assert [g.token_ids for g in grouped.generate(prompts, sampling)] == [g.token_ids for g in ours]
+    batch = torch.tensor([prompts[1]] * 2)
+    padded = torch.ones_like(batch)
+    padded[0, :5] = 0
+    for mask in (padded, None):  # with padding, and plain causal (the mask transformers may leave out)
+        with torch.no_grad():
+            grouped.model.set_attn_implementation("sdpa")
+            reference = grouped.model(input_ids=batch, attention_mask=mask).logits
+            grouped.model.set_attn_implementation("agentloop_sdpa")
+            assert torch.allclose(grouped.model(input_ids=batch, attention_mask=mask).logits, reference, atol=1e-5)
+
+
 def test_completion_stops_at_stop_token(policy):
     stop = policy.chat.stop_id
     gen = policy._completion([7, 8, stop, 9, 9])
