@@ -122,7 +122,7 @@ def rollout(
                     continue
                 done[index] = _trajectory(policy, episode, outcome, source, iteration)
                 if cache is not None:  # no next turn will resume from this episode's last one
-                    cache.discard(done[index].token_ids)
+                    cache.pop(done[index].token_ids, reuse=False)
                 del active[index]
                 bar.update(1)
     finally:

@@ -27,3 +27,12 @@ class FreeText(spaces.Text):
 
     def __repr__(self) -> str:
         return f"FreeText({self.max_length})"
+
+
+def unreadable_action(text: Any, max_chars: int, format_help: str) -> str | None:
+    """What makes ``text`` unreadable as an action before any parsing (not a string, too long), or None."""
+    if not isinstance(text, str):
+        return f"Invalid action: expected text, got {type(text).__name__}. {format_help}"
+    if len(text) > max_chars:
+        return f"Invalid action: longer than {max_chars} characters. {format_help}"
+    return None

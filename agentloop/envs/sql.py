@@ -60,7 +60,7 @@ from gymnasium.error import ResetNeeded
 
 from agentloop.config import ConfigError
 from agentloop.envs.experts import replay_actions
-from agentloop.envs.spaces import FreeText
+from agentloop.envs.spaces import FreeText, unreadable_action
 from agentloop.types import Task, Trajectory
 
 if TYPE_CHECKING:
@@ -370,10 +370,8 @@ class Action:
 
 def parse_action(text: Any, max_chars: int) -> Action | str:
     """Reads an assistant turn; returns the action, or a message saying what is wrong."""
-    if not isinstance(text, str):
-        return f"Invalid action: expected text, got {type(text).__name__}. {FORMAT_HELP}"
-    if len(text) > max_chars:
-        return f"Invalid action: longer than {max_chars} characters. {FORMAT_HELP}"
+    if (problem := unreadable_action(text, max_chars, FORMAT_HELP)) is not None:
+        return problem
     match = _ACTION_RE.search(text)
     if match is None:
         return f'Invalid action: no "Action:" found. {FORMAT_HELP}'

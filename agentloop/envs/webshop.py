@@ -73,7 +73,7 @@ from gymnasium.error import ResetNeeded
 
 from agentloop.config import ConfigError
 from agentloop.envs.experts import replay_actions
-from agentloop.envs.spaces import FreeText
+from agentloop.envs.spaces import FreeText, unreadable_action
 from agentloop.types import Task, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -487,10 +487,8 @@ def render(page: _Page, goal: Goal, config: WebShopEnvConfig) -> str:
 
 def parse_action(text: Any, max_chars: int) -> tuple[str, str] | str:
     """Reads a reply: ``(verb, argument)`` of its action, or a message saying what is wrong."""
-    if not isinstance(text, str):
-        return f"Invalid action: expected text, got {type(text).__name__}. {FORMAT_HELP}"
-    if len(text) > max_chars:
-        return f"Invalid action: longer than {max_chars} characters. {FORMAT_HELP}"
+    if (problem := unreadable_action(text, max_chars, FORMAT_HELP)) is not None:
+        return problem
     marks = list(_LAST_ACTION_RE.finditer(text))
     action = (text[marks[-1].end() :] if marks else text).strip()
     match = _ACTION_RE.fullmatch(action)

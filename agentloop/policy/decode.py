@@ -74,8 +74,11 @@ class PrefixCache:
             _, old = self._entries.popitem(last=False)
             self._tokens -= len(old.ids)
 
-    def pop(self, prompt: Sequence[int]) -> CachedPrefix | None:
-        """Removes and returns the longest entry that is a strict prefix of ``prompt``."""
+    def pop(self, prompt: Sequence[int], *, reuse: bool = True) -> CachedPrefix | None:
+        """Removes and returns the longest entry that is a strict prefix of ``prompt``.
+
+        ``reuse=False`` only drops it (a finished conversation), without counting a hit.
+        """
         lengths = sorted({n for n, _ in self._entries if n < len(prompt)}, reverse=True)
         for n in lengths:
             key = self._key(prompt, n)
@@ -83,16 +86,10 @@ class PrefixCache:
             if entry is not None and tuple(prompt[:n]) == entry.ids:
                 del self._entries[key]
                 self._tokens -= n
-                self.hits += 1
-                self.reused_tokens += n
+                self.hits += reuse
+                self.reused_tokens += n * reuse
                 return entry
         return None
-
-    def discard(self, sequence: Sequence[int]) -> None:
-        """Drops the entry a finished conversation left (the longest strict prefix of ``sequence``)."""
-        hits, reused = self.hits, self.reused_tokens
-        self.pop(sequence)
-        self.hits, self.reused_tokens = hits, reused
 
     def clear(self) -> None:
         self._entries.clear()
