@@ -22,14 +22,23 @@ import psutil
 TARGET_S, TARGET_GIB = 3600.0, 8.0
 
 
-def tree_pss(root: psutil.Process) -> int:
-    total = 0
+def tree_pss(root: psutil.Process) -> dict[str, int]:
+    """PSS in bytes of each process of the tree, by a readable label (Ray names its actors ``ray::Class``)."""
+    parts: dict[str, int] = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_full_info().pss
+            label = proc.name() if proc.name().startswith("ray::") else " ".join(proc.cmdline()[:2])[-40:]
+            label = f"{label} [{proc.pid}]"
+            parts[label] = proc.memory_full_info().pss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return total
+    return parts
+
+
+def breakdown(parts: dict[str, int], top: int = 6) -> str:
+    """The largest processes of one sample."""
+    largest = sorted(parts.items(), key=lambda item: -item[1])[:top]
+    return ", ".join(f"{label} {pss / 2**30:.2f}" for label, pss in largest)
 
 
 def main() -> None:
@@ -44,19 +53,23 @@ def main() -> None:
     proc = subprocess.Popen(cmd)
     root, samples = psutil.Process(proc.pid), []
     while proc.poll() is None:
-        samples.append((time.time(), tree_pss(root)))
+        parts = tree_pss(root)
+        samples.append((time.time(), sum(parts.values()), parts))
         time.sleep(2)
     wall = time.perf_counter() - started
-    peak = max((pss for _, pss in samples), default=0)
+    peak = max((pss for _, pss, _ in samples), default=0)
     print(f"exit code {proc.returncode}; run directory {run_dir}")
     stage_start = started_at
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         timing = {k: round(v) for k, v in record.items() if k.startswith("timing/")}
         success = record.get("eval/success_rate", record.get("explore/success_rate"))
-        during = [pss for t, pss in samples if stage_start <= t <= record["time"]]
-        stage_peak = f"{max(during) / 2**30:.2f} GiB" if during else "-"  # stages of an earlier process: -
+        during = [(pss, parts) for t, pss, parts in samples if stage_start <= t <= record["time"]]
+        top = max(during, key=lambda sample: sample[0]) if during else None  # stages of an earlier process: none
+        stage_peak = f"{top[0] / 2**30:.2f} GiB" if top else "-"
         print(f"  {record['stage']:<12} {timing} success_rate={success} peak={stage_peak}")
+        if top:
+            print(f"      at the peak (GiB): {breakdown(top[1])}")
         stage_start = max(stage_start, record["time"])
     print(f"wall time {wall / 60:.1f} min = {wall / TARGET_S:.2f} x target (60 min)")
     print(f"peak PSS {peak / 2**30:.2f} GiB = {peak / 2**30 / TARGET_GIB:.2f} x target (8 GiB)")

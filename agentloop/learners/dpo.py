@@ -51,6 +51,10 @@ class DPOLearnerConfig:
     """Strength of the tie to the reference (ETO: 0.1)."""
     loss_type: str = "sigmoid"
     """TRL loss: sigmoid (plain DPO, ETO), ipo, hinge, robust or sigmoid_norm."""
+    sft_loss_weight: float = 0.0
+    """Weight of a negative log-likelihood term on the chosen side (TRL's ``sft`` loss added to
+    ``loss_type``; RPO, Pang et al. 2024). 0 = plain preference loss, as in ETO. It keeps DPO
+    from lowering the chosen trajectories' likelihood along with the rejected ones."""
     epochs: int = 3
     """Passes over the pairs (ETO: 3)."""
     learning_rate: float = 2e-5
@@ -85,8 +89,17 @@ class DPOLearnerConfig:
             raise ConfigError(f"beta: must be positive, got {self.beta}")
         if not 0 <= self.replay_fraction <= 1:
             raise ConfigError(f"replay_fraction: must be in [0, 1], got {self.replay_fraction}")
+        if not self.sft_loss_weight >= 0:
+            raise ConfigError(f"sft_loss_weight: must be >= 0, got {self.sft_loss_weight}")
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type: {self.loss_type!r} is not one of {list(LOSS_TYPES)}")
+
+
+def loss_terms(config: DPOLearnerConfig) -> dict[str, list]:
+    """TRL's ``loss_type`` and ``loss_weights``: the preference loss, plus the chosen side's NLL if weighted."""
+    if config.sft_loss_weight == 0:
+        return {"loss_type": [config.loss_type], "loss_weights": None}
+    return {"loss_type": [config.loss_type, "sft"], "loss_weights": [1.0, config.sft_loss_weight]}
 
 
 def build_dpo_trainer(
@@ -120,7 +133,7 @@ def build_dpo_trainer(
     args = DPOConfig(
         **common.training_arguments(config, work_dir),
         beta=config.beta,
-        loss_type=[config.loss_type],
+        **loss_terms(config),
         max_length=None,  # dpo_examples already cut each side at a turn boundary
         precompute_ref_log_probs=config.precompute_ref_log_probs,
         remove_unused_columns=False,  # the turn masks must reach the collator

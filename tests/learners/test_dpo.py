@@ -179,6 +179,21 @@ def test_a_round_raises_the_margin_and_saves_only_the_policy_adapter(
     assert any(not torch.equal(start[k], new[k]) for k in start)
 
 
+def test_chosen_nll_term_adds_to_the_loss_and_raises_the_chosen_side(
+    tiny_model_dir: Path, start_adapter: Path, tmp_path: Path
+) -> None:
+    from agentloop.learners.dpo import loss_terms
+
+    config = replace(FAST, sft_loss_weight=1.0)
+    assert loss_terms(config) == {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}
+    assert loss_terms(FAST) == {"loss_type": ["sigmoid"], "loss_weights": None}
+    metrics = train_dpo(tiny_model_dir, start_adapter, PAIRS, config, tmp_path / "out")
+    # Step 1: the preference term is log 2 and the random policy's NLL per chosen token is large.
+    assert metrics["dpo/loss_first"] > 0.6931 + 1.0
+    assert metrics["dpo/loss_last"] < metrics["dpo/loss_first"]
+    assert metrics["dpo/rewards/chosen"] > 0 and metrics["dpo/rewards/margins"] > 0
+
+
 def test_a_round_without_pairs_keeps_the_adapter(tiny_model_dir: Path, start_adapter: Path, tmp_path: Path) -> None:
     metrics = train_dpo(tiny_model_dir, start_adapter, [], FAST, tmp_path / "out")
     assert metrics["dpo/pairs"] == 0
@@ -195,6 +210,7 @@ def test_config_is_validated() -> None:
         {"batch_size": 0},
         {"scheduler": "step"},
         {"replay_fraction": 1.5},
+        {"sft_loss_weight": -1.0},
     ):
         with pytest.raises(ConfigError):
             from_dict(DPOLearnerConfig, bad)
