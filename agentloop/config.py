@@ -66,6 +66,10 @@ def validate(config: Any, where: str = "") -> None:
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
             validate(value, f"{where}{f.name}.")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    validate(item, f"{where}{f.name}[{i}].")
     check = getattr(config, "validate", None)
     if check is not None:
         try:

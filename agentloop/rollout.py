@@ -75,7 +75,7 @@ class RolloutStats:
 
 def rollout(
     policy: Policy,
-    make_env: Callable[[], Any],
+    make_env: Callable[[str], Any],
     tasks: Sequence[Task],
     config: RolloutConfig,
     *,
@@ -87,7 +87,9 @@ def rollout(
 
     Args:
         policy: Generates the assistant turns.
-        make_env: Builds a fresh environment; up to ``concurrent_episodes`` are built and reused.
+        make_env: Builds a fresh environment for an env name (``task.env``); environments are
+            built when no idle one of that name is left and reused, so at most
+            ``concurrent_episodes`` of each name exist, and tasks of several envs share one stream.
         tasks: The tasks to attempt (their ``task_id`` selects the task on reset).
         config: Concurrency, context budget and sampling.
         source: Recorded on every trajectory (``explore`` or ``eval``).
@@ -101,16 +103,21 @@ def rollout(
     reused_before = cache.reused_tokens if cache is not None else 0
     prompt_tokens = 0
     queue = deque(enumerate(tasks))
-    envs = [make_env() for _ in range(min(config.concurrent_episodes, len(tasks)))]
+    idle: dict[str, list[Any]] = {}  # built environments not in an episode, by env name
+    built: list[Any] = []
     active: dict[int, _Episode] = {}
     done: dict[int, Trajectory] = {}
     stream = open_stream(policy, config.sampling)
     bar = tqdm(total=len(tasks), desc=f"{source} episodes", disable=not progress, leave=False)
     try:
         while queue or active:
-            while queue and len(active) < len(envs):
+            while queue and len(active) < config.concurrent_episodes:
                 index, task = queue.popleft()
-                active[index] = _start(policy, _free_env(envs, active), task)
+                free = idle.setdefault(task.env, [])
+                if not free:
+                    free.append(make_env(task.env))
+                    built.append(free[-1])
+                active[index] = _start(policy, free.pop(), task)
                 stream.add(index, active[index].prompt)
                 prompt_tokens += len(active[index].prompt)
             for index, generation in stream.step():
@@ -123,11 +130,12 @@ def rollout(
                 done[index] = _trajectory(policy, episode, outcome, source, iteration)
                 if cache is not None:  # no next turn will resume from this episode's last one
                     cache.pop(done[index].token_ids, reuse=False)
+                idle[episode.task.env].append(episode.env)
                 del active[index]
                 bar.update(1)
     finally:
         bar.close()
-        for env in envs:
+        for env in built:
             env.close()
     trajectories = [done[i] for i in range(len(tasks))]
     stats = RolloutStats(
@@ -138,11 +146,6 @@ def rollout(
         reused_prompt_tokens=(cache.reused_tokens - reused_before) if cache is not None else 0,
     )
     return trajectories, stats
-
-
-def _free_env(envs: list[Any], active: dict[int, _Episode]) -> Any:
-    busy = {id(e.env) for e in active.values()}
-    return next(env for env in envs if id(env) not in busy)
 
 
 def _start(policy: Policy, env: Any, task: Task) -> _Episode:

@@ -85,7 +85,7 @@ def main() -> None:
         for name, acting in (("lockstep", _Lockstep(policy(prefix_cache=False))), ("stream", ours)):
             _, stats = rollout(
                 acting,
-                lambda: envs.make_env("db", tasks, SQLEnvConfig()),
+                lambda env: envs.make_env(env, tasks, SQLEnvConfig()),
                 [t.task for t in tasks],
                 config,
                 source="eval",

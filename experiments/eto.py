@@ -1,4 +1,4 @@
-"""ETO: Exploration-based Trajectory Optimization (Song et al., ACL 2024), on one environment.
+"""ETO: Exploration-based Trajectory Optimization (Song et al., ACL 2024), on one or more environments.
 
     behaviour cloning on expert trajectories, then for each iteration:
         explore every training task greedily with the current policy
@@ -9,6 +9,7 @@
 Usage:
     python experiments/eto.py                                 # embedded default, CPU, local Ray
     python experiments/eto.py --config my.yaml sft.epochs=1   # YAML config plus overrides
+    python experiments/eto.py 'envs=[{name: db}, {name: webshop, eval_tasks: 100}]'  # several envs
     python experiments/eto.py --resume runs/eto-20261122-0102 # continue after the last completed stage
     ray job submit --working-dir . -- python experiments/eto.py   # on a running Ray cluster
 """
@@ -23,14 +24,46 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 from agentloop.config import ConfigError, load_config
+from agentloop.envs.bash import OSEnvConfig
 from agentloop.envs.sql import DBExpertConfig, SQLEnvConfig
+from agentloop.envs.webshop import WebShopEnvConfig
 from agentloop.learners.dpo import DPOLearnerConfig
 from agentloop.learners.sft import SFTLearnerConfig
 from agentloop.policy.base import PolicyConfig, SamplingConfig
 from agentloop.rollout import RolloutConfig
+
+
+@dataclass
+class EnvSpec:
+    """One environment of a run and the tasks it contributes."""
+
+    name: str = "db"
+    """An environment of ``agentloop.envs.KNOWN_ENVS``: db, os or webshop."""
+    train_split: str = ""
+    """Split explored and imitated; empty = the env's default (``agentloop.envs.DEFAULT_SPLITS``)."""
+    eval_split: str = ""
+    """Held-out split evaluated after every stage; empty = the env's default."""
+    train_tasks: int = 0
+    """Explore only this many training tasks (a seeded sample; 0 = all, as in ETO)."""
+    eval_tasks: int = 0
+    """Evaluate on this many held-out tasks (the first ones; 0 = all)."""
+
+    def validate(self) -> None:
+        from agentloop.envs import KNOWN_ENVS
+
+        if self.name not in KNOWN_ENVS:
+            raise ConfigError(f"name: unknown environment {self.name!r}; known: {', '.join(KNOWN_ENVS)}")
+        if min(self.train_tasks, self.eval_tasks) < 0:
+            raise ConfigError("train_tasks and eval_tasks must be >= 0")
+
+    def splits(self) -> tuple[str, str]:
+        """The (training, held-out) split names, defaults filled in."""
+        from agentloop.envs import DEFAULT_SPLITS
+
+        train, held_out = DEFAULT_SPLITS[self.name]
+        return self.train_split or train, self.eval_split or held_out
 
 
 @dataclass
@@ -45,19 +78,16 @@ class ETOConfig:
     """SQLAlchemy URL of the replay store; empty = SQLite file in the run directory."""
     ray_address: str = ""
     """Ray cluster to join; empty = the cluster of ``ray job submit`` if any, else a local one."""
-    env: Literal["db"] = "db"
-    train_split: str = "train"
-    eval_split: str = "dev"
-    train_tasks: int = 0
-    """Explore only this many training tasks (a seeded sample; 0 = all, as in ETO)."""
-    eval_tasks: int = 0
-    """Evaluate on this many held-out tasks (the first ones; 0 = all)."""
+    envs: list[EnvSpec] = field(default_factory=lambda: [EnvSpec("db")])
+    """The environments trained and evaluated together; metrics and curves come per env too."""
     iterations: int = 2
     seed: int = 0
     threads: int = 0
     """torch threads of each actor; 0 = all cores of its node (the loop runs one actor at a time)."""
     db: SQLEnvConfig = field(default_factory=SQLEnvConfig)
-    experts: DBExpertConfig = field(default_factory=DBExpertConfig)
+    db_experts: DBExpertConfig = field(default_factory=DBExpertConfig)
+    os: OSEnvConfig = field(default_factory=OSEnvConfig)
+    webshop: WebShopEnvConfig = field(default_factory=WebShopEnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rollout: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(concurrent_episodes=48, sampling=SamplingConfig(max_new_tokens=128))
@@ -77,8 +107,19 @@ class ETOConfig:
     def validate(self) -> None:
         if not Path(self.data_dir).is_dir():
             raise ConfigError(f"data_dir {self.data_dir!r} is not a directory (set AGENTLOOP_DATA_DIR)")
-        if min(self.iterations, self.train_tasks, self.eval_tasks, self.threads) < 0:
-            raise ConfigError("iterations, train_tasks, eval_tasks and threads must be >= 0")
+        if min(self.iterations, self.threads) < 0:
+            raise ConfigError("iterations and threads must be >= 0")
+        names = [spec.name for spec in self.envs]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"envs: need at least one environment, each once; got {names}")
+
+    def env_config(self, name: str):
+        """The settings section of one environment (``db``, ``os``, ``webshop``)."""
+        return getattr(self, name)
+
+    def expert_config(self, name: str):
+        """The expert settings of one environment (only the database expert has any)."""
+        return self.db_experts if name == "db" else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,9 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     from agentloop.replay import ReplayStore
 
     config, run = parse_args(argv)
-    train = envs.load_tasks(config.env, Path(config.data_dir), config.train_split)
-    held_out = envs.load_tasks(config.env, Path(config.data_dir), config.eval_split)
-    held_out = held_out[: config.eval_tasks or None]
+    train, held_out = {}, []  # training tasks by env; held-out tasks of all envs
+    for spec in config.envs:
+        train_split, eval_split = spec.splits()
+        train[spec.name] = envs.load_tasks(spec.name, Path(config.data_dir), train_split)
+        held_out += envs.load_tasks(spec.name, Path(config.data_dir), eval_split)[: spec.eval_tasks or None]
     store = ReplayStore(config.store_url or run.store_url)
     metrics = MetricsLogger(run.path)
     stages = Stages(run, store, metrics)
@@ -106,24 +149,35 @@ def main(argv: list[str] | None = None) -> None:
     # A local cluster skips Ray's dashboard (about 0.9 GB); agentloop's metrics go to TensorBoard.
     local = {"include_dashboard": False} if address == "local" else {}
     ray.init(address=address, log_to_driver=True, **local)
-    actor, learner = start_workers(config, train + held_out)
+    actor, learner = start_workers(config, [t for tasks in train.values() for t in tasks] + held_out)
     policy = PolicySync(actor)
 
     def evaluate(stage: str, version: int, iteration: int) -> None:
         def work():
             policy.ensure(version)
-            trajectories, stats = ray.get(actor.run.remote([t.task.task_id for t in held_out], "eval", iteration))
+            trajectories, stats = ray.get(actor.run.remote([key(t.task) for t in held_out], "eval", iteration))
             return trajectories, {**trajectory_metrics(trajectories, "eval"), **rollout_metrics(stats, "eval")}
 
         stages.rollout(stage, version, work)
 
     # 1. Expert demonstrations, replayed through the real environment; only successes kept.
     def make_experts():
-        demos, report = envs.build_experts(config.env, train, config.db, config.experts, seed=config.seed)
-        return demos, {**trajectory_metrics(demos, "experts"), **flatten_metrics(report, "experts")}
+        demos, report = [], {}
+        for name, tasks in train.items():
+            found, report[name] = envs.build_experts(
+                name, tasks, config.env_config(name), config.expert_config(name), seed=config.seed
+            )
+            demos += found
+        return demos, {**trajectory_metrics(demos, "experts"), **flatten_metrics(report, "experts/report")}
 
     experts = stages.rollout("experts", 0, make_experts)
-    explore_ids = sample_ids([t.task.task_id for t in experts], config.train_tasks, config.seed)
+    explore_ids = [
+        (spec.name, task_id)
+        for spec in config.envs
+        for task_id in sample_ids(
+            [t.task.task_id for t in experts if t.task.env == spec.name], spec.train_tasks, config.seed
+        )
+    ]
 
     # 2. The base model, then behaviour cloning on the experts.
     evaluate("eval/base", version=0, iteration=0)
@@ -165,6 +219,11 @@ class PolicySync:
 
         if version != self.loaded:
             self.loaded = ray.get(self.actor.load_adapter.remote(self.adapters[version], version))
+
+
+def key(task) -> tuple[str, str]:
+    """A task's identity across environments."""
+    return task.env, task.task_id
 
 
 def rollout_metrics(stats, prefix: str) -> dict[str, float]:

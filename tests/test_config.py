@@ -28,6 +28,7 @@ class Outer:
     steps: int = 1
     path: Path | None = None
     inner: Inner = field(default_factory=Inner)
+    layers: list[Inner] = field(default_factory=list)
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -36,6 +37,8 @@ def test_yaml_and_overrides(tmp_path):
     config = load_config(Outer, yaml_file, ["steps=3", "inner.modules=[a, b]", "path=/tmp/z", "inner.mode=b"])
     assert config == Outer(name="y", steps=3, path=Path("/tmp/z"), inner=Inner(lr=2.0, modules=("a", "b"), mode="b"))
     assert to_dict(config)["inner"]["lr"] == 2.0
+    config = load_config(Outer, None, ["layers=[{lr: 3}, {mode: b}]"])
+    assert config.layers == [Inner(lr=3.0), Inner(mode="b")]
 
 
 @pytest.mark.parametrize(
@@ -48,6 +51,8 @@ def test_yaml_and_overrides(tmp_path):
         ({"inner": {"lr": -1.0}}, "inner.lr must be > 0"),
         ({"inner": {"mode": "c"}}, "inner.mode"),
         ({"inner": 3}, "inner: expected a mapping"),
+        ({"layers": [{"lr": 1.0}, {"lr": 0.0}]}, r"layers\[1\]\.lr must be > 0"),
+        ({"layers": [{"lrr": 1.0}]}, r"layers\[0\]\.lrr"),
     ],
 )
 def test_bad_values_name_the_key(data, message):

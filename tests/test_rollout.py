@@ -57,7 +57,7 @@ def test_rollout_replays_experts_and_keeps_tokens(setup):
 
     trajectories, stats = rollout(
         policy,
-        lambda: make_env("db", all_tasks, config),
+        lambda env: make_env(env, all_tasks, config),
         [t.task for t in tasks],
         RolloutConfig(concurrent_episodes=2),
         source="eval",
@@ -78,6 +78,35 @@ def test_rollout_replays_experts_and_keeps_tokens(setup):
     assert stats.prompt_tokens >= prompts > 0 and stats.prefix_reuse == 0.0  # a scripted policy caches nothing
 
 
+def test_tasks_of_several_envs_share_one_rollout(setup, data_dir):
+    from agentloop.envs.webshop import WebShopEnvConfig, expert_actions
+
+    chat, db_tasks = setup
+    shop = WebShopEnvConfig()
+    shop_tasks = [t for t in load_tasks("webshop", data_dir, "test")[:10] if expert_actions(t, shop)][:3]
+    db_config = SQLEnvConfig()
+    scripts = {t.task.instruction: gold_actions(t, db_config) for t in db_tasks[:3]}
+    scripts |= {t.task.instruction: expert_actions(t, shop) for t in shop_tasks}
+    configs, built = {"db": db_config, "webshop": shop}, []
+
+    def make(env: str):
+        built.append(env)
+        return make_env(env, db_tasks if env == "db" else shop_tasks, configs[env])
+
+    mixed = [t.task for pair in zip(db_tasks[:3], shop_tasks, strict=True) for t in pair]
+    trajectories, _ = rollout(
+        ScriptedPolicy(chat, scripts),
+        make,
+        mixed,
+        RolloutConfig(concurrent_episodes=2, max_context_tokens=8192),  # item pages with many options are long
+        source="eval",
+        iteration=0,
+    )
+    assert [t.task for t in trajectories] == mixed
+    assert all(t.success for t in trajectories if t.task.env == "webshop")
+    assert {"db", "webshop"} == set(built) and max(built.count("db"), built.count("webshop")) <= 2  # reused
+
+
 def test_turn_limit_and_context_budget_truncate(setup):
     chat, tasks = setup
     task = tasks[0]
@@ -85,7 +114,7 @@ def test_turn_limit_and_context_budget_truncate(setup):
     policy = ScriptedPolicy(chat, {task.task.instruction: loop})
     config = SQLEnvConfig(max_turns=3)
     (t,), _ = rollout(
-        policy, lambda: make_env("db", tasks, config), [task.task], RolloutConfig(), source="explore", iteration=1
+        policy, lambda env: make_env(env, tasks, config), [task.task], RolloutConfig(), source="explore", iteration=1
     )
     assert t.truncated and not t.terminated and t.num_turns == 3 and t.reward == 0.0
 
@@ -94,7 +123,7 @@ def test_turn_limit_and_context_budget_truncate(setup):
     budget = RolloutConfig(max_context_tokens=first + 200, sampling=SamplingConfig(max_new_tokens=150))
     (t,), _ = rollout(
         policy,
-        lambda: make_env("db", tasks, SQLEnvConfig(max_turns=10)),
+        lambda env: make_env(env, tasks, SQLEnvConfig(max_turns=10)),
         [task.task],
         budget,
         source="explore",
@@ -109,7 +138,7 @@ def test_malformed_actions_are_counted(setup):
     task = tasks[0]
     policy = ScriptedPolicy(chat, {task.task.instruction: ["hello", "\x00\x01", "Action: Answer\nFinal Answer: []"]})
     (t,), _ = rollout(
-        policy, lambda: make_env("db", tasks, SQLEnvConfig()), [task.task], RolloutConfig(), source="eval", iteration=0
+        policy, lambda e: make_env(e, tasks, SQLEnvConfig()), [task.task], RolloutConfig(), source="eval", iteration=0
     )
     assert t.invalid_actions == 2 and t.terminated and t.num_turns == 3
 
@@ -133,7 +162,7 @@ def test_continuous_batching_plays_the_same_episodes_as_lockstep_turns(setup, ti
         acting = policy if name == "continuous" else _NoStream(policy)
         runs[name] = rollout(
             acting,
-            lambda: make_env("db", tasks, SQLEnvConfig(max_turns=3)),
+            lambda env: make_env(env, tasks, SQLEnvConfig(max_turns=3)),
             [t.task for t in tasks[:7]],
             config,
             source="eval",

@@ -50,25 +50,25 @@ def release_memory() -> None:
 
 
 class RolloutWorker:
-    """Runs episodes of one environment with the current policy."""
+    """Runs episodes of one or more environments with the current policy, in one generation stream."""
 
     def __init__(
         self,
         policy_config: Any,
         rollout_config: Any,
-        env_name: str,
-        env_config: Any,
+        env_configs: dict[str, Any],
         tasks: Sequence[Any],
         threads: int = 0,
     ) -> None:
+        """``env_configs`` maps each env name to its config; ``tasks`` are env task objects of those envs."""
         from agentloop.policy.hf import HFPolicy
 
         logging.basicConfig(level=logging.INFO)
         logger.info("rollout worker: %d torch threads", set_threads(threads))
         self.policy = HFPolicy(policy_config)
         self.rollout_config = rollout_config
-        self.env_name, self.env_config = env_name, env_config
-        self.tasks = {t.task.task_id: t for t in tasks}
+        self.env_configs = dict(env_configs)
+        self.tasks = {(t.task.env, t.task.task_id): t for t in tasks}
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="agentloop-adapter-"))
 
     def load_adapter(self, files: Files | None, version: int) -> int:
@@ -78,20 +78,22 @@ class RolloutWorker:
         release_memory()
         return self.policy.version
 
-    def run(self, task_ids: Sequence[str], source: Source, iteration: int) -> tuple[list[Trajectory], Any]:
-        """One episode per task id; returns trajectories in order and throughput stats."""
+    def run(self, keys: Sequence[tuple[str, str]], source: Source, iteration: int) -> tuple[list[Trajectory], Any]:
+        """One episode per ``(env, task_id)``; returns trajectories in order and throughput stats."""
         from agentloop.envs import make_env
         from agentloop.rollout import rollout
 
-        unknown = [t for t in task_ids if t not in self.tasks]
+        unknown = [k for k in keys if tuple(k) not in self.tasks]
         if unknown:
-            raise KeyError(f"unknown task ids: {unknown[:5]}")
-        tasks = [self.tasks[t] for t in task_ids]
-        env_tasks = list(self.tasks.values())
+            raise KeyError(f"unknown tasks: {unknown[:5]}")
+        tasks = [self.tasks[tuple(k)] for k in keys]
+        by_env: dict[str, list[Any]] = {}
+        for (env, _), task in self.tasks.items():
+            by_env.setdefault(env, []).append(task)
         try:
             return rollout(
                 self.policy,
-                lambda: make_env(self.env_name, env_tasks, self.env_config),
+                lambda env: make_env(env, by_env[env], self.env_configs[env]),
                 [t.task for t in tasks],
                 self.rollout_config,
                 source=source,
@@ -162,8 +164,9 @@ def start_workers(config: Any, tasks: Sequence[Any]) -> tuple[Any, Any]:
 
     total = ray.cluster_resources().get("GPU", 0)
     gpus = 1 if total >= 2 else 0.5 if total >= 1 else 0
+    env_configs = {spec.name: config.env_config(spec.name) for spec in config.envs}
     rollout_actor = ray.remote(num_cpus=1, num_gpus=gpus)(RolloutWorker).remote(
-        config.policy, config.rollout, config.env, config.db, tasks, config.threads
+        config.policy, config.rollout, env_configs, tasks, config.threads
     )
     learner_actor = ray.remote(num_cpus=1, num_gpus=gpus)(LearnerWorker).remote(
         config.policy.model, config.sft, config.dpo, config.threads

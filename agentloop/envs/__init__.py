@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 KNOWN_ENVS = ("db", "os", "webshop")
 """Names accepted by the functions below."""
 
+DEFAULT_SPLITS = {"db": ("train", "dev"), "os": ("train", "test"), "webshop": ("train", "test")}
+"""Each environment's (training, held-out) split: dbbench's standard/dev, AgentBench OS's
+generated training tasks against its 144-task test set, WebShop's seeded product split."""
+
 
 def _check(env: str) -> None:
     if env not in KNOWN_ENVS:

@@ -1,4 +1,4 @@
-"""End to end: ``experiments/eto.py`` on a tiny random model, then resumed for one more round."""
+"""End to end: ``experiments/eto.py`` on a tiny random model over two envs, then resumed for one more round."""
 
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir):
         "dpo.dtype=float32",
         "sft.epochs=1",
         "dpo.epochs=1",
-        "train_tasks=6",
-        "eval_tasks=4",
+        "envs=[{name: db, train_tasks: 6, eval_tasks: 4}, {name: webshop, train_tasks: 3, eval_tasks: 2}]",
         "iterations=1",
         "db.max_turns=2",
         "rollout.sampling.max_new_tokens=12",
@@ -45,12 +44,15 @@ def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir):
 
     stages = [json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert stages == ["experts", "eval/base", "sft", "eval/sft", "explore/1", "dpo/1", "eval/1"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["eval/env/db/episodes"] == 4 and records[-1]["eval/env/webshop/episodes"] == 2
+    assert records[0]["experts/env/webshop/successes"] == 3 and records[4]["explore/episodes"] == 9
     assert (run_dir / "learning_curve.png").stat().st_size > 0
     assert (run_dir / "adapters" / "sft" / "adapter_config.json").is_file()
     assert (run_dir / "adapters" / "dpo-1" / "adapter_config.json").is_file()
     store = ReplayStore(f"sqlite:///{run_dir / 'replay.db'}")
-    assert len(store.trajectories(stage="eval/1")) == 4
-    assert len(store.trajectories(stage="explore/1")) == 6
+    assert len(store.trajectories(stage="eval/1")) == 6
+    assert len(store.trajectories(stage="explore/1")) == 9
     assert {t.policy_version for t in store.trajectories(stage="eval/1")} == {2}
     store.close()
 
@@ -70,3 +72,6 @@ def test_bad_config_fails_before_any_work(tmp_path, data_dir):
     assert not (tmp_path / "r").exists()
     result = _run([f"run_dir={tmp_path / 'r'}", f"data_dir={tmp_path / 'nowhere'}"], data_dir)
     assert result.returncode != 0 and "data_dir" in result.stderr
+    result = _run([f"run_dir={tmp_path / 'r'}", "envs=[{name: chess}]"], data_dir)
+    assert result.returncode != 0 and "envs[0].name" in result.stderr
+    assert not (tmp_path / "r").exists()
