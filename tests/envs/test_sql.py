@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from gymnasium.error import ResetNeeded
 from gymnasium.utils.env_checker import check_env
+from hostile import PAYLOADS, RAW
 
 from agentloop.config import ConfigError
 from agentloop.envs import KNOWN_ENVS, load_tasks, make_env
@@ -206,16 +207,13 @@ def test_long_output_is_capped_with_a_note(env: SQLEnv) -> None:
 
 
 def hostile_actions(tmp_path: Path) -> list[object]:
+    """The shared corpus (raw, and each payload as an SQL operation and as an answer), plus SQL attacks."""
     t = JIU_JITSU
+    shared = [*RAW, *(operation(p) for p in PAYLOADS), *(answer(p) for p in PAYLOADS)]
     return [
-        "",
-        " \n\t ",
-        "x" * 100_000,
+        *shared,
         operation("SELECT 'a\x00b';"),
-        "\x00\x01\xff" * 50,
-        b"Action: Answer",
         operation("SELECT 'éß漢字🙂', '\ud800';"),
-        "Action: Opération\n```sql\nSELECT 1\n```",
         operation("SELEC * FRM everything;"),
         operation("SELECT 1; DROP TABLE " + t + ";"),
         operation(f"DROP TABLE {t};"),
