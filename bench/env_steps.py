@@ -1,0 +1,138 @@
+"""Step and reset latency of an environment over its expert episodes, and what 1,000 episodes leave behind.
+
+    python bench/env_steps.py webshop [episodes]     # default 1000 episodes
+    python bench/env_steps.py alfworld [episodes]
+    python bench/env_steps.py os [episodes]          # as root, with bubblewrap installed
+    python bench/env_steps.py db [episodes]
+
+Builds the expert demonstrations of the first ``episodes`` training tasks (``build_experts``),
+then plays ``episodes`` episodes cycling over them: each one replays a demonstration's actions,
+except every 10th, which plays the hostile corpus's worst actions
+instead (fork bomb, endless loop, huge output: see ``HOSTILE``), so the episodes end both ways.
+Prints the median and 95th percentile of ``step`` per kind of action (the first word of the
+command: ``search``, ``click``, ``go``, ``take``, ...), of ``reset`` and of an episode's end,
+and the targets of issue 3 (WebShop search <= 20 ms, ALFWorld step <= 50 ms; the OS overhead
+over plain bash has its own bench, ``bench/os_latency.py``).
+
+Before and after, it counts this process's open file descriptors, its child processes, the
+processes of the sandbox uids, and the entries of the temp directory, and prints the
+differences: after ``close`` every one of them must be back where it started.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import psutil
+
+from agentloop import envs
+
+TARGETS_MS = {("webshop", "search"): 20.0, ("alfworld", "step"): 50.0}
+HOSTILE = {
+    "os": ["Act: bash\n```bash\n:(){ :|:& };:\n```", "Act: bash\n```bash\nwhile true; do :; done\n```"],
+    "webshop": ["search[" + "x" * 900 + "]", "click[\x00]"],
+    "alfworld": ["Action: go to the moon", "\x00\x01" * 100],
+    "db": ["Action: Operation\n```sql\nWITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT 1;\n```"],
+}
+
+
+def leftovers() -> dict[str, int]:
+    """What an environment could leak: fds, child processes, sandbox-uid processes, temp entries."""
+    me = psutil.Process()
+    sandbox = sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real >= 61000)
+    return {
+        "open fds": me.num_fds(),
+        "child processes": len(me.children(recursive=True)),
+        "sandbox-uid processes": sandbox,
+        "temp entries": len(os.listdir(tempfile.gettempdir())),
+    }
+
+
+def env_config(env: str):
+    if env == "db":
+        from agentloop.envs.sql import SQLEnvConfig
+
+        return SQLEnvConfig()
+    if env == "webshop":
+        from agentloop.envs.webshop import WebShopEnvConfig
+
+        return WebShopEnvConfig()
+    if env == "alfworld":
+        from agentloop.envs.alfworld import ALFWorldEnvConfig
+
+        return ALFWorldEnvConfig()
+    from agentloop.envs.bash import OSEnvConfig
+
+    return OSEnvConfig()
+
+
+def percentiles(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return f"median {statistics.median(ordered) * 1000:8.2f} ms  p95 {p95 * 1000:8.2f} ms  (n={len(ordered)})"
+
+
+def main() -> None:
+    name = sys.argv[1]
+    episodes = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
+    data_dir = Path(os.environ.get("AGENTLOOP_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    config = env_config(name)
+    before = leftovers()
+    tasks = envs.load_tasks(name, data_dir, "train")[:episodes]
+    expert_config = None
+    if name == "db":
+        from agentloop.envs.sql import DBExpertConfig
+
+        expert_config = DBExpertConfig(recovery_fraction=0.0)
+    demos, _ = envs.build_experts(name, tasks, config, expert_config, seed=0)
+    by_id = {t.task.task_id: t for t in tasks}
+    scripts = [(by_id[d.task.task_id], [m.content for m in d.messages if m.role == "assistant"]) for d in demos]
+    env = envs.make_env(name, [t for t, _ in scripts], config)
+    order = [scripts[i % len(scripts)] for i in range(episodes)]
+    if hasattr(env, "prepare"):
+        env.prepare([t.task.task_id for t, _ in order])
+    steps: dict[str, list[float]] = defaultdict(list)
+    resets, ends, successes = [], [], 0
+    started = time.perf_counter()
+    for i, (task, actions) in enumerate(order):
+        if i % 10 == 9:
+            actions = HOSTILE[name]
+        t0 = time.perf_counter()
+        env.reset(options={"task_id": task.task.task_id})
+        resets.append(time.perf_counter() - t0)
+        done = False
+        for action in actions:
+            kind = action.removeprefix("Action: ").split("[")[0].split(" ")[0] or "other"
+            t0 = time.perf_counter()
+            _, _, terminated, truncated, info = env.step(action)
+            elapsed = time.perf_counter() - t0
+            done = terminated or truncated
+            (ends if done else steps[kind]).append(elapsed)
+            steps["step"].append(elapsed)
+            if done:
+                successes += info["success"]
+                break
+    env.close()
+    wall = time.perf_counter() - started
+    after = leftovers()
+    experts = episodes - episodes // 10
+    print(f"{name}: {episodes} episodes ({experts} expert, the rest hostile) in {wall:.0f} s; {successes} succeeded")
+    print(f"  reset        {percentiles(resets)}")
+    for kind, samples in sorted(steps.items(), key=lambda item: -len(item[1])):
+        target = TARGETS_MS.get((name, kind))
+        note = f"  = {statistics.median(samples) * 1000 / target:.2f} x target ({target:g} ms)" if target else ""
+        print(f"  {kind:<12} {percentiles(samples)}{note}")
+    if ends:
+        print(f"  last step    {percentiles(ends)}")
+    for key in before:
+        print(f"  {key}: {before[key]} before, {after[key]} after ({after[key] - before[key]:+d})")
+
+
+if __name__ == "__main__":
+    main()
