@@ -90,6 +90,9 @@ def rollout(
         make_env: Builds a fresh environment for an env name (``task.env``); environments are
             built when no idle one of that name is left and reused, so at most
             ``concurrent_episodes`` of each name exist, and tasks of several envs share one stream.
+            An environment with a ``prepare(task_ids)`` method (ALFWorld's) is told, once per
+            env name, all the task ids of that env in the order their episodes will start, so
+            it can load them ahead.
         tasks: The tasks to attempt (their ``task_id`` selects the task on reset).
         config: Concurrency, context budget and sampling.
         source: Recorded on every trajectory (``explore`` or ``eval``).
@@ -105,6 +108,7 @@ def rollout(
     queue = deque(enumerate(tasks))
     idle: dict[str, list[Any]] = {}  # built environments not in an episode, by env name
     built: list[Any] = []
+    prepared: set[str] = set()
     active: dict[int, _Episode] = {}
     done: dict[int, Trajectory] = {}
     stream = open_stream(policy, config.sampling)
@@ -117,6 +121,10 @@ def rollout(
                 if not free:
                     free.append(make_env(task.env))
                     built.append(free[-1])
+                    if task.env not in prepared:  # the env's games, in the order they will start
+                        prepared.add(task.env)
+                        upcoming = [task.task_id, *(t.task_id for _, t in queue if t.env == task.env)]
+                        getattr(free[-1].unwrapped, "prepare", lambda ids: None)(upcoming)
                 active[index] = _start(policy, free.pop(), task)
                 stream.add(index, active[index].prompt)
                 prompt_tokens += len(active[index].prompt)

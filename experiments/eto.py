@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 from agentloop.config import ConfigError, load_config
+from agentloop.envs.alfworld import ALFWorldEnvConfig
 from agentloop.envs.bash import OSEnvConfig
 from agentloop.envs.sql import DBExpertConfig, SQLEnvConfig
 from agentloop.envs.webshop import WebShopEnvConfig
@@ -40,7 +41,7 @@ class EnvSpec:
     """One environment of a run and the tasks it contributes."""
 
     name: str = "db"
-    """An environment of ``agentloop.envs.KNOWN_ENVS``: db, os or webshop."""
+    """An environment of ``agentloop.envs.KNOWN_ENVS``: db, os, webshop or alfworld."""
     train_split: str = ""
     """Split explored and imitated; empty = the env's default (``agentloop.envs.DEFAULT_SPLITS``)."""
     eval_split: str = ""
@@ -88,6 +89,7 @@ class ETOConfig:
     db_experts: DBExpertConfig = field(default_factory=DBExpertConfig)
     os: OSEnvConfig = field(default_factory=OSEnvConfig)
     webshop: WebShopEnvConfig = field(default_factory=WebShopEnvConfig)
+    alfworld: ALFWorldEnvConfig = field(default_factory=ALFWorldEnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rollout: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(concurrent_episodes=48, sampling=SamplingConfig(max_new_tokens=128))
@@ -114,7 +116,7 @@ class ETOConfig:
             raise ConfigError(f"envs: need at least one environment, each once; got {names}")
 
     def env_config(self, name: str):
-        """The settings section of one environment (``db``, ``os``, ``webshop``)."""
+        """The settings section of one environment (``db``, ``os``, ``webshop``, ``alfworld``)."""
         return getattr(self, name)
 
     def expert_config(self, name: str):
@@ -181,7 +183,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. The base model, then behaviour cloning on the experts.
     evaluate("eval/base", version=0, iteration=0)
-    policy.adapters[1] = stages.train("sft", 1, lambda: ray.get(learner.sft.remote(experts)))
+
+    def sft():
+        policy.sleep()  # the rollout worker's model leaves memory while the learner's is in it
+        return ray.get(learner.sft.remote(experts))
+
+    policy.adapters[1] = stages.train("sft", 1, sft)
     evaluate("eval/sft", version=1, iteration=0)
 
     def explore(it: int):
@@ -192,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     def dpo(it: int, pairs):
         earlier = [p for p in store.pairs() if p.iteration < it]
         batch = mix_replay(pairs, earlier, config.dpo.replay_fraction, random.Random(config.seed + it))
+        policy.sleep()
         files, metrics = ray.get(learner.dpo.remote(policy.adapters[it], batch))
         return files, {**metrics, "dpo/pairs_built": len(pairs), "dpo/pairs_replayed": len(batch) - len(pairs)}
 
@@ -219,6 +227,12 @@ class PolicySync:
 
         if version != self.loaded:
             self.loaded = ray.get(self.actor.load_adapter.remote(self.adapters[version], version))
+
+    def sleep(self) -> None:
+        """Frees the rollout worker's model until its next rollout (it reloads the same version)."""
+        import ray
+
+        ray.get(self.actor.sleep.remote())
 
 
 def key(task) -> tuple[str, str]:

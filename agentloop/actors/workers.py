@@ -105,6 +105,11 @@ class RolloutWorker:
                 self.policy.prefix_cache.clear()  # the next stage's episodes start afresh
             release_memory()
 
+    def sleep(self) -> None:
+        """Frees the policy's weights and caches while the learner trains; the next use reloads them."""
+        self.policy.sleep()
+        release_memory()
+
     def close(self) -> None:
         shutil.rmtree(self._adapter_dir, ignore_errors=True)
 

@@ -6,8 +6,10 @@ Each environment module is imported only when its name is first used, so importi
 :class:`~agentloop.types.Task` record as ``.task``.
 
 Known environments: ``"db"`` (AgentBench dbbench on SQLite; splits ``train``, ``dev``),
-``"os"`` (AgentBench's OS tasks in a bubblewrap sandbox; ``train``, ``test``, ``dev``) and
-``"webshop"`` (WebShop's 1,000-product shop; ``train``, ``test``). ``"alfworld"`` is planned.
+``"os"`` (AgentBench's OS tasks in a bubblewrap sandbox; ``train``, ``test``, ``dev``),
+``"webshop"`` (WebShop's 1,000-product shop; ``train``, ``test``) and ``"alfworld"``
+(ALFWorld's games in the TextWorld engine; ``train``, ``valid_seen``, ``valid_unseen``,
+``valid_train``).
 """
 
 from __future__ import annotations
@@ -21,12 +23,18 @@ if TYPE_CHECKING:
 
     from agentloop.types import Trajectory
 
-KNOWN_ENVS = ("db", "os", "webshop")
+KNOWN_ENVS = ("db", "os", "webshop", "alfworld")
 """Names accepted by the functions below."""
 
-DEFAULT_SPLITS = {"db": ("train", "dev"), "os": ("train", "test"), "webshop": ("train", "test")}
+DEFAULT_SPLITS = {
+    "db": ("train", "dev"),
+    "os": ("train", "test"),
+    "webshop": ("train", "test"),
+    "alfworld": ("train", "valid_unseen"),
+}
 """Each environment's (training, held-out) split: dbbench's standard/dev, AgentBench OS's
-generated training tasks against its 144-task test set, WebShop's seeded product split."""
+generated training tasks against its 144-task test set, WebShop's seeded product split,
+ALFWorld's training games against its unseen valid split (ETO's unseen test)."""
 
 
 def _check(env: str) -> None:
@@ -42,6 +50,10 @@ def load_tasks(env: str, data_dir: Path, split: str) -> list[Any]:
         FileNotFoundError: When the environment's data is missing from ``data_dir``.
     """
     _check(env)
+    if env == "alfworld":
+        from agentloop.envs.alfworld import load_alfworld_tasks
+
+        return load_alfworld_tasks(Path(data_dir), split)
     if env == "os":
         from agentloop.envs.bash import load_os_tasks
 
@@ -63,6 +75,11 @@ def make_env(env: str, tasks: Sequence[Any], config: Any) -> gymnasium.Env:
         TypeError: When ``config`` is not the environment's config type.
     """
     _check(env)
+    if env == "alfworld":
+        from agentloop.envs.alfworld import ALFWorldEnv, ALFWorldEnvConfig
+
+        _expect(config, ALFWorldEnvConfig)
+        return ALFWorldEnv(tasks, config)
     if env == "os":
         from agentloop.envs.bash import OSEnv, OSEnvConfig
 
@@ -85,27 +102,30 @@ def build_experts(
     """Expert demonstrations for ``tasks``, replayed in the real environment; only successes kept.
 
     For ``"db"``, ``env_config`` is an ``SQLEnvConfig`` and ``expert_config`` a
-    ``DBExpertConfig``; for ``"os"`` and ``"webshop"``, the env's config and None (their
-    experts have no settings). Returns the demonstrations and a per-type success report.
+    ``DBExpertConfig``; for the others, the env's config and None (their experts have no
+    settings). Returns the demonstrations and a per-type success report.
 
     Raises:
         ValueError: For an unknown environment.
         TypeError: When a config is not of the environment's type.
     """
     _check(env)
+    if env in ("os", "webshop", "alfworld") and expert_config is not None:
+        raise TypeError(f"the {env} expert takes no config, got {type(expert_config).__name__}")
+    if env == "alfworld":
+        from agentloop.envs.alfworld import ALFWorldEnvConfig, build_alfworld_experts
+
+        _expect(env_config, ALFWorldEnvConfig)
+        return build_alfworld_experts(tasks, env_config)
     if env == "os":
         from agentloop.envs.bash import OSEnvConfig, build_os_experts
 
         _expect(env_config, OSEnvConfig)
-        if expert_config is not None:
-            raise TypeError(f"the os expert takes no config, got {type(expert_config).__name__}")
         return build_os_experts(tasks, env_config)
     if env == "webshop":
         from agentloop.envs.webshop import WebShopEnvConfig, build_webshop_experts
 
         _expect(env_config, WebShopEnvConfig)
-        if expert_config is not None:
-            raise TypeError(f"the webshop expert takes no config, got {type(expert_config).__name__}")
         return build_webshop_experts(tasks, env_config)
     from agentloop.envs.sql import DBExpertConfig, SQLEnvConfig, build_db_experts
 

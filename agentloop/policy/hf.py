@@ -2,6 +2,7 @@
 
 Adapters are merged into a copy of the base weights when loaded, so generation runs at the
 base model's speed; the pristine base weights stay in memory to merge the next adapter on.
+``sleep`` frees all of it while another process needs the memory (the learner's turn).
 """
 
 from __future__ import annotations
@@ -28,14 +29,24 @@ class HFPolicy:
 
     def __init__(self, config: PolicyConfig) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.config = config
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        path = resolve_model(config.model)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        self.chat = ChatTokenizer(tokenizer)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype)).to(self.device)
+        self._path = resolve_model(config.model)
+        self.chat = ChatTokenizer(AutoTokenizer.from_pretrained(self._path))
+        self.version = 0
+        self.adapter: Path | None = None
+        self.prefix_cache = PrefixCache(config.prefix_cache_tokens) if config.prefix_cache_tokens else None
+        self._streams = 0
+        self._load_base()
+
+    def _load_base(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, self.config.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(self._path, dtype=dtype).to(self.device)
         self.model.eval()
         if self.model.config._attn_implementation == "sdpa":
             use_grouped_attention(self.model)  # same result, no per-head copy of the cache
@@ -47,15 +58,35 @@ class HFPolicy:
         self._base_state = {
             k: v.detach().clone() for k, v in self.model.state_dict().items() if v.data_ptr() != embedding
         }
-        self.version = 0
-        self.adapter: Path | None = None
-        self.prefix_cache = PrefixCache(config.prefix_cache_tokens) if config.prefix_cache_tokens else None
-        self._streams = 0
+
+    @property
+    def asleep(self) -> bool:
+        return self.model is None
+
+    def sleep(self) -> None:
+        """Frees the weights and the prefix cache (as vLLM's sleep mode does) until the policy is next used.
+
+        The loop's rollout worker sleeps while the learner trains, so the two models are not
+        in memory at once. The next ``load_adapter``, ``generate`` or ``stream`` reloads the
+        base checkpoint and merges the current adapter again (a few seconds).
+        """
+        self.model, self._base_state = None, {}
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
+    def _wake(self) -> None:
+        if self.model is None:
+            self._load_base()
+            if self.adapter is not None:
+                self._merge(self.adapter)
 
     def load_adapter(self, adapter: Path | None, version: int) -> None:
         """Acts with base + ``adapter`` (a PEFT LoRA directory) from now on; None = base model."""
-        from peft import PeftConfig, PeftModel
+        from peft import PeftConfig
 
+        if self.model is None:
+            self.adapter = None
+            self._wake()
         if adapter is not None:
             peft_config = PeftConfig.from_pretrained(str(adapter))
             touched = set(peft_config.modules_to_save or []) | set(_as_list(peft_config.target_modules))
@@ -65,10 +96,14 @@ class HFPolicy:
         if self.prefix_cache is not None:
             self.prefix_cache.clear()  # keys and values of the old weights
         if adapter is not None:
-            merged = PeftModel.from_pretrained(self.model, str(adapter)).merge_and_unload()
-            self.model = merged.eval()
+            self._merge(adapter)
         self.adapter, self.version = adapter, version
         logger.info("policy v%d: %s", version, adapter or "base model")
+
+    def _merge(self, adapter: Path) -> None:
+        from peft import PeftModel
+
+        self.model = PeftModel.from_pretrained(self.model, str(adapter)).merge_and_unload().eval()
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Generation]:
         """Completes each prompt, ``batch_size`` rows at a time; shortest prompts are admitted first."""
@@ -86,6 +121,7 @@ class HFPolicy:
         import torch
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+        self._wake()
         if sampling.temperature == 0:
             pick = partial(torch.argmax, dim=-1)
         else:

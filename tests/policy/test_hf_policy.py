@@ -137,6 +137,31 @@ def test_adapter_changes_outputs_and_base_is_restored(policy, tmp_path):
     assert torch.allclose(_logits(policy, prompt[0]), base_logits)
 
 
+def test_a_sleeping_policy_frees_its_weights_and_wakes_with_its_adapter(tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    policy = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32"))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(
+        tmp_path / "adapter"
+    )
+    policy.load_adapter(tmp_path / "adapter", version=2)
+    prompts = [policy.chat.user_segment("SELECT", first=True)]
+    sampling = SamplingConfig(max_new_tokens=8)
+    before = policy.generate(prompts, sampling)
+    policy.sleep()
+    assert policy.asleep and policy.model is None
+    assert policy.generate(prompts, sampling) == before  # woke up with the same adapter merged
+    assert policy.version == 2 and not policy.asleep
+    policy.sleep()
+    policy.load_adapter(None, version=0)  # waking by loading another adapter
+    policy.sleep()
+    policy.load_adapter(tmp_path / "adapter", version=4)
+    assert policy.generate(prompts, sampling) == before
+
+
 def test_adapter_that_changes_the_embeddings_is_refused(policy, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model

@@ -1,0 +1,157 @@
+"""The ALFWorld environment on real games in the real engine: tasks, protocol, experts, loading ahead, clean-up."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import psutil
+import pytest
+from gymnasium.error import ResetNeeded
+from gymnasium.utils.env_checker import check_env
+from hostile import PAYLOADS, RAW
+
+from agentloop.config import ConfigError, from_dict
+from agentloop.envs import load_tasks, make_env
+
+if os.environ.get("CI") != "true":  # CI installs the engine (scripts/setup.sh): there it must be present
+    pytest.importorskip("textworld", reason="the ALFWorld engine (pip alfworld textworld) is not installed")
+
+from agentloop.envs.alfworld import (  # noqa: E402
+    NOTHING,
+    TASK_TYPES,
+    ALFWorldEnv,
+    ALFWorldEnvConfig,
+    build_alfworld_experts,
+    parse_action,
+)
+
+
+@pytest.fixture(scope="module")
+def tasks(data_dir: Path):
+    return load_tasks("alfworld", data_dir, "valid_unseen")
+
+
+@pytest.fixture(scope="module")
+def env(tasks):
+    env = ALFWorldEnv(tasks[:6], ALFWorldEnvConfig(max_steps=6))
+    yield env
+    env.close()
+
+
+def test_splits_kinds_and_instructions(data_dir: Path, tasks) -> None:
+    assert len(tasks) == 134 and len(load_tasks("alfworld", data_dir, "valid_seen")) == 140
+    assert {t.task.kind for t in tasks} == set(TASK_TYPES)
+    first = tasks[0].task
+    assert first.env == "alfworld" and first.split == "valid_unseen" and first.task_id.count("/") == 1
+    assert first.instruction.endswith(".") and "Your task" not in first.instruction
+    assert all(t.walkthrough for t in tasks)
+    with pytest.raises(ValueError, match="valid_unseen"):
+        load_tasks("alfworld", data_dir, "test")
+    with pytest.raises(FileNotFoundError, match="docs/data.md"):
+        load_tasks("alfworld", data_dir / "nowhere", "train")
+
+
+@pytest.mark.parametrize(
+    ("reply", "command"),
+    [
+        ("go to desk 1", "go to desk 1"),
+        ("Thought: the mug may be on the desk.\nAction: Go to  Desk 1.", "go to desk 1"),
+        ("Action: take mug 1 from desk 1\nObservation: made up", "take mug 1 from desk 1"),
+        ("Action: think\nAction: look", "look"),
+        ("Action:   ", ""),
+        ("", ""),
+        (None, ""),
+    ],
+)
+def test_parse_action(reply, command) -> None:
+    assert parse_action(reply, 1000) == command
+
+
+def test_expert_walkthrough_wins_in_the_engine(env, tasks) -> None:
+    task = tasks[0]
+    observation, info = env.reset(options={"task_id": task.task.task_id})
+    assert "Welcome to TextWorld" not in observation and f"Your task is to: {task.task.instruction}" in observation
+    assert info["task"] == task.task and "look" in info["admissible_commands"]
+    for command in task.walkthrough:
+        assert command in info["admissible_commands"]
+        observation, reward, terminated, truncated, info = env.step(f"Thought: next step.\nAction: {command}")
+        assert not info["invalid"]
+    assert (reward, terminated, truncated, info["success"]) == (1.0, True, False, True)
+    with pytest.raises(ResetNeeded):
+        env.step("look")
+
+
+def test_inadmissible_and_unreadable_replies_are_invalid_steps(env, tasks) -> None:
+    env.reset(options={"task_id": tasks[1].task.task_id})
+    observation, reward, terminated, truncated, info = env.step("Action: fly to the moon")
+    assert observation == NOTHING and info["invalid"] and reward == 0.0 and not terminated
+    observation, *_, info = env.step("Action:")
+    assert observation.startswith("Invalid action: no command") and info["invalid"]
+    observation, *_, info = env.step("x" * 5000)
+    assert "longer than 1000 characters" in observation and info["invalid"]
+    observation, *_, info = env.step("Action: look")
+    assert not info["invalid"] and observation
+    for _ in range(2):
+        *_, terminated, truncated, info = env.step("Action: inventory")
+    assert truncated and not terminated and not info["success"]  # 6 steps, the limit
+
+
+def test_valid_actions_can_be_shown(tasks) -> None:
+    env = ALFWorldEnv(tasks[:1], ALFWorldEnvConfig(show_valid_actions=True))
+    try:
+        observation, info = env.reset(options={"task_id": tasks[0].task.task_id})
+        assert observation.endswith("Valid actions: " + ", ".join(info["admissible_commands"]))
+    finally:
+        env.close()
+
+
+def test_hostile_actions_become_observations(env, tasks) -> None:
+    actions = [*RAW, *(f"Action: {payload}" for payload in PAYLOADS)]
+    for action in actions:
+        env.reset(options={"task_id": tasks[2].task.task_id})
+        observation, reward, terminated, _, info = env.step(action)
+        assert isinstance(observation, str) and observation and env.observation_space.contains(observation)
+        assert info["invalid"] and reward == 0.0 and not terminated, repr(action)[:80]
+
+
+def test_passes_gymnasium_check_env(tasks) -> None:
+    env = ALFWorldEnv(tasks[:2], ALFWorldEnvConfig())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check_env(env, skip_render_check=True)
+    finally:
+        env.close()
+
+
+def test_prepared_games_load_ahead_and_close_leaves_no_process(tasks) -> None:
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    env = make_env("alfworld", tasks[:5], ALFWorldEnvConfig(lookahead=2))
+    ids = [t.task.task_id for t in tasks[:5]]
+    env.prepare(ids[1:])
+    for task_id in [ids[0], *ids[1:]]:  # ids[0] was not prepared: it loads on reset
+        observation, info = env.reset(options={"task_id": task_id})
+        assert info["task"].task_id == task_id and "Your task is to:" in observation
+    env.close()
+    assert {p.pid for p in me.children(recursive=True)} - before == set()
+    with pytest.raises(KeyError, match="nope"):
+        env.prepare(["nope"])
+
+
+def test_experts_and_their_report(tasks) -> None:
+    demos, report = build_alfworld_experts(tasks[:4], ALFWorldEnvConfig())
+    assert len(demos) == sum(row["succeeded"] for row in report["by_kind"].values()) == 4
+    demo = demos[0]
+    assert demo.success and demo.reward == 1.0 and demo.source == "expert"
+    assert [m.content for m in demo.messages if m.role == "assistant"] == [f"Action: {a}" for a in tasks[0].walkthrough]
+    _, report = build_alfworld_experts(tasks[:1], ALFWorldEnvConfig(max_steps=1))
+    assert report["failures"]["too_long"]["count"] == 1
+
+
+def test_config_is_validated() -> None:
+    for bad in ({"max_steps": 0}, {"engines": 0}, {"lookahead": -1}, {"load_timeout_s": 0.0}):
+        with pytest.raises(ConfigError):
+            from_dict(ALFWorldEnvConfig, bad)
