@@ -10,6 +10,9 @@ Metric names are paths. For a batch of trajectories logged under a prefix such a
 * ``eval/env/<env>/...`` with the first group's statistics, per environment, always present
   so that a run over one environment and a run over several log the same names.
 
+:func:`paired_comparison` gives ``<prefix>/gained``, ``/lost`` and an exact McNemar
+``/p_value`` for two evaluations of the same tasks (the loop logs ``eval/vs_sft/...``).
+
 The loop adds its own paths (``sft/loss``, ``dpo/rewards/margins``, ``timing/<stage>``,
 ``explore/tokens_per_s``) and hands everything to :class:`MetricsLogger`, which appends one
 JSON line per call to ``metrics.jsonl`` in the run directory and writes the same scalars for
@@ -82,6 +85,36 @@ def trajectory_metrics(trajectories: Iterable[Trajectory], prefix: str) -> dict[
     for env, group in _group_by(batch, lambda t: t.task.env).items():
         metrics |= _summary(group, f"{prefix}/env/{env}")
     return metrics
+
+
+def paired_comparison(before: Iterable[Trajectory], after: Iterable[Trajectory], prefix: str) -> dict[str, float]:
+    """Success on the same tasks before and after, with an exact McNemar test.
+
+    Tasks are matched on ``(env, task_id)``; tasks in only one batch are ignored. Returns
+    ``<prefix>/tasks`` (matched), ``<prefix>/gained`` (failed before, succeeded after),
+    ``<prefix>/lost`` (the reverse) and ``<prefix>/p_value``: the two-sided exact McNemar
+    p-value, the binomial probability of a split of the discordant tasks at least this
+    uneven if neither side were better (1.0 with no discordant task).
+    """
+    earlier = {(t.task.env, t.task.task_id): t.success for t in before}
+    matched = [(earlier[key], t.success) for t in after if (key := (t.task.env, t.task.task_id)) in earlier]
+    gained = sum(1 for was, now in matched if now and not was)
+    lost = sum(1 for was, now in matched if was and not now)
+    return {
+        f"{prefix}/tasks": float(len(matched)),
+        f"{prefix}/gained": float(gained),
+        f"{prefix}/lost": float(lost),
+        f"{prefix}/p_value": mcnemar_exact(gained, lost),
+    }
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def _summary(batch: list[Trajectory], prefix: str) -> dict[str, float]:

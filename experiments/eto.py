@@ -131,7 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     from agentloop.actors.workers import start_workers
     from agentloop.learners.data import build_pairs, mix_replay
     from agentloop.loop import Stages
-    from agentloop.metrics import MetricsLogger, flatten_metrics, plot_learning_curve, trajectory_metrics
+    from agentloop.metrics import (
+        MetricsLogger,
+        flatten_metrics,
+        paired_comparison,
+        plot_learning_curve,
+        trajectory_metrics,
+    )
     from agentloop.replay import ReplayStore
 
     config, run = parse_args(argv)
@@ -154,11 +160,17 @@ def main(argv: list[str] | None = None) -> None:
     actor, learner = start_workers(config, [t for tasks in train.values() for t in tasks] + held_out)
     policy = PolicySync(actor)
 
-    def evaluate(stage: str, version: int, iteration: int) -> None:
+    def evaluate(stage: str, version: int, iteration: int, baseline: str = "") -> None:
+        """Runs the held-out tasks; with a baseline stage, also a paired test against it on the same tasks."""
+
         def work():
             policy.ensure(version)
             trajectories, stats = ray.get(actor.run.remote([key(t.task) for t in held_out], "eval", iteration))
-            return trajectories, {**trajectory_metrics(trajectories, "eval"), **rollout_metrics(stats, "eval")}
+            metrics = {**trajectory_metrics(trajectories, "eval"), **rollout_metrics(stats, "eval")}
+            if baseline:
+                before = store.trajectories(stage=baseline)
+                metrics |= paired_comparison(before, trajectories, f"eval/vs_{baseline.split('/')[-1]}")
+            return trajectories, metrics
 
         stages.rollout(stage, version, work)
 
@@ -189,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         return ray.get(learner.sft.remote(experts))
 
     policy.adapters[1] = stages.train("sft", 1, sft)
-    evaluate("eval/sft", version=1, iteration=0)
+    evaluate("eval/sft", version=1, iteration=0, baseline="eval/base")
 
     def explore(it: int):
         policy.ensure(it)  # the policy after round it - 1 (version it)
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         explored = stages.rollout(f"explore/{it}", it, partial(explore, it))
         pairs = build_pairs(experts, explored, iteration=it)
         policy.adapters[it + 1] = stages.train(f"dpo/{it}", it, partial(dpo, it, pairs), pairs=pairs)
-        evaluate(f"eval/{it}", version=it + 1, iteration=it)
+        evaluate(f"eval/{it}", version=it + 1, iteration=it, baseline="eval/sft")
 
     metrics.close()
     plot_learning_curve(run.path / "metrics.jsonl", run.path / "learning_curve.png")

@@ -11,6 +11,8 @@ import pytest
 from agentloop.metrics import (
     MetricsLogger,
     learning_curve,
+    mcnemar_exact,
+    paired_comparison,
     plot_learning_curve,
     read_metrics,
     trajectory_metrics,
@@ -69,6 +71,34 @@ BATCH = [
     episode("db", "INSERT", success=True, reward=1.0, turns=4, invalid=1, tokens=20),
     episode("alfworld", "pick_and_place", success=False, reward=0.5, turns=8, invalid=0, tokens=40),
 ]
+
+
+@pytest.mark.parametrize(
+    ("b", "c", "expected"),
+    [
+        (0, 0, 1.0),
+        (1, 4, 0.375),  # 2 * (C(5,0) + C(5,1)) / 2^5 = 12 / 32
+        (3, 1, 0.625),  # 2 * (1 + 4) / 16
+        (0, 6, 0.03125),  # 2 / 64
+        (5, 5, 1.0),  # the tail passes 1/2: clamped
+    ],
+)
+def test_mcnemar_exact_by_hand(b: int, c: int, expected: float) -> None:
+    assert mcnemar_exact(b, c) == pytest.approx(expected)
+
+
+def test_paired_comparison_matches_tasks() -> None:
+    def run(outcomes: list[tuple[bool, int]]) -> list[Trajectory]:
+        return [episode("db", "SELECT", success=s, reward=0.0, turns=t, invalid=0, tokens=1) for s, t in outcomes]
+
+    before, after = run([(True, 1), (False, 2)]), run([(False, 1), (True, 2), (True, 3)])
+    metrics = paired_comparison(before, after, "eval/vs_sft")  # the task with 3 turns has no "before"
+    assert metrics == {
+        "eval/vs_sft/tasks": 2.0,
+        "eval/vs_sft/gained": 1.0,
+        "eval/vs_sft/lost": 1.0,
+        "eval/vs_sft/p_value": 1.0,
+    }
 
 
 def test_trajectory_metrics_by_hand() -> None:
