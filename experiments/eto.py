@@ -47,7 +47,7 @@ class EnvSpec:
     eval_split: str = ""
     """Held-out split evaluated after every stage; empty = the env's default."""
     train_tasks: int = 0
-    """Explore only this many training tasks (a seeded sample; 0 = all, as in ETO)."""
+    """Use only this many training tasks, a seeded sample, for experts, SFT and exploration (0 = all, as in ETO)."""
     eval_tasks: int = 0
     """Evaluate on this many held-out tasks (the first ones; 0 = all)."""
 
@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     train, held_out = {}, []  # training tasks by env; held-out tasks of all envs
     for spec in config.envs:
         train_split, eval_split = spec.splits()
-        train[spec.name] = envs.load_tasks(spec.name, Path(config.data_dir), train_split)
+        tasks = envs.load_tasks(spec.name, Path(config.data_dir), train_split)
+        keep = set(sample_ids([t.task.task_id for t in tasks], spec.train_tasks, config.seed))
+        train[spec.name] = [t for t in tasks if t.task.task_id in keep]
         held_out += envs.load_tasks(spec.name, Path(config.data_dir), eval_split)[: spec.eval_tasks or None]
     store = ReplayStore(config.store_url or run.store_url)
     metrics = MetricsLogger(run.path)
@@ -185,13 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         return demos, {**trajectory_metrics(demos, "experts"), **flatten_metrics(report, "experts/report")}
 
     experts = stages.rollout("experts", 0, make_experts)
-    explore_ids = [
-        (spec.name, task_id)
-        for spec in config.envs
-        for task_id in sample_ids(
-            [t.task.task_id for t in experts if t.task.env == spec.name], spec.train_tasks, config.seed
-        )
-    ]
+    explore_ids = [key(t.task) for t in experts]  # every training task with a demonstration, as in ETO
 
     # 2. The base model, then behaviour cloning on the experts.
     evaluate("eval/base", version=0, iteration=0)

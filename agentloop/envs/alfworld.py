@@ -14,12 +14,16 @@ their file are skipped when loading.
 Engine. The games run in TextWorld's PDDL backend (``textworld.envs.pddl.PddlEnv``, the
 fast-downward planner grounding each problem), with ALFWorld's ``AlfredDemangler`` giving
 objects their readable names ("desk 1"), exactly as ``alfworld``'s own text environment does.
-Loading a game grounds its problem, which takes from a fraction of a second to seconds for a
-large scene; steps are fast. Each :class:`ALFWorldEnv` runs its engine in a child process of
-its own (so a planner crash or hang cannot take the caller down, and a stuck engine can be
-killed), and :meth:`ALFWorldEnv.prepare` lets a caller that knows which games come next have
-them loaded ahead: the rollout hands each environment the tasks it is about to play, and
-``engines`` loader processes ground them while the policy generates.
+Loading a game grounds its problem twice (load, then reset): 0.4 to 2.5 s on this project's
+CPU; steps take tens of milliseconds. Each engine holds its own copy of the planner's shared
+library, which textworld never unloads, so engines are pooled per process and reused from
+game to game (a new engine per game would leak a library copy each time). textworld's parsers
+are module-level and not thread-safe, so one lock serialises every engine call of a process.
+The pool loads games ahead on a background thread, which overlaps with the policy's generation
+(it does not take the lock): :meth:`ALFWorldEnv.prepare` hands it the games that come
+next (the rollout does this with each stage's tasks) and up to ``lookahead`` of them are
+loaded while the policy generates; resetting to a game nobody prepared loads it on the spot.
+The engines are released when the last environment of the process closes.
 
 Protocol (ALFWorld's, as ETO prompts it). Each reply holds one command of ALFWorld's action set
 (``go to desk 1``, ``take mug 1 from desk 1``, ``put mug 1 in/on coffeemachine 1``, ``open``,
@@ -40,11 +44,12 @@ the games it solves.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import re
+import threading
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +93,14 @@ class ALFWorldEnvConfig:
     """Append the admissible commands to every observation (for prompts that want them)."""
     max_action_chars: int = 1000
     """Longer replies are rejected as invalid without being parsed."""
-    engines: int = 2
-    """Loader processes that ground upcoming games ahead of their episodes (see ``prepare``)."""
-    lookahead: int = 4
-    """Games an environment keeps grounded ahead of its current one, at most."""
-    load_timeout_s: float = 120.0
-    """Longest a game may take to load; a game that takes longer fails its reset."""
+    lookahead: int = 8
+    """Prepared games the process's engine pool keeps loaded ahead of their episodes, at most."""
+    load_timeout_s: float = 300.0
+    """Longest a reset waits for a game loading in the background."""
 
     def validate(self) -> None:
         """Raises ``ConfigError`` naming the first field out of range."""
-        for name in ("max_steps", "max_action_chars", "engines"):
+        for name in ("max_steps", "max_action_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lookahead < 0:
@@ -158,95 +161,107 @@ def parse_action(text: Any, max_chars: int) -> str:
     return " ".join(line.strip().strip("`'\"").rstrip(".").lower().split())
 
 
-# --- the engine, in a child process ----------------------------------------------------------
+# --- the engines ----------------------------------------------------------------------------
 
 
-def _engine_main(conn: Connection) -> None:
-    """A child process: loads games on request and plays the loaded one.
+class _EnginePool:
+    """The process's engines: reused across games, loading prepared games ahead on one thread."""
 
-    Requests: ``("load", game_file)`` -> ``(intro, admissible)``; ``("step", command)`` ->
-    ``(feedback, won, admissible)``; ``("close",)`` ends the process. Errors come back as
-    ``("error", message)``.
-    """
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[Any] = []
+        self._ready: dict[Path, Future] = {}  # game -> future (engine, first state), loaded ahead
+        self._upcoming: deque[Path] = deque()
+        self._loader: ThreadPoolExecutor | None = None
+        self._all: list[Any] = []
+        self.users = 0
+        self.lookahead = 0
+
+    def plan(self, games: Sequence[Path], lookahead: int) -> None:
+        """The games the next resets will ask for, in order; loads up to ``lookahead`` of them ahead."""
+        with self._lock:
+            self._upcoming, self.lookahead = deque(games), lookahead
+            keep = set(games)
+            stale = {game: future for game, future in self._ready.items() if game not in keep}
+            for game in stale:
+                del self._ready[game]
+        for future in stale.values():  # loaded for a plan that changed: back to idle
+            self._give_back(future.result()[0])
+        self._top_up()
+
+    def take(self, game: Path, timeout_s: float) -> tuple[Any, Any]:
+        """An engine with ``game`` loaded and reset, and its first state."""
+        with self._lock:
+            future = self._ready.pop(game, None)
+            if future is None and game in self._upcoming:
+                self._upcoming.remove(game)
+        loaded = future.result(timeout=timeout_s) if future is not None else self._load(game)
+        self._top_up()
+        return loaded
+
+    def give_back(self, engine: Any) -> None:
+        """Returns an engine whose game is over."""
+        self._give_back(engine)
+        self._top_up()
+
+    def close(self) -> None:
+        """Waits for background loads, then unloads every engine's library copy."""
+        import fast_downward
+
+        with self._lock:
+            loader, self._loader, self._upcoming = self._loader, None, deque()
+        if loader is not None:
+            loader.shutdown(wait=True)
+        with self._lock:
+            engines, self._all, self._idle, self._ready = self._all, [], [], {}
+        with _ENGINE_LOCK:
+            for engine in engines:
+                fast_downward.close_lib(engine.downward_lib)
+
+    def _give_back(self, engine: Any) -> None:
+        with self._lock:
+            self._idle.append(engine)
+
+    def _top_up(self) -> None:
+        with self._lock:
+            while self._upcoming and len(self._ready) < self.lookahead:
+                game = self._upcoming.popleft()
+                if game not in self._ready:
+                    if self._loader is None:
+                        self._loader = ThreadPoolExecutor(1, thread_name_prefix="alfworld-loader")
+                    self._ready[game] = self._loader.submit(self._load, game)
+
+    def _load(self, game: Path) -> tuple[Any, Any]:
+        with self._lock:
+            engine = self._idle.pop() if self._idle else None
+        if engine is None:
+            with _ENGINE_LOCK:
+                engine = _new_engine()
+            with self._lock:
+                self._all.append(engine)
+        try:
+            with _ENGINE_LOCK:
+                engine.load(str(game))
+            with _ENGINE_LOCK:  # released in between, so a step waiting on it goes first
+                return engine, engine.reset()
+        except Exception:
+            self._give_back(engine)
+            raise
+
+
+def _new_engine() -> Any:
+    """A PDDL engine with ALFWorld's object names, as ``alfworld``'s text environment builds it."""
     import textworld
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
     from textworld.envs.pddl import PddlEnv
 
-    infos = textworld.EnvInfos(won=True, admissible_commands=True)
-    env = None
-    while True:
-        try:
-            request = conn.recv()
-        except EOFError:
-            return
-        try:
-            if request[0] == "close":
-                return
-            if request[0] == "load":
-                env = AlfredDemangler(shuffle=False)(PddlEnv(infos))
-                env.load(request[1])
-                state = env.reset()
-                conn.send(("ok", state.feedback, list(state["admissible_commands"])))
-            else:
-                assert env is not None, "step before load"
-                state, _, _ = env.step(request[1])
-                conn.send(("ok", state.feedback, bool(state["won"]), list(state["admissible_commands"])))
-        except Exception as e:  # the caller turns it into an exception of its own
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+    return AlfredDemangler(shuffle=False)(PddlEnv(textworld.EnvInfos(won=True, admissible_commands=True)))
 
 
-class _Engine:
-    """One engine process holding one loaded game."""
-
-    def __init__(self, timeout_s: float) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_engine_main, args=(child,), daemon=True)
-        self._process.start()
-        child.close()
-        self.timeout_s = timeout_s
-        self.game: Path | None = None
-        self._pending: Path | None = None
-
-    def start_load(self, game_file: Path) -> None:
-        """Asks the engine to load a game without waiting for it."""
-        self._conn.send(("load", str(game_file)))
-        self._pending, self.game = game_file, None
-
-    def finish_load(self) -> tuple[str, list[str]]:
-        """Waits for the game asked for last; returns its intro and admissible commands."""
-        reply = self._receive()
-        self.game, self._pending = self._pending, None
-        return reply[0], reply[1]
-
-    def step(self, command: str) -> tuple[str, bool, list[str]]:
-        self._conn.send(("step", command))
-        return tuple(self._receive())  # type: ignore[return-value]
-
-    @property
-    def loading(self) -> bool:
-        return self._pending is not None
-
-    def _receive(self) -> list[Any]:
-        if not self._conn.poll(self.timeout_s):
-            self.close()
-            raise TimeoutError(f"the ALFWorld engine did not answer within {self.timeout_s} s")
-        status, *reply = self._conn.recv()
-        if status == "error":
-            raise RuntimeError(f"ALFWorld engine: {reply[0]}")
-        return reply
-
-    def close(self) -> None:
-        if self._process.is_alive():
-            try:
-                self._conn.send(("close",))
-            except (BrokenPipeError, OSError):
-                pass
-            self._process.join(timeout=2)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-        self._conn.close()
+_POOL = _EnginePool()
+_ENGINE_LOCK = threading.Lock()
+"""Serialises every engine call of the process: textworld parses games and text with module-level
+parsers that are not thread-safe. Loading ahead still overlaps with generation, which does not take it."""
 
 
 # --- the environment -----------------------------------------------------------------------
@@ -274,16 +289,16 @@ class ALFWorldEnv(gymnasium.Env[str, str]):
         self._ids = list(self.tasks)
         self.observation_space = FreeText(1 << 16)
         self.action_space = FreeText(config.max_action_chars)
-        self._engines: list[_Engine] = []
-        self._engine: _Engine | None = None
-        self._upcoming: list[str] = []
+        self._engine: Any = None
         self._task: ALFWorldTask | None = None
         self._admissible: list[str] = []
         self._steps = 0
         self._done = True
+        _POOL.users += 1
+        self._closed = False
 
     def prepare(self, task_ids: Sequence[str]) -> None:
-        """Tells the env which games it will be reset to next, in order, so it can load them ahead.
+        """Tells the process's engine pool which games come next, in order, so it loads them ahead.
 
         Up to ``lookahead`` of them are loaded in the background; resetting to another task
         still works (it loads then). Unknown ids raise ``KeyError``.
@@ -291,24 +306,17 @@ class ALFWorldEnv(gymnasium.Env[str, str]):
         unknown = [t for t in task_ids if t not in self.tasks]
         if unknown:
             raise KeyError(f"unknown task ids: {unknown[:5]}")
-        self._upcoming = list(task_ids)
-        self._fill()
+        _POOL.plan([self.tasks[t].game_file for t in task_ids], self.config.lookahead)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         """Starts an episode on the chosen game; returns its first observation."""
         super().reset(seed=seed)
         task = self._choose(options or {})
-        if self._upcoming and self._upcoming[0] == task.task.task_id:
-            self._upcoming.pop(0)
-        engine = self._take(task.game_file)
-        try:
-            intro, self._admissible = engine.finish_load()
-        except Exception:
-            self._discard(engine)
-            raise
-        self._fill()
+        self._release()
+        self._engine, state = _POOL.take(task.game_file, self.config.load_timeout_s)
+        self._admissible = list(state["admissible_commands"])
         self._task, self._steps, self._done = task, 0, False
-        observation = f"{FORMAT_HELP}\n\n{_WELCOME.sub('', intro).strip()}"
+        observation = f"{FORMAT_HELP}\n\n{_WELCOME.sub('', state.feedback).strip()}"
         return self._show(observation), {"task": task.task, "admissible_commands": list(self._admissible)}
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
@@ -323,64 +331,39 @@ class ALFWorldEnv(gymnasium.Env[str, str]):
             problem = f"Invalid action: no command found in the reply. {FORMAT_HELP}"
         if problem is not None:
             observation, invalid = problem, True
-        elif command not in self._admissible:
+        elif command not in self._admissible:  # the engine would answer the same, at a grounding's cost
             observation, invalid = NOTHING, True
         else:
-            feedback, won, self._admissible = self._engine.step(command)
-            observation, invalid = feedback.strip(), False
+            with _ENGINE_LOCK:
+                state, _, _ = self._engine.step(command)
+            self._admissible = list(state["admissible_commands"])
+            observation, invalid, won = state.feedback.strip(), False, bool(state["won"])
         truncated = not won and self._steps >= self.config.max_steps
         self._done = won or truncated
+        if self._done:
+            self._release()
         info = {"invalid": invalid, "success": won, "admissible_commands": list(self._admissible)}
         return self._show(observation), float(won), won, truncated, info
 
     def close(self) -> None:
-        """Stops every engine process of this env."""
-        for engine in self._engines:
-            engine.close()
-        self._engines, self._engine, self._upcoming = [], None, []
+        """Ends the episode; the last environment of the process to close releases the engines."""
+        self._release()
         self._task, self._done = None, True
+        if not self._closed:
+            self._closed = True
+            _POOL.users -= 1
+            if _POOL.users == 0:
+                _POOL.close()
+
+    def _release(self) -> None:
+        if self._engine is not None:
+            _POOL.give_back(self._engine)
+            self._engine = None
 
     def _show(self, observation: str) -> str:
         if not self.config.show_valid_actions:
             return observation
         return f"{observation}\nValid actions: {', '.join(self._admissible)}"
-
-    def _take(self, game_file: Path) -> _Engine:
-        """The engine that has (or is loading) ``game_file``, asking a free engine to load it if none has."""
-        if self._engine is not None and self._engine.game is not None:
-            self._engine.game = None  # the previous episode's game is spent
-        engine = next((e for e in self._engines if e._pending == game_file), None)
-        if engine is None:
-            engine = self._free() or self._spawn()
-            engine.start_load(game_file)
-        self._engine = engine
-        return engine
-
-    def _fill(self) -> None:
-        """Starts loading the next upcoming games on idle engines, up to ``lookahead`` ahead."""
-        loading = {e._pending for e in self._engines if e.loading}
-        for task_id in self._upcoming[: self.config.lookahead]:
-            game = self.tasks[task_id].game_file
-            if game in loading:
-                continue
-            engine = self._free() or (self._spawn() if len(self._engines) <= self.config.lookahead else None)
-            if engine is None:
-                return
-            engine.start_load(game)
-            loading.add(game)
-
-    def _free(self) -> _Engine | None:
-        return next((e for e in self._engines if e is not self._engine and not e.loading), None)
-
-    def _spawn(self) -> _Engine:
-        engine = _Engine(self.config.load_timeout_s)
-        self._engines.append(engine)
-        return engine
-
-    def _discard(self, engine: _Engine) -> None:
-        engine.close()
-        self._engines.remove(engine)
-        self._engine = None
 
     def _choose(self, options: dict[str, Any]) -> ALFWorldTask:
         unknown = set(options) - {"task_id"}

@@ -6,7 +6,6 @@ import os
 import warnings
 from pathlib import Path
 
-import psutil
 import pytest
 from gymnasium.error import ResetNeeded
 from gymnasium.utils.env_checker import check_env
@@ -126,19 +125,38 @@ def test_passes_gymnasium_check_env(tasks) -> None:
         env.close()
 
 
-def test_prepared_games_load_ahead_and_close_leaves_no_process(tasks) -> None:
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
+def test_prepared_games_load_ahead_and_engines_are_reused(tasks) -> None:
+    from agentloop.envs import alfworld
+
+    users = alfworld._POOL.users
     env = make_env("alfworld", tasks[:5], ALFWorldEnvConfig(lookahead=2))
     ids = [t.task.task_id for t in tasks[:5]]
     env.prepare(ids[1:])
-    for task_id in [ids[0], *ids[1:]]:  # ids[0] was not prepared: it loads on reset
+    assert len(alfworld._POOL._ready) == 2  # loading in the background
+    for task_id in ids:  # ids[0] was not prepared: it loads on reset
         observation, info = env.reset(options={"task_id": task_id})
         assert info["task"].task_id == task_id and "Your task is to:" in observation
+    assert len(alfworld._POOL._all) <= 4  # engines are reused, not made per game
     env.close()
-    assert {p.pid for p in me.children(recursive=True)} - before == set()
+    env.close()  # twice is harmless
+    assert alfworld._POOL.users == users
     with pytest.raises(KeyError, match="nope"):
         env.prepare(["nope"])
+
+
+def test_a_pool_reuses_engines_and_unloads_them_on_close(tasks) -> None:
+    from agentloop.envs.alfworld import _EnginePool
+
+    pool = _EnginePool()
+    games = [t.game_file for t in tasks[:3]]
+    pool.plan(games, lookahead=1)
+    for game in games:
+        engine, state = pool.take(game, timeout_s=60)
+        assert "Your task is to:" in state.feedback
+        pool.give_back(engine)
+    assert len(pool._all) <= 2  # one playing, one loading ahead
+    pool.close()
+    assert pool._all == [] and pool._ready == {} and pool._loader is None
 
 
 def test_experts_and_their_report(tasks) -> None:
@@ -152,6 +170,6 @@ def test_experts_and_their_report(tasks) -> None:
 
 
 def test_config_is_validated() -> None:
-    for bad in ({"max_steps": 0}, {"engines": 0}, {"lookahead": -1}, {"load_timeout_s": 0.0}):
+    for bad in ({"max_steps": 0}, {"max_action_chars": 0}, {"lookahead": -1}, {"load_timeout_s": 0.0}):
         with pytest.raises(ConfigError):
             from_dict(ALFWorldEnvConfig, bad)

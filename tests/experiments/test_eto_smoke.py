@@ -34,7 +34,8 @@ def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir):
         "dpo.dtype=float32",
         "sft.epochs=1",
         "dpo.epochs=1",
-        "envs=[{name: db, train_tasks: 6, eval_tasks: 4}, {name: webshop, train_tasks: 3, eval_tasks: 2}]",
+        "envs=[{name: db, train_tasks: 6, eval_tasks: 4}, {name: webshop, train_tasks: 3, eval_tasks: 2},"
+        " {name: alfworld, train_tasks: 2, eval_tasks: 2}]",
         "iterations=1",
         "db.max_turns=2",
         "rollout.sampling.max_new_tokens=12",
@@ -46,13 +47,15 @@ def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir):
     assert stages == ["experts", "eval/base", "sft", "eval/sft", "explore/1", "dpo/1", "eval/1"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["eval/env/db/episodes"] == 4 and records[-1]["eval/env/webshop/episodes"] == 2
-    assert records[0]["experts/env/webshop/successes"] == 3 and records[4]["explore/episodes"] == 9
+    assert records[-1]["eval/env/alfworld/episodes"] == 2 and "eval/vs_sft/p_value" in records[-1]
+    experts = {env: records[0][f"experts/env/{env}/successes"] for env in ("db", "webshop", "alfworld")}
+    assert experts["webshop"] == 3 and records[4]["explore/episodes"] == sum(experts.values())
     assert (run_dir / "learning_curve.png").stat().st_size > 0
     assert (run_dir / "adapters" / "sft" / "adapter_config.json").is_file()
     assert (run_dir / "adapters" / "dpo-1" / "adapter_config.json").is_file()
     store = ReplayStore(f"sqlite:///{run_dir / 'replay.db'}")
-    assert len(store.trajectories(stage="eval/1")) == 6
-    assert len(store.trajectories(stage="explore/1")) == 9
+    assert len(store.trajectories(stage="eval/1")) == 8
+    assert len(store.trajectories(stage="explore/1")) == sum(experts.values())
     assert {t.policy_version for t in store.trajectories(stage="eval/1")} == {2}
     store.close()
 
