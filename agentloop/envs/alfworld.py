@@ -23,7 +23,8 @@ The pool loads games ahead on a background thread, which overlaps with the polic
 (it does not take the lock): :meth:`ALFWorldEnv.prepare` hands it the games that come
 next (the rollout does this with each stage's tasks) and up to ``lookahead`` of them are
 loaded while the policy generates; resetting to a game nobody prepared loads it on the spot.
-The engines are released when the last environment of the process closes.
+When the last environment of the process closes, loading ahead stops and the engines go idle;
+they are never unloaded (unloading the library and loading it again crashes the process).
 
 Protocol (ALFWorld's, as ETO prompts it). Each reply holds one command of ALFWorld's action set
 (``go to desk 1``, ``take mug 1 from desk 1``, ``put mug 1 in/on coffeemachine 1``, ``open``,
@@ -205,18 +206,23 @@ class _EnginePool:
         self._top_up()
 
     def close(self) -> None:
-        """Waits for background loads, then unloads every engine's library copy."""
-        import fast_downward
+        """Stops loading ahead and returns every engine to the idle list, where the next plan finds them.
 
+        Engines are never unloaded: unloading the planner's library (``dlclose``) and loading a
+        copy again crashes the process, so the pool keeps the engines it made (at most the
+        episodes that ran at once plus ``lookahead``) for the process's lifetime.
+        """
         with self._lock:
             loader, self._loader, self._upcoming = self._loader, None, deque()
         if loader is not None:
             loader.shutdown(wait=True)
         with self._lock:
-            engines, self._all, self._idle, self._ready = self._all, [], [], {}
-        with _ENGINE_LOCK:
-            for engine in engines:
-                fast_downward.close_lib(engine.downward_lib)
+            ready, self._ready = self._ready, {}
+        for future in ready.values():
+            try:
+                self._give_back(future.result()[0])
+            except Exception:  # a game that failed to load already gave its engine back
+                pass
 
     def _give_back(self, engine: Any) -> None:
         with self._lock:
@@ -346,7 +352,7 @@ class ALFWorldEnv(gymnasium.Env[str, str]):
         return self._show(observation), float(won), won, truncated, info
 
     def close(self) -> None:
-        """Ends the episode; the last environment of the process to close releases the engines."""
+        """Ends the episode; the last environment of the process to close stops the pool's loading ahead."""
         self._release()
         self._task, self._done = None, True
         if not self._closed:

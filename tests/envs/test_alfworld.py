@@ -144,7 +144,7 @@ def test_prepared_games_load_ahead_and_engines_are_reused(tasks) -> None:
         env.prepare(["nope"])
 
 
-def test_a_pool_reuses_engines_and_unloads_them_on_close(tasks) -> None:
+def test_a_pool_reuses_engines_across_plans_and_closes(tasks) -> None:
     from agentloop.envs.alfworld import _EnginePool
 
     pool = _EnginePool()
@@ -156,7 +156,12 @@ def test_a_pool_reuses_engines_and_unloads_them_on_close(tasks) -> None:
         pool.give_back(engine)
     assert len(pool._all) <= 2  # one playing, one loading ahead
     pool.close()
-    assert pool._all == [] and pool._ready == {} and pool._loader is None
+    assert pool._ready == {} and pool._loader is None and len(pool._idle) == len(pool._all)
+    pool.plan(games[:1], lookahead=1)  # a new stage after close: same engines, no new library copy
+    engine, _ = pool.take(games[0], timeout_s=60)
+    assert engine in pool._all and len(pool._all) <= 2
+    pool.give_back(engine)
+    pool.close()
 
 
 def test_experts_and_their_report(tasks) -> None:
