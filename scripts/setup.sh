@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs agentloop and what it needs into .venv on a fresh Debian/Ubuntu machine.
-#   bash scripts/setup.sh          CPU machine: torch 2.13.0 (CPU build)
+#   bash scripts/setup.sh          CPU machine: torch 2.13.0 (CPU build), ALFWorld's engine
 #   bash scripts/setup.sh gpu      GPU machine: CUDA torch and vLLM (extra "gpu")
 # System packages (PostgreSQL for the replay store's tests, bubblewrap and util-linux's prlimit
-# for the Operating System sandbox) come from apt when missing.
+# for the Operating System sandbox, cmake and g++ to build ALFWorld's planner) come from apt
+# when missing.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,8 @@ apt_missing=()
 [ -x "$(pg_bindir)/initdb" ] || apt_missing+=(postgresql)
 command -v bwrap >/dev/null || apt_missing+=(bubblewrap)
 command -v prlimit >/dev/null || apt_missing+=(util-linux)
+command -v cmake >/dev/null || apt_missing+=(cmake)   # ALFWorld's planner is built from source
+command -v g++ >/dev/null || apt_missing+=(g++ make)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}"
@@ -25,11 +28,12 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "$flavour" = gpu ]; then
-    .venv/bin/pip install -q -e ".[gpu,dev]"
+    PATH="$PWD/.venv/bin:$PATH" .venv/bin/pip install -q -e ".[gpu,dev,alfworld]"
 else
     # torch first and pinned: an unpinned torch may pull a multi-GB CUDA build.
     .venv/bin/pip install -q torch==2.13.0
-    .venv/bin/pip install -q -e ".[cpu,dev]"
+    # fast-downward's build runs `python build.py`: the venv's python must come first on PATH.
+    PATH="$PWD/.venv/bin:$PATH" .venv/bin/pip install -q -e ".[cpu,dev,alfworld]"
     # CUDA-linked companions that some packages pull in break CPU imports: never keep them.
     .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
