@@ -16,7 +16,8 @@ over plain bash has its own bench, ``bench/os_latency.py``).
 
 Before and after, it counts this process's open file descriptors, its child processes, the
 processes of the sandbox uids, and the entries of the temp directory, and prints the
-differences: after ``close`` every one of them must be back where it started.
+differences: after ``close`` every one of them must be back where it started. It also prints
+the process's resident memory, which should level off rather than grow with the episodes.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def leftovers() -> dict[str, int]:
     me = psutil.Process()
     sandbox = sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real >= 61000)
     return {
+        "resident memory MiB": me.memory_info().rss >> 20,
         "open fds": me.num_fds(),
         "child processes": len(me.children(recursive=True)),
         "sandbox-uid processes": sandbox,
