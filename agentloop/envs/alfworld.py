@@ -60,6 +60,7 @@ from gymnasium.error import ResetNeeded
 from agentloop.config import ConfigError
 from agentloop.envs.experts import replay_actions
 from agentloop.envs.spaces import FreeText, unreadable_action
+from agentloop.envs.tasks import choose_task, index_tasks
 from agentloop.types import Task, Trajectory
 
 SPLITS = ("train", "valid_seen", "valid_unseen", "valid_train")
@@ -286,13 +287,8 @@ class ALFWorldEnv(gymnasium.Env[str, str]):
 
     def __init__(self, tasks: Sequence[ALFWorldTask], config: ALFWorldEnvConfig) -> None:
         config.validate()
-        if not tasks:
-            raise ValueError("ALFWorldEnv needs at least one task")
         self.config = config
-        self.tasks = {t.task.task_id: t for t in tasks}
-        if len(self.tasks) != len(tasks):
-            raise ValueError("ALFWorldEnv got two tasks with the same task_id")
-        self._ids = list(self.tasks)
+        self.tasks = index_tasks(tasks, "ALFWorldEnv")
         self.observation_space = FreeText(1 << 16)
         self.action_space = FreeText(config.max_action_chars)
         self._engine: Any = None
@@ -372,15 +368,7 @@ class ALFWorldEnv(gymnasium.Env[str, str]):
         return f"{observation}\nValid actions: {', '.join(self._admissible)}"
 
     def _choose(self, options: dict[str, Any]) -> ALFWorldTask:
-        unknown = set(options) - {"task_id"}
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; known: ['task_id']")
-        if "task_id" not in options:
-            return self.tasks[self._ids[int(self.np_random.integers(len(self._ids)))]]
-        task_id = options["task_id"]
-        if task_id not in self.tasks:
-            raise KeyError(f"task_id {task_id!r} is not among this env's {len(self.tasks)} tasks")
-        return self.tasks[task_id]
+        return choose_task(self.tasks, options, self.np_random)
 
 
 # --- experts -------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ from gymnasium.error import ResetNeeded
 from agentloop.config import ConfigError
 from agentloop.envs.experts import replay_actions
 from agentloop.envs.spaces import FreeText, unreadable_action
+from agentloop.envs.tasks import choose_task, index_tasks
 from agentloop.types import Task, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -896,14 +897,9 @@ class OSEnv(gymnasium.Env[str, str]):
 
     def __init__(self, tasks: Sequence[OSTask], config: OSEnvConfig) -> None:
         config.validate()
-        if not tasks:
-            raise ValueError("OSEnv needs at least one task")
         self.config = config
-        self.tasks = {t.task.task_id: t for t in tasks}
-        if len(self.tasks) != len(tasks):
-            raise ValueError("OSEnv got two tasks with the same task_id")
+        self.tasks = index_tasks(tasks, "OSEnv")
         bwrap_argv(config)  # fails early when bubblewrap is missing
-        self._ids = list(self.tasks)
         first = max(len(initial_observation(t, config)) for t in tasks)
         self.observation_space = FreeText(max(first, config.max_observation_chars + _NOTE_SLACK))
         self.action_space = FreeText(config.max_action_chars)
@@ -994,15 +990,7 @@ class OSEnv(gymnasium.Env[str, str]):
                 logger.debug("start of %s exited %s: %s", task.task.task_id, result.exit_code, result.output)
 
     def _choose(self, options: dict[str, Any]) -> OSTask:
-        unknown = set(options) - {"task_id"}
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; known: ['task_id']")
-        if "task_id" not in options:
-            return self.tasks[self._ids[int(self.np_random.integers(len(self._ids)))]]
-        task_id = options["task_id"]
-        if task_id not in self.tasks:
-            raise KeyError(f"task_id {task_id!r} is not among this env's {len(self.tasks)} tasks")
-        return self.tasks[task_id]
+        return choose_task(self.tasks, options, self.np_random)
 
     def _close_sandbox(self) -> None:
         if self._sandbox is not None:

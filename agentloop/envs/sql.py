@@ -61,6 +61,7 @@ from gymnasium.error import ResetNeeded
 from agentloop.config import ConfigError
 from agentloop.envs.experts import replay_actions
 from agentloop.envs.spaces import FreeText, unreadable_action
+from agentloop.envs.tasks import choose_task, index_tasks
 from agentloop.types import Task, Trajectory
 
 if TYPE_CHECKING:
@@ -485,13 +486,8 @@ class SQLEnv(gymnasium.Env[str, str]):
 
     def __init__(self, tasks: Sequence[DBTask], config: SQLEnvConfig) -> None:
         config.validate()
-        if not tasks:
-            raise ValueError("SQLEnv needs at least one task")
         self.config = config
-        self.tasks = {t.task.task_id: t for t in tasks}
-        if len(self.tasks) != len(tasks):
-            raise ValueError("SQLEnv got two tasks with the same task_id")
-        self._ids = list(self.tasks)
+        self.tasks = index_tasks(tasks, "SQLEnv")
         self._templates: dict[str, sqlite3.Connection] = {}
         self._expected: dict[str, Counter[tuple[Any, ...]] | None] = {}
         first = max(len(initial_observation(t, config)) for t in tasks)
@@ -548,15 +544,7 @@ class SQLEnv(gymnasium.Env[str, str]):
         return _Outcome("Answer received; the episode is over.", reward=float(success), terminated=True)
 
     def _choose(self, options: dict[str, Any]) -> DBTask:
-        unknown = set(options) - {"task_id"}
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; known: ['task_id']")
-        if "task_id" not in options:
-            return self.tasks[self._ids[int(self.np_random.integers(len(self._ids)))]]
-        task_id = options["task_id"]
-        if task_id not in self.tasks:
-            raise KeyError(f"task_id {task_id!r} is not among this env's {len(self.tasks)} tasks")
-        return self.tasks[task_id]
+        return choose_task(self.tasks, options, self.np_random)
 
     def _template(self, task: DBTask) -> sqlite3.Connection:
         template = self._templates.get(task.task.task_id)

@@ -74,6 +74,7 @@ from gymnasium.error import ResetNeeded
 from agentloop.config import ConfigError
 from agentloop.envs.experts import replay_actions
 from agentloop.envs.spaces import FreeText, unreadable_action
+from agentloop.envs.tasks import choose_task, index_tasks
 from agentloop.types import Task, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -524,17 +525,12 @@ class WebShopEnv(gymnasium.Env[str, str]):
 
     def __init__(self, tasks: Sequence[WebShopTask], config: WebShopEnvConfig) -> None:
         config.validate()
-        if not tasks:
-            raise ValueError("WebShopEnv needs at least one task")
         self.config = config
-        self.tasks = {t.task.task_id: t for t in tasks}
-        if len(self.tasks) != len(tasks):
-            raise ValueError("WebShopEnv got two tasks with the same task_id")
+        self.tasks = index_tasks(tasks, "WebShopEnv")
         if len({id(t.catalog) for t in tasks}) != 1:
             raise ValueError("WebShopEnv's tasks must come from one catalog (one data directory)")
         self.catalog = tasks[0].catalog
         self.catalog.build_index()
-        self._ids = list(self.tasks)
         self.observation_space = FreeText(config.max_observation_chars + _NOTE_SLACK)
         self.action_space = FreeText(config.max_action_chars)
         self._task: WebShopTask | None = None
@@ -638,15 +634,7 @@ class WebShopEnv(gymnasium.Env[str, str]):
         return _Outcome(text, invalid=True)
 
     def _choose(self, options: dict[str, Any]) -> WebShopTask:
-        unknown = set(options) - {"task_id"}
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; known: ['task_id']")
-        if "task_id" not in options:
-            return self.tasks[self._ids[int(self.np_random.integers(len(self._ids)))]]
-        task_id = options["task_id"]
-        if task_id not in self.tasks:
-            raise KeyError(f"task_id {task_id!r} is not among this env's {len(self.tasks)} tasks")
-        return self.tasks[task_id]
+        return choose_task(self.tasks, options, self.np_random)
 
 
 # --- expert demonstrations ----------------------------------------------------------------
