@@ -58,7 +58,7 @@ import gymnasium
 from gymnasium.error import ResetNeeded
 
 from agentloop.config import ConfigError
-from agentloop.envs.experts import replay_actions
+from agentloop.envs.experts import ExpertReport, replay_actions
 from agentloop.envs.spaces import FreeText, unreadable_action
 from agentloop.envs.tasks import choose_task, index_tasks
 from agentloop.types import Task, Trajectory
@@ -388,12 +388,9 @@ def build_alfworld_experts(
     env = ALFWorldEnv(tasks, config)
     env.prepare([t.task.task_id for t in tasks])
     demos: list[Trajectory] = []
-    by_kind: dict[str, dict[str, int]] = {}
-    failures: dict[str, dict[str, Any]] = {}
+    report = ExpertReport()
     try:
         for task in tasks:
-            row = by_kind.setdefault(task.task.kind, {"attempted": 0, "succeeded": 0})
-            row["attempted"] += 1
             failure = "no_walkthrough" if not task.walkthrough else None
             failure = failure or ("too_long" if len(task.walkthrough) > config.max_steps else None)
             if failure is None:
@@ -405,11 +402,7 @@ def build_alfworld_experts(
                     failure = None if demo.success else "not_won"
                     if demo.success:
                         demos.append(demo)
-                        row["succeeded"] += 1
-            if failure is not None:
-                entry = failures.setdefault(failure, {"count": 0, "examples": []})
-                entry["count"] += 1
-                entry["examples"] += [task.task.task_id] if len(entry["examples"]) < 3 else []
+            report.record(task.task, failure)
     finally:
         env.close()
-    return demos, {"by_kind": by_kind, "failures": failures}
+    return demos, report.as_dict()

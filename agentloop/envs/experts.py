@@ -14,10 +14,11 @@ environment contract: ``reset(options={"task_id": ...})`` returns ``info["task"]
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import gymnasium
 
-from agentloop.types import Message, Trajectory
+from agentloop.types import Message, Task, Trajectory
 
 EXPERT_POLICY_VERSION = -1
 """The ``policy_version`` of every expert trajectory."""
@@ -67,3 +68,28 @@ def replay_actions(env: gymnasium.Env, task_id: str, actions: Sequence[str]) -> 
         policy_version=EXPERT_POLICY_VERSION,
         iteration=0,
     )
+
+
+class ExpertReport:
+    """What building an env's experts found: per task kind, attempts and successes; per failure
+    class, its count and up to three example task ids."""
+
+    def __init__(self) -> None:
+        self.by_kind: dict[str, dict[str, int]] = {}
+        self.failures: dict[str, dict[str, Any]] = {}
+
+    def record(self, task: Task, failure: str | None) -> None:
+        """Counts one task: solved (``failure`` None) or failed for the named reason."""
+        row = self.by_kind.setdefault(task.kind, {"attempted": 0, "succeeded": 0})
+        row["attempted"] += 1
+        if failure is None:
+            row["succeeded"] += 1
+            return
+        entry = self.failures.setdefault(failure, {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < 3:
+            entry["examples"].append(task.task_id)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"by_kind": ..., "failures": ...}``, as the env's ``build_*_experts`` returns it."""
+        return {"by_kind": self.by_kind, "failures": self.failures}

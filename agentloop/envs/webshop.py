@@ -72,7 +72,7 @@ import numpy as np
 from gymnasium.error import ResetNeeded
 
 from agentloop.config import ConfigError
-from agentloop.envs.experts import replay_actions
+from agentloop.envs.experts import ExpertReport, replay_actions
 from agentloop.envs.spaces import FreeText, unreadable_action
 from agentloop.envs.tasks import choose_task, index_tasks
 from agentloop.types import Task, Trajectory
@@ -668,12 +668,9 @@ def build_webshop_experts(
     """
     env = WebShopEnv(tasks, config)
     demos: list[Trajectory] = []
-    by_kind: dict[str, dict[str, int]] = {}
-    failures: dict[str, dict[str, Any]] = {}
+    report = ExpertReport()
     try:
         for task in tasks:
-            row = by_kind.setdefault(task.task.kind, {"attempted": 0, "succeeded": 0})
-            row["attempted"] += 1
             actions = expert_actions(task, config)
             failure = "not_found" if actions is None else "too_long" if len(actions) > config.max_steps else None
             if actions is not None and failure is None:
@@ -681,12 +678,8 @@ def build_webshop_experts(
                 failure = None if demo.success else "low_reward"
                 if demo.success:
                     demos.append(demo)
-                    row["succeeded"] += 1
-            if failure is not None:
-                entry = failures.setdefault(failure, {"count": 0, "examples": []})
-                entry["count"] += 1
-                entry["examples"] += [task.task.task_id] if len(entry["examples"]) < 3 else []
+            report.record(task.task, failure)
     finally:
         env.close()
-    logger.info("webshop experts: %d/%d succeeded; failures %s", len(demos), len(tasks), failures)
-    return demos, {"by_kind": by_kind, "failures": failures}
+    logger.info("webshop experts: %d/%d succeeded; failures %s", len(demos), len(tasks), report.failures)
+    return demos, report.as_dict()
