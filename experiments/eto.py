@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics.close()
     plot_learning_curve(run.path / "metrics.jsonl", run.path / "learning_curve.png")
     print(f"learning curve: {run.path / 'learning_curve.png'}")
+    ray.get([actor.close.remote(), learner.close.remote()])  # their temp dirs (adapters) go too
     ray.shutdown()
 
 
