@@ -17,14 +17,12 @@ objects their readable names ("desk 1"), exactly as ``alfworld``'s own text envi
 Loading a game grounds its problem twice (load, then reset): 0.4 to 2.5 s on this project's
 CPU; steps take tens of milliseconds. Each engine holds its own copy of the planner's shared
 library, which textworld never unloads, so engines are pooled per process and reused from
-game to game (a new engine per game would leak a library copy each time). textworld parses
-with two module-level parsers that are not thread-safe; agentloop gives each thread its own
-(``_PerThreadParser``), and one lock keeps loads (fast-downward's translator has global state)
-one at a time, while steps never wait for a load. The pool loads games ahead on a background
-thread, alongside the policy's generation and the other episodes' steps:
-:meth:`ALFWorldEnv.prepare` hands it the games that come next (the rollout does this with
-each stage's tasks), and up to ``lookahead`` of them are loaded before their episodes start;
-resetting to a game nobody prepared loads it on the spot.
+game to game (a new engine per game would leak a library copy each time). textworld's parsers
+are module-level and not thread-safe, so one lock serialises every engine call of a process.
+The pool loads games ahead on a background thread, which overlaps with the policy's generation
+(it does not take the lock): :meth:`ALFWorldEnv.prepare` hands it the games that come
+next (the rollout does this with each stage's tasks) and up to ``lookahead`` of them are
+loaded while the policy generates; resetting to a game nobody prepared loads it on the spot.
 When the last environment of the process closes, loading ahead stops and the engines go idle;
 they are never unloaded (unloading the library and loading it again crashes the process).
 
@@ -243,17 +241,18 @@ class _EnginePool:
     def _load(self, game: Path) -> tuple[Any, Any]:
         with self._lock:
             engine = self._idle.pop() if self._idle else None
+        if engine is None:
+            with _ENGINE_LOCK:
+                engine = _new_engine()
+            with self._lock:
+                self._all.append(engine)
         try:
-            with _LOAD_LOCK:
-                if engine is None:
-                    engine = _new_engine()
-                    with self._lock:
-                        self._all.append(engine)
+            with _ENGINE_LOCK:
                 engine.load(str(game))
+            with _ENGINE_LOCK:  # released in between, so a step waiting on it goes first
                 return engine, engine.reset()
         except Exception:
-            if engine is not None:
-                self._give_back(engine)
+            self._give_back(engine)
             raise
 
 
@@ -263,47 +262,13 @@ def _new_engine() -> Any:
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
     from textworld.envs.pddl import PddlEnv
 
-    _use_per_thread_parsers()
     return AlfredDemangler(shuffle=False)(PddlEnv(textworld.EnvInfos(won=True, admissible_commands=True)))
 
 
-class _PerThreadParser:
-    """Stands in for one of textworld's module-level tatsu parsers with one parser per thread.
-
-    textworld parses a game's logic and grammar when loading it, and a text template on every
-    step, through two module-level parsers that keep their parse state on the instance; two
-    threads parsing at once corrupt it. With one parser per thread, a step on the main thread
-    can run while a game loads on the loader thread.
-    """
-
-    def __init__(self, make: Any) -> None:
-        self._make, self._local = make, threading.local()
-
-    def parse(self, *args: Any, **kwargs: Any) -> Any:
-        parser = getattr(self._local, "parser", None)
-        if parser is None:
-            parser = self._local.parser = self._make()
-        return parser.parse(*args, **kwargs)
-
-
-def _use_per_thread_parsers() -> None:
-    """Swaps textworld 1.7's two module-level parsers for per-thread ones (once per process)."""
-    from textworld.envs.pddl import logic, textgen
-
-    if not isinstance(textgen._PARSER, _PerThreadParser):
-        textgen._PARSER = _PerThreadParser(
-            lambda: textgen.CSGParser(semantics=textgen.CSGModelBuilderSemantics(), parseinfo=True)
-        )
-    if not isinstance(logic._PARSER, _PerThreadParser):
-        logic._PARSER = _PerThreadParser(
-            lambda: logic.PddlLogicParser(semantics=logic.PddlLogicModelBuilderSemantics(), parseinfo=True)
-        )
-
-
 _POOL = _EnginePool()
-_LOAD_LOCK = threading.Lock()
-"""One game loads at a time per process: fast-downward's translator keeps its options in module
-globals and swaps ``sys.stdout`` while it runs. Steps do not take it."""
+_ENGINE_LOCK = threading.Lock()
+"""Serialises every engine call of the process: textworld parses games and text with module-level
+parsers that are not thread-safe. Loading ahead still overlaps with generation, which does not take it."""
 
 
 # --- the environment -----------------------------------------------------------------------
@@ -371,7 +336,8 @@ class ALFWorldEnv(gymnasium.Env[str, str]):
         elif command not in self._admissible:  # the engine would answer the same, at a grounding's cost
             observation, invalid = NOTHING, True
         else:
-            state, _, _ = self._engine.step(command)
+            with _ENGINE_LOCK:
+                state, _, _ = self._engine.step(command)
             self._admissible = list(state["admissible_commands"])
             observation, invalid, won = state.feedback.strip(), False, bool(state["won"])
         truncated = not won and self._steps >= self.config.max_steps
