@@ -69,6 +69,9 @@ class RolloutWorker:
         self.rollout_config = rollout_config
         self.env_configs = dict(env_configs)
         self.tasks = {(t.task.env, t.task.task_id): t for t in tasks}
+        self._env_tasks: dict[str, list[Any]] = {}  # what each env is built over
+        for task in tasks:
+            self._env_tasks.setdefault(task.task.env, []).append(task)
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="agentloop-adapter-"))
 
     def load_adapter(self, files: Files | None, version: int) -> int:
@@ -87,13 +90,10 @@ class RolloutWorker:
         if unknown:
             raise KeyError(f"unknown tasks: {unknown[:5]}")
         tasks = [self.tasks[tuple(k)] for k in keys]
-        by_env: dict[str, list[Any]] = {}
-        for (env, _), task in self.tasks.items():
-            by_env.setdefault(env, []).append(task)
         try:
             return rollout(
                 self.policy,
-                lambda env: make_env(env, by_env[env], self.env_configs[env]),
+                lambda env: make_env(env, self._env_tasks[env], self.env_configs[env]),
                 [t.task for t in tasks],
                 self.rollout_config,
                 source=source,
