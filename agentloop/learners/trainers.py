@@ -17,7 +17,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, TrainerCallback
 from trl import DPOTrainer, SFTTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import FusedCausalLMOutput, entropy_from_logits, pad, selective_log_softmax
+from trl.trainer.utils import FusedCausalLMOutput, pad
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +33,18 @@ class LogCallback(TrainerCallback):
 class AssistantLogitsSFTTrainer(SFTTrainer):
     """SFTTrainer whose training loss runs the output layer only on the positions that are trained.
 
-    A position is kept when its next-token label is not -100 in some row of the batch. The
-    model receives those positions as ``logits_to_keep`` (transformers slices the hidden
-    states before the LM head), and the model's own causal-LM loss function scores the
-    logits against the matching, already shifted labels, normalised like TRL's loss (by
-    ``num_items_in_batch``, the label count of the whole accumulated batch). On CPU TRL's
-    fused head scores every position; with a 262k vocabulary this is most of a step.
-    Evaluation and ``return_outputs`` use TRL's own path.
+    The model's forward pass gets the compact head of :func:`add_compact_lm_head`: only the
+    positions whose next-token label is not -100 reach the output layer, a block at a time,
+    and the loss is their summed negative log-likelihood normalised like TRL's (by
+    ``num_items_in_batch``, the label count of the whole accumulated batch). On CPU TRL
+    scores every position; with a 262k vocabulary this is most of a step, and holding all
+    the logits at once most of its memory. Evaluation and ``return_outputs`` use TRL's path.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        add_compact_lm_head(base)
 
     def compute_loss(
         self,
@@ -52,17 +56,9 @@ class AssistantLogitsSFTTrainer(SFTTrainer):
         """The mean token cross-entropy over the trained positions of ``inputs``."""
         if return_outputs or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        shift_labels = inputs["labels"][:, 1:]
-        keep = (shift_labels != -100).any(dim=0).nonzero().squeeze(-1)
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
-        loss = self.accelerator.unwrap_model(model).loss_function(
-            outputs.logits,
-            None,
-            outputs.logits.size(-1),
-            num_items_in_batch=num_items_in_batch,
-            shift_labels=shift_labels[:, keep].contiguous(),
-        )
+        outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+        count = num_items_in_batch if num_items_in_batch is not None else outputs.label_mask.sum()
+        loss = -outputs.log_probs.sum() / count
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         self._count_tokens(inputs)
@@ -102,25 +98,91 @@ class TurnMaskedPreferenceCollator(DataCollatorForPreference):
         return output
 
 
-def add_compact_lm_head(model: PreTrainedModel) -> None:
+LM_HEAD_CHUNK = 128
+"""Positions per block of the compact head: a block's fp32 logits over 262k words take 128 MB."""
+
+
+class ChunkedTokenLogProbs(torch.autograd.Function):
+    """Log-probability of each target token under ``softcap(hidden @ weight.T)``, a block of rows at a time.
+
+    Plain autograd keeps the fp32 logits of every scored position for the backward pass, and
+    their softmax and gradient beside them: with a 262k vocabulary, 1 GB per 1,000 positions
+    and copy, which made the logits most of a DPO step's memory. Here the forward pass keeps
+    only ``hidden``; the backward pass recomputes each block's logits (one more matmul) and
+    turns the incoming gradient into gradients of ``hidden`` and, if it trains, of ``weight``.
+    The forward pass also returns, without gradient, what TRL's fused head reports: each
+    position's entropy, mean logit and whether the target is the top-1 word.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, chunk):
+        n = hidden.shape[0]
+        log_probs = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy, mean_logits = torch.empty_like(log_probs), torch.empty_like(log_probs)
+        is_top1 = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            logits = _capped(torch.nn.functional.linear(hidden[rows], weight).float(), softcap)
+            log_norm = logits.logsumexp(-1)
+            log_probs[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - log_norm
+            probs = (logits - log_norm[:, None]).exp_()
+            entropy[rows] = log_norm - (probs * logits).sum(-1)
+            mean_logits[rows] = logits.mean(-1)
+            is_top1[rows] = logits.argmax(-1) == targets[rows]
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.softcap, ctx.chunk = softcap, chunk
+        ctx.mark_non_differentiable(entropy, mean_logits, is_top1)
+        return log_probs, entropy, mean_logits, is_top1
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, *unused):
+        hidden, weight, targets = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            raw = torch.nn.functional.linear(hidden[rows], weight).float()
+            logits = _capped(raw, ctx.softcap)
+            # d log p[target] / d logits = onehot(target) - softmax(logits)
+            grad = logits.softmax(-1).mul_(-grad_log_probs[rows, None])
+            grad.scatter_add_(1, targets[rows, None], grad_log_probs[rows, None])
+            if ctx.softcap is not None:  # d softcap * tanh(raw / softcap) / d raw = 1 - tanh^2
+                grad.mul_(1 - (logits / ctx.softcap).square())
+            grad = grad.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[rows] = grad @ weight
+            if need_weight:
+                grad_weight += grad.t().float() @ hidden[rows].float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def add_compact_lm_head(model: PreTrainedModel, chunk: int = LM_HEAD_CHUNK) -> None:
     """Makes TRL's fused LM head project only the positions that carry a label, on any device.
 
     TRL's ``add_fused_lm_head`` contract: ``model(..., labels=labels, fused_lm_head=True)``
     returns a ``FusedCausalLMOutput`` of per-token log-probabilities (zero where the label is
     -100) instead of logits. TRL 1.16 scores only labelled positions on Triton devices and
     every position elsewhere, which on CPU makes the 262k-word output layer most of a DPO
-    step. This replacement selects the labelled positions' hidden states, runs the model's
-    own ``lm_head`` (and final soft-capping) on them, and takes the log-probabilities with
-    TRL's ``selective_log_softmax`` (entropy, mean logit and top-1 only feed metrics).
-    Calls without ``fused_lm_head`` go to the previous forward. Call it on the base model
-    after TRL has added its fused head.
+    step. This replacement selects the labelled positions' hidden states and scores them
+    with the model's own ``lm_head`` weight (and final soft-capping) ``chunk`` positions at a
+    time (:class:`ChunkedTokenLogProbs`), so neither the full logits nor their gradient are
+    ever held at once. Calls without ``fused_lm_head`` go to the previous forward. Call it on
+    the base model after TRL has added its fused head.
 
     Raises:
-        ValueError: If the model scales its logits in a way this head does not reproduce.
+        ValueError: If the model scales its logits in a way this head does not reproduce, or
+            its output layer has a bias.
     """
     config = model.config.get_text_config()
     if any(getattr(config, name, None) is not None for name in ("logit_scale", "output_multiplier", "logits_scaling")):
         raise ValueError(f"{type(model).__name__} scales its logits; the compact LM head supports soft-capping only")
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}'s output layer has a bias; the compact LM head has none")
     softcap = getattr(config, "final_logit_softcapping", None)
     previous_forward = model.forward
 
@@ -130,14 +192,11 @@ def add_compact_lm_head(model: PreTrainedModel) -> None:
         hidden = self.base_model(*args, **{**kwargs, "use_cache": False}).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         mask = targets != -100
-        logits = self.get_output_embeddings()(hidden[mask])
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        logits = logits.float()
-        log_probs = selective_log_softmax(logits, targets[mask])
-        with torch.no_grad():
-            entropy, mean_logits = entropy_from_logits(logits), logits.mean(-1)
-            is_top1 = logits.argmax(-1) == targets[mask]
+        weight = self.get_output_embeddings().weight
+        scored = hidden[mask].to(weight.dtype)
+        log_probs, entropy, mean_logits, is_top1 = ChunkedTokenLogProbs.apply(
+            scored, weight, targets[mask], softcap, chunk
+        )
         return FusedCausalLMOutput(
             loss=-log_probs.sum() / mask.sum().clamp(min=1),
             log_probs=log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs),

@@ -130,6 +130,37 @@ def test_collator_scores_only_the_assistant_turns(tiny_model_dir: Path, start_ad
         assert tokenizer.decode(ids[mask.bool()]) == expected
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_log_probs_match_full_logits_values_and_gradients(softcap) -> None:
+    import torch
+
+    from agentloop.learners.trainers import ChunkedTokenLogProbs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (10,))
+    upstream = torch.randn(10, dtype=torch.float64)
+
+    logits = hidden @ weight.t()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    expected = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    (expected * upstream).sum().backward()
+    want = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+
+    log_probs, entropy, mean_logits, is_top1 = ChunkedTokenLogProbs.apply(hidden, weight, targets, softcap, 3)
+    (log_probs * upstream).sum().backward()
+    torch.testing.assert_close(log_probs, expected.float().detach())
+    torch.testing.assert_close(hidden.grad, want[0], rtol=1e-5, atol=1e-6)  # fp32 softmax inside
+    torch.testing.assert_close(weight.grad, want[1], rtol=1e-5, atol=1e-6)
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1).float().detach())
+    torch.testing.assert_close(mean_logits, logits.mean(-1).float().detach())
+    assert torch.equal(is_top1, logits.argmax(-1) == targets)
+
+
 def test_compact_lm_head_gives_trl_loss_gradients_and_metrics(
     tiny_model_dir: Path, start_adapter: Path, tmp_path: Path
 ) -> None:
