@@ -33,11 +33,34 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def allocator_env() -> dict[str, str]:
+    """Environment variables that give an actor process an allocator that returns memory.
+
+    A training step or a prefill allocates and frees gigabytes in tensors of ever-changing
+    sizes; glibc's malloc raises its mmap threshold as big blocks are freed, then serves
+    them from heaps that fragment and never shrink. On the last default run's 24 longest
+    DPO pairs the learner's peak went from 4.5 GiB to 3.5 GiB with jemalloc (as PyTorch
+    advises for CPU) and to 3.1 GiB with glibc at fixed thresholds, which is slower.
+    jemalloc is used when the driver's node has it (apt ``libjemalloc2``; ``scripts/setup.sh``
+    installs it), with a background thread that hands idle pages back; otherwise glibc
+    with fixed thresholds. A variable already set in the driver's environment wins.
+    """
+    from ctypes.util import find_library
+
+    jemalloc = find_library("jemalloc")
+    if jemalloc:
+        env = {"LD_PRELOAD": jemalloc, "MALLOC_CONF": "background_thread:true,dirty_decay_ms:5000"}
+    else:
+        env = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
 def release_memory() -> None:
     """Returns freed heap to the OS, so an idle actor does not keep its peak while another works.
 
     glibc keeps freed blocks (a stage's activations, a trainer's model) mapped; the rollout and
     the learner take turns on one machine, so each one's high-water mark would otherwise add up.
+    (Under jemalloc, see :func:`allocator_env`, its background thread does this; the call is harmless.)
     """
     import ctypes
     import gc
@@ -170,11 +193,12 @@ def start_workers(config: Any, tasks: Sequence[Any]) -> tuple[Any, Any]:
     total = ray.cluster_resources().get("GPU", 0)
     gpus = 1 if total >= 2 else 0.5 if total >= 1 else 0
     env_configs = {spec.name: config.env_config(spec.name) for spec in config.envs}
-    rollout_actor = ray.remote(num_cpus=1, num_gpus=gpus)(RolloutWorker).remote(
+    options = {"num_cpus": 1, "num_gpus": gpus, "runtime_env": {"env_vars": allocator_env()}}
+    rollout_actor = ray.remote(**options)(RolloutWorker).remote(
         config.policy, config.rollout, env_configs, tasks, config.threads
     )
-    learner_actor = ray.remote(num_cpus=1, num_gpus=gpus)(LearnerWorker).remote(
+    learner_actor = ray.remote(**options)(LearnerWorker).remote(
         config.policy.model, config.sft, config.dpo, config.threads
     )
-    logger.info("started rollout and learner actors (%s GPU each)", gpus)
+    logger.info("started rollout and learner actors (%s GPU each; allocator %s)", gpus, options["runtime_env"])
     return rollout_actor, learner_actor
