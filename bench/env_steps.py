@@ -1,13 +1,14 @@
 """Step and reset latency of an environment over its expert episodes, and what 1,000 episodes leave behind.
 
-    python bench/env_steps.py webshop [episodes]     # default 1000 episodes
-    python bench/env_steps.py alfworld [episodes]
-    python bench/env_steps.py os [episodes]          # as root, with bubblewrap installed
-    python bench/env_steps.py db [episodes]
+    python bench/env_steps.py webshop [episodes] [tasks]   # default 1000 episodes over as many tasks
+    python bench/env_steps.py alfworld 1000 100            # 1,000 episodes cycling over 100 games
+    python bench/env_steps.py os [episodes] [tasks]        # as root, with bubblewrap installed
+    python bench/env_steps.py db [episodes] [tasks]
 
-Builds the expert demonstrations of the first ``episodes`` training tasks (``build_experts``),
-then plays ``episodes`` episodes cycling over them: each one replays a demonstration's actions,
-except every 10th, which plays the hostile corpus's worst actions
+Builds the expert demonstrations of the first ``tasks`` training tasks (``build_experts``;
+default ``episodes``; fewer saves time where experts are slow to build, as ALFWorld's at 2.8 s
+a game), then plays ``episodes`` episodes cycling over them: each one replays a
+demonstration's actions, except every 10th, which plays the hostile corpus's worst actions
 instead (fork bomb, endless loop, huge output: see ``HOSTILE``), so the episodes end both ways.
 Prints the median and 95th percentile of ``step`` per kind of action (the first word of the
 command: ``search``, ``click``, ``go``, ``take``, ...), of ``reset`` and of an episode's end,
@@ -17,7 +18,8 @@ over plain bash has its own bench, ``bench/os_latency.py``).
 Before and after, it counts this process's open file descriptors, its child processes, the
 processes of the sandbox uids, and the entries of the temp directory, and prints the
 differences: after ``close`` every one of them must be back where it started. It also prints
-the process's resident memory, which should level off rather than grow with the episodes.
+the process's resident memory after every tenth of the episodes, which should level off
+rather than grow with them.
 """
 
 from __future__ import annotations
@@ -83,10 +85,11 @@ def percentiles(samples: list[float]) -> str:
 def main() -> None:
     name = sys.argv[1]
     episodes = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
+    distinct = int(sys.argv[3]) if len(sys.argv) > 3 else episodes
     data_dir = Path(os.environ.get("AGENTLOOP_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
     config = env_config(name)
     before = leftovers()
-    tasks = envs.load_tasks(name, data_dir, "train")[:episodes]
+    tasks = envs.load_tasks(name, data_dir, "train")[:distinct]
     expert_config = None
     if name == "db":
         from agentloop.envs.sql import DBExpertConfig
@@ -100,7 +103,7 @@ def main() -> None:
     if hasattr(env, "prepare"):
         env.prepare([t.task.task_id for t, _ in order])
     steps: dict[str, list[float]] = defaultdict(list)
-    resets, ends, successes = [], [], 0
+    resets, ends, successes, memory = [], [], 0, []
     started = time.perf_counter()
     for i, (task, actions) in enumerate(order):
         if i % 10 == 9:
@@ -120,11 +123,16 @@ def main() -> None:
             if done:
                 successes += info["success"]
                 break
+        if (i + 1) % max(1, episodes // 10) == 0:
+            memory.append(psutil.Process().memory_info().rss >> 20)
     env.close()
     wall = time.perf_counter() - started
     after = leftovers()
     experts = episodes - episodes // 10
-    print(f"{name}: {episodes} episodes ({experts} expert, the rest hostile) in {wall:.0f} s; {successes} succeeded")
+    print(
+        f"{name}: {episodes} episodes over {len(scripts)} tasks ({experts} expert, the rest hostile)"
+        f" in {wall:.0f} s; {successes} succeeded"
+    )
     print(f"  reset        {percentiles(resets)}")
     for kind, samples in sorted(steps.items(), key=lambda item: -len(item[1])):
         target = TARGETS_MS.get((name, kind))
@@ -132,6 +140,7 @@ def main() -> None:
         print(f"  {kind:<12} {percentiles(samples)}{note}")
     if ends:
         print(f"  last step    {percentiles(ends)}")
+    print(f"  resident memory MiB after each tenth of the episodes: {memory}")
     for key in before:
         print(f"  {key}: {before[key]} before, {after[key]} after ({after[key] - before[key]:+d})")
 
