@@ -44,6 +44,11 @@ def allocator_env() -> dict[str, str]:
     jemalloc is used when the driver's node has it (apt ``libjemalloc2``; ``scripts/setup.sh``
     installs it), with a background thread that hands idle pages back; otherwise glibc
     with fixed thresholds. A variable already set in the driver's environment wins.
+
+    The price, measured on 48 DB episodes with the SFT adapter: generation takes 58-64 s
+    under jemalloc against 47-51 s under glibc's defaults (55 s with jemalloc never
+    purging, so it is not the purging), for a peak of 2.1 GiB against 2.4 GiB; over a whole
+    250-episode explore stage glibc's rollout worker grew to 7.1 GiB, jemalloc's to 4.1.
     """
     from ctypes.util import find_library
 
