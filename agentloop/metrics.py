@@ -326,12 +326,18 @@ def plot_learning_curve(jsonl: Path, png: Path, metric: str = "eval/success_rate
 
 
 def flatten_metrics(report: Mapping[str, Any], prefix: str) -> dict[str, float]:
-    """Nested numeric reports as path-named metrics: ``{"a": {"b": 1}}`` -> ``{"<prefix>/a/b": 1.0}``."""
+    """Nested reports as path-named metrics: ``{"a": {"b": 1}}`` -> ``{"<prefix>/a/b": 1.0}``.
+
+    A list (e.g. the ids of the tasks an expert failed) counts as its length; other
+    non-numeric values (strings) are left out.
+    """
     flat: dict[str, float] = {}
     for key, value in report.items():
         name = f"{prefix}/{key}"
         if isinstance(value, Mapping):
             flat.update(flatten_metrics(value, name))
-        else:
+        elif isinstance(value, (list, tuple, set)):
+            flat[name] = float(len(value))
+        elif isinstance(value, (int, float)):
             flat[name] = float(value)
     return flat

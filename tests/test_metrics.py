@@ -10,6 +10,7 @@ import pytest
 
 from agentloop.metrics import (
     MetricsLogger,
+    flatten_metrics,
     learning_curve,
     mcnemar_exact,
     paired_comparison,
@@ -208,3 +209,19 @@ def test_plot_learning_curve_writes_png(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="holds"):
         plot_learning_curve(tmp_path / "metrics.jsonl", png, metric="sft/loss")
+
+
+def test_expert_reports_flatten_to_numbers_lists_counting_as_their_length() -> None:
+    report = {
+        "by_kind": {"ls": {"attempted": 3, "succeeded": 2}},
+        "failed": ["train/7"],
+        "failures": {"timeout": {"count": 1, "examples": ["train/7"]}},
+        "note": "left out",
+    }
+    assert flatten_metrics(report, "experts/report") == {
+        "experts/report/by_kind/ls/attempted": 3.0,
+        "experts/report/by_kind/ls/succeeded": 2.0,
+        "experts/report/failed": 1.0,
+        "experts/report/failures/timeout/count": 1.0,
+        "experts/report/failures/timeout/examples": 1.0,
+    }

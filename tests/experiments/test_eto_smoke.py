@@ -1,9 +1,13 @@
-"""End to end: ``experiments/eto.py`` on a tiny random model over two envs, then resumed for one more round."""
+"""End to end: ``experiments/eto.py`` on a tiny random model over all four envs, then resumed for one more round.
+
+The Operating System env joins where its sandbox can run (root and bubblewrap, as in CI).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+OS_SANDBOX = shutil.which("bwrap") is not None and os.geteuid() == 0
 
 
 def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess:
@@ -26,6 +31,10 @@ def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir):
     from agentloop.replay import ReplayStore
 
     run_dir = tmp_path / "run"
+    envs = ["{name: db, train_tasks: 6, eval_tasks: 4}", "{name: webshop, train_tasks: 3, eval_tasks: 2}"]
+    envs.append("{name: alfworld, train_tasks: 2, eval_tasks: 2}")
+    if OS_SANDBOX:
+        envs.append("{name: os, train_tasks: 2, eval_tasks: 2}")
     tiny = [
         f"run_dir={run_dir}",
         f"policy.model={tiny_model_dir}",
@@ -34,8 +43,7 @@ def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir):
         "dpo.dtype=float32",
         "sft.epochs=1",
         "dpo.epochs=1",
-        "envs=[{name: db, train_tasks: 6, eval_tasks: 4}, {name: webshop, train_tasks: 3, eval_tasks: 2},"
-        " {name: alfworld, train_tasks: 2, eval_tasks: 2}]",
+        f"envs=[{', '.join(envs)}]",
         "iterations=1",
         "db.max_turns=2",
         "rollout.sampling.max_new_tokens=12",
@@ -48,13 +56,15 @@ def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["eval/env/db/episodes"] == 4 and records[-1]["eval/env/webshop/episodes"] == 2
     assert records[-1]["eval/env/alfworld/episodes"] == 2 and "eval/vs_sft/p_value" in records[-1]
-    experts = {env: records[0][f"experts/env/{env}/successes"] for env in ("db", "webshop", "alfworld")}
+    names = ("db", "webshop", "alfworld", "os") if OS_SANDBOX else ("db", "webshop", "alfworld")
+    assert records[-1].get("eval/env/os/episodes") == (2 if OS_SANDBOX else None)
+    experts = {env: records[0][f"experts/env/{env}/successes"] for env in names}
     assert experts["webshop"] == 3 and records[4]["explore/episodes"] == sum(experts.values())
     assert (run_dir / "learning_curve.png").stat().st_size > 0
     assert (run_dir / "adapters" / "sft" / "adapter_config.json").is_file()
     assert (run_dir / "adapters" / "dpo-1" / "adapter_config.json").is_file()
     store = ReplayStore(f"sqlite:///{run_dir / 'replay.db'}")
-    assert len(store.trajectories(stage="eval/1")) == 8
+    assert len(store.trajectories(stage="eval/1")) == (10 if OS_SANDBOX else 8)
     assert len(store.trajectories(stage="explore/1")) == sum(experts.values())
     assert {t.policy_version for t in store.trajectories(stage="eval/1")} == {2}
     store.close()
