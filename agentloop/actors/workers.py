@@ -40,7 +40,8 @@ def allocator_env() -> dict[str, str]:
     sizes; glibc's malloc raises its mmap threshold as big blocks are freed, then serves
     them from heaps that fragment and never shrink. On the last default run's 24 longest
     DPO pairs the learner's peak went from 4.5 GiB to 3.5 GiB with jemalloc (as PyTorch
-    advises for CPU) and to 3.1 GiB with glibc at fixed thresholds, which is slower.
+    advises for CPU) and to 3.1 GiB with glibc at fixed thresholds, whose generation was
+    the slowest measured (66 s in the test below).
     jemalloc is used when the driver's node has it (apt ``libjemalloc2``; ``scripts/setup.sh``
     installs it), with a background thread that hands idle pages back; otherwise glibc
     with fixed thresholds. A variable already set in the driver's environment wins.

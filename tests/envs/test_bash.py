@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -15,6 +14,7 @@ import pytest
 from gymnasium.error import ResetNeeded
 from gymnasium.utils.env_checker import check_env
 from hostile import PAYLOADS, RAW
+from sandbox import why_no_sandbox
 
 from agentloop.config import ConfigError
 from agentloop.envs.bash import (
@@ -29,22 +29,9 @@ from agentloop.envs.bash import (
 )
 from agentloop.envs.experts import replay_actions
 
-
-def _namespaces_work() -> bool:
-    """bwrap needs user namespaces; some containers forbid them."""
-    import subprocess
-
-    if shutil.which("bwrap") is None:
-        return False
-    probe = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--", "/bin/true"]
-    return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
-
-
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox is launched by root under its own uid"),
-    pytest.mark.skipif(not _namespaces_work(), reason="bwrap cannot create namespaces on this machine"),
+    pytest.mark.skipif(why_no_sandbox() is not None, reason=str(why_no_sandbox())),
 ]
 
 CONFIG = OSEnvConfig(

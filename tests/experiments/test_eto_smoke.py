@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from sandbox import why_no_sandbox
 
 REPO = Path(__file__).resolve().parents[2]
-OS_SANDBOX = shutil.which("bwrap") is not None and os.geteuid() == 0
+OS_SANDBOX = why_no_sandbox() is None
 
 
 def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess:
