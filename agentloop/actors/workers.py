@@ -34,22 +34,21 @@ def set_threads(threads: int) -> int:
 
 
 def allocator_env() -> dict[str, str]:
-    """Environment variables that give an actor process an allocator that returns memory.
+    """Environment variables that give the learner's process an allocator that returns memory.
 
-    A training step or a prefill allocates and frees gigabytes in tensors of ever-changing
-    sizes; glibc's malloc raises its mmap threshold as big blocks are freed, then serves
-    them from heaps that fragment and never shrink. On the last default run's 24 longest
-    DPO pairs the learner's peak went from 4.5 GiB to 3.5 GiB with jemalloc (as PyTorch
-    advises for CPU) and to 3.1 GiB with glibc at fixed thresholds, whose generation was
-    the slowest measured (66 s in the test below).
+    A training step allocates and frees gigabytes in tensors of ever-changing sizes; glibc's
+    malloc raises its mmap threshold as big blocks are freed, then serves them from heaps
+    that fragment and never shrink. On a default run's 24 longest DPO pairs the learner's
+    peak went from 4.5 GiB to 3.5 GiB with jemalloc (as PyTorch advises for CPU) and to
+    3.1 GiB with glibc at fixed thresholds.
     jemalloc is used when the driver's node has it (apt ``libjemalloc2``; ``scripts/setup.sh``
     installs it), with a background thread that hands idle pages back; otherwise glibc
     with fixed thresholds. A variable already set in the driver's environment wins.
 
-    The price, measured on 48 DB episodes with the SFT adapter: generation takes 58-64 s
-    under jemalloc against 47-51 s under glibc's defaults (55 s with jemalloc never
-    purging, so it is not the purging), for a peak of 2.1 GiB against 2.4 GiB; over a whole
-    250-episode explore stage glibc's rollout worker grew to 7.1 GiB, jemalloc's to 4.1.
+    The rollout worker keeps glibc's defaults (:func:`start_workers`): its decode engine
+    keeps one key/value buffer and edits it in place, so it no longer fragments the heap
+    (150 DB episodes: 2.97 GiB), and jemalloc or fixed thresholds slow generation (the same
+    150 episodes: 160 tokens/s under glibc, 136 under jemalloc).
     """
     from ctypes.util import find_library
 
@@ -199,12 +198,13 @@ def start_workers(config: Any, tasks: Sequence[Any]) -> tuple[Any, Any]:
     total = ray.cluster_resources().get("GPU", 0)
     gpus = 1 if total >= 2 else 0.5 if total >= 1 else 0
     env_configs = {spec.name: config.env_config(spec.name) for spec in config.envs}
-    options = {"num_cpus": 1, "num_gpus": gpus, "runtime_env": {"env_vars": allocator_env()}}
+    options = {"num_cpus": 1, "num_gpus": gpus}
     rollout_actor = ray.remote(**options)(RolloutWorker).remote(
         config.policy, config.rollout, env_configs, tasks, config.threads
     )
-    learner_actor = ray.remote(**options)(LearnerWorker).remote(
+    learner_env = allocator_env()
+    learner_actor = ray.remote(**options, runtime_env={"env_vars": learner_env})(LearnerWorker).remote(
         config.policy.model, config.sft, config.dpo, config.threads
     )
-    logger.info("started rollout and learner actors (%s GPU each; allocator %s)", gpus, options["runtime_env"])
+    logger.info("started rollout and learner actors (%s GPU each; learner's allocator %s)", gpus, learner_env)
     return rollout_actor, learner_actor

@@ -4,7 +4,10 @@ Two costs dominate multi-turn generation with ``model.generate`` on a CPU: every
 batch runs until the longest one stops, and every turn prefills the whole conversation
 again. :func:`decode` removes both:
 
-- A row leaves the batch (and its cache rows) as soon as it emits a stop token.
+- A row leaves the batch as soon as it emits a stop token, and a waiting prompt takes its
+  slot (continuous batching). Joining and leaving edit one key/value buffer in place: a
+  CPU spends as long copying a whole batch's cache as on a decode step, and a heap whose
+  gigabyte-sized buffers are freed and reallocated at every join fragments.
 - The keys and values of a finished turn are kept in a :class:`PrefixCache`. The next turn
   of the same conversation starts with those tokens, so only its new tokens (the end of the
   last reply and the new observation) go through the model.
@@ -101,39 +104,55 @@ class PrefixCache:
 
 
 class KVBuffer:
-    """The keys and values of a running batch, per layer ``[rows, kv_heads, columns, head_dim]``.
+    """The keys and values of a running batch, per layer ``[rows, kv_heads, capacity, head_dim]``.
 
-    Each layer's tensors have spare columns, so a decode step writes its column in place;
-    transformers' ``DynamicCache`` concatenates, copying the whole cache at every step. The
-    model's attention layers call :meth:`update`, the only method they need.
+    Each layer holds its filled columns ``[start, end)`` inside a larger tensor, so the common
+    changes are done in place: a decode step writes its column into the spare room on the right
+    (transformers' ``DynamicCache`` concatenates, copying the whole cache at every step),
+    columns no row uses any more are dropped from the left by moving ``start``, and a row that
+    joins writes its keys and values into a free row. Only running out of room copies the
+    whole buffer. The model's attention layers call :meth:`update`, the only method they need.
     """
 
-    def __init__(self, keys: list[torch.Tensor] | None = None, values: list[torch.Tensor] | None = None) -> None:
+    def __init__(self, keys=None, values=None, filled: int | None = None) -> None:
+        """Holds copies of ``keys``/``values`` with spare room, or, with ``filled``, the tensors
+        themselves, of which the first ``filled`` columns hold keys and values."""
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
-        self._lengths: list[int] = []
+        self._starts: list[int] = []
+        self._ends: list[int] = []
         for k, v in zip(keys or [], values or [], strict=True):
-            self._append_layer(k, v)
+            if filled is None:
+                self._append_layer(k, v)
+            else:
+                self._keys.append(k)
+                self._values.append(v)
+                self._starts.append(0)
+                self._ends.append(filled)
 
     def __len__(self) -> int:
         return len(self._keys)
 
+    @property
+    def rows(self) -> int:
+        return self._keys[0].shape[0] if self._keys else 0
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one layer's filled columns."""
-        n = self._lengths[index]
-        return self._keys[index][:, :, :n], self._values[index][:, :, :n]
+        start, end = self._starts[index], self._ends[index]
+        return self._keys[index][:, :, start:end], self._values[index][:, :, start:end]
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
         if layer_idx == len(self._keys):
             self._append_layer(key_states, value_states)
             return self.layer(layer_idx)
-        n, q = self._lengths[layer_idx], key_states.shape[2]
-        if n + q > self._keys[layer_idx].shape[2]:
-            self._keys[layer_idx] = _grow(self._keys[layer_idx], n, n + q)
-            self._values[layer_idx] = _grow(self._values[layer_idx], n, n + q)
-        self._keys[layer_idx][:, :, n : n + q] = key_states
-        self._values[layer_idx][:, :, n : n + q] = value_states
-        self._lengths[layer_idx] = n + q
+        end, q = self._ends[layer_idx], key_states.shape[2]
+        if end + q > self._keys[layer_idx].shape[2]:
+            self._relayout(layer_idx, left=0, right=q)
+            end = self._ends[layer_idx]
+        self._keys[layer_idx][:, :, end : end + q] = key_states
+        self._values[layer_idx][:, :, end : end + q] = value_states
+        self._ends[layer_idx] = end + q
         return self.layer(layer_idx)
 
     def select(self, rows: torch.Tensor) -> None:
@@ -141,35 +160,81 @@ class KVBuffer:
         self._keys = [k[rows] for k in self._keys]
         self._values = [v[rows] for v in self._values]
 
+    def add_rows(self, count: int) -> None:
+        """Appends ``count`` rows of zeros."""
+        import torch
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(count, *t.shape[1:])])
+
+        self._keys = [grown(k) for k in self._keys]
+        self._values = [grown(v) for v in self._values]
+
+    def drop_left(self, columns: int) -> None:
+        """Forgets the first ``columns`` filled columns (no copy)."""
+        self._starts = [s + columns for s in self._starts]
+
+    def pad_left(self, columns: int) -> None:
+        """Puts ``columns`` more columns before the filled ones: earlier columns of the tensor
+        (old keys and values, finite), or zeros when it has no room on the left."""
+        for i, start in enumerate(self._starts):
+            if start >= columns:
+                self._starts[i] = start - columns
+            else:
+                self._relayout(i, left=columns, right=0)
+                self._starts[i] -= columns
+
+    def write(self, rows: torch.Tensor, source: KVBuffer, source_rows: torch.Tensor) -> None:
+        """Copies ``source``'s rows into ``rows``, right-aligned in the filled columns."""
+        for i in range(len(self._keys)):
+            keys, values = source.layer(i)
+            width, end = keys.shape[2], self._ends[i]
+            self._keys[i][rows, :, end - width : end] = keys[source_rows]
+            self._values[i][rows, :, end - width : end] = values[source_rows]
+
     def _append_layer(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        n = keys.shape[2]
-        self._keys.append(_grow(keys, n, n))
-        self._values.append(_grow(values, n, n))
-        self._lengths.append(n)
+        self._keys.append(keys)
+        self._values.append(values)
+        self._starts.append(0)
+        self._ends.append(keys.shape[2])
+        self._relayout(len(self._keys) - 1, left=0, right=0)
 
+    def _relayout(self, index: int, *, left: int, right: int) -> None:
+        """Copies one layer's filled columns into a new tensor with ``left`` zero columns before
+        them and room for at least ``right`` more after them, plus spare room on both sides."""
+        import torch
 
-def _grow(t: torch.Tensor, filled: int, needed: int) -> torch.Tensor:
-    """A copy of ``t``'s first ``filled`` columns in a tensor with room for ``needed`` plus spare."""
-    import torch
-
-    capacity = needed + max(64, needed // 4)
-    out = torch.empty(t.shape[0], t.shape[1], capacity, t.shape[3], dtype=t.dtype, device=t.device)
-    out[:, :, :filled] = t[:, :, :filled]
-    return out
+        start, end = self._starts[index], self._ends[index]
+        filled = end - start
+        spare = max(64, filled // 4)
+        before = left + (spare if left else 0)
+        for tensors in (self._keys, self._values):
+            t = tensors[index]
+            shape = (t.shape[0], t.shape[1], before + filled + right + spare, t.shape[3])
+            out = torch.empty(shape, dtype=t.dtype, device=t.device)
+            out[:, :, :before].zero_()
+            out[:, :, before : before + filled] = t[:, :, start:end]
+            tensors[index] = out
+        self._starts[index], self._ends[index] = before, before + filled
 
 
 class DecodeEngine:
     """Continuous batching: requests join and leave a running batch one token step at a time.
 
     ``add`` queues a prompt; each ``step`` either admits queued prompts (one prefill forward
-    for them, resumed from the prefix cache where possible, then merged into the batch) or
-    advances every running row by one token, and returns the requests that finished. A
-    finished request's keys and values go to the prefix cache, so when its conversation
-    comes back with one more turn only the new tokens are prefilled.
+    for them, resumed from the prefix cache where possible, then written into free rows of
+    the batch) or advances every running row by one token, and returns the requests that
+    finished. A finished request's keys and values go to the prefix cache, so when its
+    conversation comes back with one more turn only the new tokens are prefilled.
 
-    Batch layout: ``key_pos[row, column]`` is the position of the token whose keys and values
-    sit in that cache column, or -1 for an empty column (padding, or columns a row that joined
-    later never used). Attention masks are built from these positions.
+    The batch is a set of slots (rows of one :class:`KVBuffer`). A request that ends frees
+    its slot and the next one admitted takes it, so joining and leaving copy only the rows
+    that change, not the whole cache; an idle slot rides along masked until it is reused,
+    and the batch shrinks when at least half its slots are idle and no prompt waits.
+
+    Batch layout: ``key_pos[slot, column]`` is the position of the token whose keys and
+    values sit in that cache column, or -1 for an empty column (padding, an idle slot, or
+    columns a slot's request does not use). Attention masks are built from these positions.
     """
 
     def __init__(
@@ -183,20 +248,18 @@ class DecodeEngine:
         max_rows: int,
         cache: PrefixCache | None = None,
     ) -> None:
-        import torch
-
         self.model, self.max_new_tokens, self.pad_id, self.pick = model, max_new_tokens, pad_id, pick
         self.max_rows, self.cache = max_rows, cache
         self.device = next(model.parameters()).device
-        self.stops = torch.tensor(sorted(set(stop_ids)), device=self.device)
+        self.stops = frozenset(stop_ids)
         self.window = _sliding_window(model.config)
         self.waiting: deque[tuple[Hashable, tuple[int, ...]]] = deque()
-        self.rows: list[Hashable] = []  # request of each running row
+        self.slots: list[Hashable | None] = []  # request of each slot of the batch; None = idle
         self.prompts: dict[Hashable, tuple[int, ...]] = {}
         self.outputs: dict[Hashable, list[int]] = {}
-        self.kv: KVBuffer | None = None  # keys and values of the running rows
+        self.kv: KVBuffer | None = None  # keys and values of the slots
         self.key_pos: torch.Tensor | None = None
-        self.next_tokens: torch.Tensor | None = None  # each running row's last sampled token, not yet fed
+        self.next_tokens: torch.Tensor | None = None  # each slot's last sampled token, not yet fed
 
     def add(self, key: Hashable, prompt: Sequence[int]) -> None:
         if key in self.prompts:
@@ -207,33 +270,44 @@ class DecodeEngine:
         self.waiting.append((key, tuple(prompt)))
 
     @property
+    def running(self) -> int:
+        """Requests in the batch."""
+        return sum(key is not None for key in self.slots)
+
+    @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.rows)
+        return bool(self.waiting or self.running)
 
     def step(self) -> list[tuple[Hashable, list[int]]]:
         """One forward pass; returns ``(key, generated ids)`` of the requests that ended."""
-        if self.waiting and self._admit_now():
-            return self._admit()
-        if self.rows:
-            return self._decode()
-        return []
+        import torch
+
+        with torch.inference_mode():  # the cache's tensors are inference tensors: edit them in this mode
+            if self.waiting and self._admit_now():
+                return self._admit()
+            if self.running:
+                if 2 * self.running <= len(self.slots):
+                    self._shrink()
+                return self._decode()
+            return []
 
     def _admit_now(self) -> bool:
-        free = self.max_rows - len(self.rows)
+        running = self.running
+        free = self.max_rows - running
         # Prefill in groups: a lone prompt waits while the batch is still mostly full.
-        return free > 0 and (len(self.rows) <= self.max_rows // 2 or len(self.waiting) >= max(1, free // 2))
+        return free > 0 and (running <= self.max_rows // 2 or len(self.waiting) >= max(1, free // 2))
 
     def _admit(self) -> list[tuple[Hashable, list[int]]]:
         import torch
 
-        free = self.max_rows - len(self.rows)
+        free = self.max_rows - self.running
         group = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
         found = [self.cache.pop(p) if self.cache is not None else None for _, p in group]
         cached = [len(f.ids) if f else 0 for f in found]
         new = [p[c:] for (_, p), c in zip(group, cached, strict=True)]
         width_cached, width_new = max(cached), max(len(n) for n in new)
 
-        kv = _fill_cache(found, width_cached, self.device) if width_cached else KVBuffer()
+        kv = _fill_cache(found, width_cached, width_new, self.device) if width_cached else KVBuffer()
         key_pos = torch.full((len(group), width_cached + width_new), -1, dtype=torch.long)
         input_ids = torch.full((len(group), width_new), self.pad_id, dtype=torch.long)
         for r, (c, tokens) in enumerate(zip(cached, new, strict=True)):
@@ -245,15 +319,100 @@ class DecodeEngine:
         keys = [key for key, _ in group]
         for key in keys:
             self.outputs[key] = []
-        return self._advance(keys, tokens, kv, key_pos, joining=True)
+        going, finished = self._record(keys, tokens, kv, key_pos)
+        if going:
+            self._join([keys[r] for r in going], kv, key_pos, tokens, torch.tensor(going, device=self.device))
+        return finished
 
     def _decode(self) -> list[tuple[Hashable, list[int]]]:
         import torch
 
-        query_pos = self.key_pos.max(dim=1, keepdim=True).values + 1
+        idle = torch.tensor([key is None for key in self.slots], device=self.device)
+        query_pos = (self.key_pos.max(dim=1).values + 1).masked_fill(idle, -1).unsqueeze(1)
         key_pos = torch.cat([self.key_pos, query_pos], dim=1)
         tokens = self._forward(self.next_tokens.unsqueeze(1), query_pos, key_pos, self.kv)
-        return self._advance(self.rows, tokens, self.kv, key_pos, joining=False)
+        going, finished = self._record(self.slots, tokens, self.kv, key_pos)
+        kept = set(going)
+        ended = [s for s, key in enumerate(self.slots) if key is not None and s not in kept]
+        for s in ended:
+            self.slots[s] = None
+        if ended:
+            key_pos[ended] = -1
+        self.key_pos, self.next_tokens = key_pos, tokens.masked_fill(idle, self.pad_id)
+        self._trim()
+        return finished
+
+    def _record(self, keys, tokens, kv, key_pos) -> tuple[list[int], list[tuple[Hashable, list[int]]]]:
+        """Appends each row's new token; returns the rows that go on, and the requests that ended
+        (their keys and values go to the prefix cache). Rows whose key is None are skipped."""
+        going, finished = [], []
+        for row, (key, token) in enumerate(zip(keys, tokens.tolist(), strict=True)):
+            if key is None:
+                continue
+            generated = self.outputs[key]
+            generated.append(token)
+            if token not in self.stops and len(generated) < self.max_new_tokens:
+                going.append(row)
+                continue
+            prompt = self.prompts.pop(key)
+            del self.outputs[key]
+            if self.cache is not None:
+                self.cache.put(_extract(kv, row, key_pos[row], prompt + tuple(generated[:-1])))
+            finished.append((key, generated))
+        return going, finished
+
+    def _join(self, keys, kv: KVBuffer, key_pos: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> None:
+        """Puts ``rows`` of a prefilled group (``kv``, ``key_pos``, sampled ``tokens``) into idle slots."""
+        import torch
+
+        if self.kv is None:
+            if len(rows) < kv.rows:
+                kv.select(rows)
+            self.kv, self.key_pos, self.next_tokens, self.slots = kv, key_pos[rows], tokens[rows], list(keys)
+            return
+        width, columns = key_pos.shape[1], self.key_pos.shape[1]
+        if width > columns:
+            self.kv.pad_left(width - columns)
+            self.key_pos = torch.cat([self.key_pos.new_full((len(self.slots), width - columns), -1), self.key_pos], 1)
+        idle = [s for s, key in enumerate(self.slots) if key is None]
+        if len(idle) < len(keys):
+            added = len(keys) - len(idle)
+            idle += range(len(self.slots), len(self.slots) + added)
+            self.kv.add_rows(added)
+            self.slots += [None] * added
+            self.key_pos = torch.cat([self.key_pos, self.key_pos.new_full((added, self.key_pos.shape[1]), -1)])
+            self.next_tokens = torch.cat([self.next_tokens, self.next_tokens.new_full((added,), self.pad_id)])
+        slots = torch.tensor(idle[: len(keys)], device=self.device)
+        self.kv.write(slots, kv, rows)
+        self.key_pos[slots] = -1
+        self.key_pos[slots, self.key_pos.shape[1] - width :] = key_pos[rows]
+        self.next_tokens[slots] = tokens[rows]
+        for s, key in zip(slots.tolist(), keys, strict=True):
+            self.slots[s] = key
+
+    def _shrink(self) -> None:
+        """Drops the idle slots (one copy of the running rows)."""
+        import torch
+
+        keep = [s for s, key in enumerate(self.slots) if key is not None]
+        index = torch.tensor(keep, device=self.device)
+        self.kv.select(index)
+        self.key_pos, self.next_tokens = self.key_pos[index], self.next_tokens[index]
+        self.slots = [self.slots[s] for s in keep]
+
+    def _trim(self) -> None:
+        """Drops columns no slot uses: on the left without a copy; gaps inside by compacting."""
+        if not self.running:
+            self.kv = self.key_pos = self.next_tokens = None
+            self.slots = []
+            return
+        used = (self.key_pos >= 0).any(dim=0)
+        first = int(used.int().argmax())
+        if first:
+            self.kv.drop_left(first)
+            self.key_pos = self.key_pos[:, first:]
+        if self._sparse():
+            self.kv, self.key_pos = _compact(self.kv, self.key_pos)
 
     def _forward(self, input_ids, query_pos, key_pos, kv) -> torch.Tensor:
         import torch
@@ -276,61 +435,34 @@ class DecodeEngine:
                 logits = torch.tanh(logits / softcap) * softcap
             return self.pick(logits)
 
-    def _advance(self, keys, tokens, kv, key_pos, *, joining: bool) -> list[tuple[Hashable, list[int]]]:
-        """Records each row's new token; rows that ended leave the batch (into the prefix cache)."""
-        import torch
-
-        for key, token in zip(keys, tokens.tolist(), strict=True):
-            self.outputs[key].append(token)
-        going = ~torch.isin(tokens, self.stops)
-        going &= torch.tensor([len(self.outputs[k]) < self.max_new_tokens for k in keys], device=self.device)
-        finished = []
-        for row in (~going).nonzero().squeeze(1).tolist():
-            key = keys[row]
-            prompt, generated = self.prompts.pop(key), self.outputs.pop(key)
-            if self.cache is not None:
-                self.cache.put(_extract(kv, row, key_pos[row], prompt + tuple(generated[:-1])))
-            finished.append((key, generated))
-        keep = going.nonzero().squeeze(1)
-        if len(keep) < len(keys):
-            kv.select(keep)
-            key_pos, tokens = key_pos[keep], tokens[keep]
-            keys = [keys[i] for i in keep.tolist()]
-        if joining and self.rows:
-            kv, key_pos = _merge(self.kv, self.key_pos, kv, key_pos)
-            keys, tokens = self.rows + keys, torch.cat([self.next_tokens, tokens])
-        self.rows, self.kv, self.key_pos, self.next_tokens = keys, kv, key_pos, tokens
-        if not self.rows:
-            self.kv = self.key_pos = self.next_tokens = None
-        elif self._sparse():
-            self.kv, self.key_pos = _compact(self.kv, self.key_pos)
-        return finished
-
     def _sparse(self) -> bool:
         """True when empty columns make up most of the cache (rows that joined late, or left)."""
         used = int((self.key_pos >= 0).sum(dim=1).max())
         return self.key_pos.shape[1] > 2 * used + 64
 
 
-def _fill_cache(found: list[CachedPrefix | None], width: int, device) -> KVBuffer:
-    """A buffer holding each row's cached keys and values right-aligned in ``width`` columns."""
+def _fill_cache(found: list[CachedPrefix | None], width: int, room: int, device) -> KVBuffer:
+    """A buffer holding each row's cached keys and values right-aligned in ``width`` columns,
+    with room for ``room`` more columns (the prompts' new tokens)."""
     import torch
 
     template = next(f for f in found if f is not None)
     all_keys, all_values = [], []
     for layer in range(len(template.keys)):
         shape = list(template.keys[layer].shape)
-        shape[0], shape[2] = len(found), width
-        keys = torch.zeros(shape, dtype=template.keys[layer].dtype, device=device)
-        values = torch.zeros_like(keys)
+        shape[0], shape[2] = len(found), width + room
+        keys = torch.empty(shape, dtype=template.keys[layer].dtype, device=device)
+        values = torch.empty_like(keys)
+        keys[:, :, :width].zero_()
+        values[:, :, :width].zero_()
         for r, entry in enumerate(found):
             if entry is not None:
                 n = len(entry.ids)
-                keys[r, :, width - n :] = entry.keys[layer][0]
-                values[r, :, width - n :] = entry.values[layer][0]
+                keys[r, :, width - n : width] = entry.keys[layer][0]
+                values[r, :, width - n : width] = entry.values[layer][0]
         all_keys.append(keys)
         all_values.append(values)
-    return KVBuffer(all_keys, all_values)
+    return KVBuffer(all_keys, all_values, filled=width)
 
 
 def _extract(kv, row: int, key_pos: torch.Tensor, ids: tuple[int, ...]) -> CachedPrefix:
@@ -339,32 +471,9 @@ def _extract(kv, row: int, key_pos: torch.Tensor, ids: tuple[int, ...]) -> Cache
     if len(columns) != len(ids):
         raise RuntimeError(f"cache holds {len(columns)} tokens of a {len(ids)}-token sequence")
     layers = [kv.layer(i) for i in range(len(kv))]
-    keys = [k[row : row + 1, :, columns].clone() for k, _ in layers]
-    values = [v[row : row + 1, :, columns].clone() for _, v in layers]
+    keys = [k[row : row + 1, :, columns] for k, _ in layers]  # indexing with a tensor copies
+    values = [v[row : row + 1, :, columns] for _, v in layers]
     return CachedPrefix(ids, keys, values)
-
-
-def _merge(kv_a, pos_a: torch.Tensor, kv_b, pos_b: torch.Tensor):
-    """Stacks two batches' caches, right-aligning both in the wider one's columns."""
-    import torch
-
-    width = max(pos_a.shape[1], pos_b.shape[1])
-
-    def widen(t: torch.Tensor, fill) -> torch.Tensor:
-        missing = width - t.shape[-1] if t.dim() == 2 else width - t.shape[2]
-        if not missing:
-            return t
-        if t.dim() == 2:
-            return torch.cat([t.new_full((t.shape[0], missing), fill), t], dim=1)
-        pad = t.new_zeros(t.shape[0], t.shape[1], missing, t.shape[3])
-        return torch.cat([pad, t], dim=2)
-
-    keys, values = [], []
-    for i in range(len(kv_a)):
-        (ka, va), (kb, vb) = kv_a.layer(i), kv_b.layer(i)
-        keys.append(torch.cat([widen(ka, 0), widen(kb, 0)]))
-        values.append(torch.cat([widen(va, 0), widen(vb, 0)]))
-    return KVBuffer(keys, values), torch.cat([widen(pos_a, -1), widen(pos_b, -1)])
 
 
 def _compact(kv, key_pos: torch.Tensor):

@@ -86,6 +86,49 @@ def test_compacting_the_cache_changes_nothing(policy, monkeypatch):
     assert policy.generate(prompts, sampling) == expected
 
 
+def test_requests_joining_a_running_batch_take_idle_slots_with_the_same_result(tiny_model_dir, monkeypatch):
+    """A stream fed one prompt at a time, as the rollout feeds it: requests end at different
+    steps, later ones (some longer than the running batch is wide, some resuming from the
+    prefix cache) take the idle slots, and the batch shrinks when it runs dry. Every
+    completion equals decoding its prompt alone without a cache."""
+    from agentloop.policy.decode import DecodeEngine, KVBuffer
+
+    cached = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=3))
+    plain = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", prefix_cache_tokens=0))
+    chat = cached.chat
+    texts = ["a", "bb cc", "SELECT 1", "q", "x y z w " * 10, "INSERT INTO t VALUES (1, 2)", "z", "long " * 30]
+    sampling = SamplingConfig(max_new_tokens=12)
+    free = plain.generate([chat.user_segment(t, first=True) for t in texts], sampling)
+    stops = (free[0].token_ids[1], free[2].token_ids[6], free[5].token_ids[3])  # rows end at different steps
+    for p in (cached, plain):
+        monkeypatch.setattr(p.chat, "stop_ids", stops)
+    calls = {"write": 0, "pad_left": 0, "drop_left": 0, "shrink": 0}
+    for cls, name in ((KVBuffer, "write"), (KVBuffer, "pad_left"), (KVBuffer, "drop_left"), (DecodeEngine, "_shrink")):
+        original = getattr(cls, name)
+
+        def counted(self, *args, _original=original, _name=name.strip("_"), **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
+
+    conversations = [list(chat.user_segment(t, first=True)) for t in texts]
+    for turn in range(2):
+        expected = [plain.generate([c], sampling)[0] for c in conversations]
+        stream, got, pending, widest = cached.stream(sampling), {}, list(range(len(texts))), 0
+        while pending or stream.busy:
+            if pending:
+                stream.add(pending[0], conversations[pending.pop(0)])
+            got.update(stream.step())
+            widest = max(widest, len(stream.engine.slots))
+        assert [got[i] for i in range(len(texts))] == expected, turn
+        assert widest <= 3
+        for conversation, gen, text in zip(conversations, expected, texts, strict=True):
+            conversation += [*gen.token_ids, *chat.user_segment(f"Observation {turn}: {text[:7]}", first=False)]
+    assert cached.prefix_cache.hits >= len(texts)  # the second turn resumed from the first
+    assert all(calls.values()), calls  # each way of changing the batch in place was taken
+
+
 def test_grouped_attention_equals_transformers_sdpa(tiny_model_dir):
     import torch
 
