@@ -111,26 +111,33 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
     only ``hidden``; the backward pass recomputes each block's logits (one more matmul) and
     turns the incoming gradient into gradients of ``hidden`` and, if it trains, of ``weight``.
     The forward pass also returns, without gradient, what TRL's fused head reports: each
-    position's entropy, mean logit and whether the target is the top-1 word.
+    position's entropy, mean logit and whether the target is the top-1 word; with
+    ``stats=False`` (reference log-probs, which need none of them) those are NaN and False,
+    and the exponentials over the vocabulary they need are skipped.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk):
+    def forward(ctx, hidden, weight, targets, softcap, chunk, stats=True):
         n = hidden.shape[0]
         log_probs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy, mean_logits = torch.empty_like(log_probs), torch.empty_like(log_probs)
-        is_top1 = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        is_top1 = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             logits = _capped(torch.nn.functional.linear(hidden[rows], weight).float(), softcap)
             log_norm = logits.logsumexp(-1)
             log_probs[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - log_norm
+            if not stats:
+                continue
             probs = (logits - log_norm[:, None]).exp_()
             entropy[rows] = log_norm - (probs * logits).sum(-1)
             mean_logits[rows] = logits.mean(-1)
             is_top1[rows] = logits.argmax(-1) == targets[rows]
         ctx.save_for_backward(hidden, weight, targets)
         ctx.softcap, ctx.chunk = softcap, chunk
+        if not stats:
+            entropy.fill_(float("nan"))
+            mean_logits.fill_(float("nan"))
         ctx.mark_non_differentiable(entropy, mean_logits, is_top1)
         return log_probs, entropy, mean_logits, is_top1
 
@@ -154,7 +161,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 grad_hidden[rows] = grad @ weight
             if need_weight:
                 grad_weight += grad.t().float() @ hidden[rows].float()
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None
 
 
 def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -172,7 +179,9 @@ def add_compact_lm_head(model: PreTrainedModel, chunk: int = LM_HEAD_CHUNK) -> N
     with the model's own ``lm_head`` weight (and final soft-capping) ``chunk`` positions at a
     time (:class:`ChunkedTokenLogProbs`), so neither the full logits nor their gradient are
     ever held at once. Calls without ``fused_lm_head`` go to the previous forward. Call it on
-    the base model after TRL has added its fused head.
+    the base model after TRL has added its fused head. Setting the model's
+    ``compact_lm_head_stats`` to False skips the entropy, mean logit and top-1 statistics
+    (see :class:`ChunkedTokenLogProbs`).
 
     Raises:
         ValueError: If the model scales its logits in a way this head does not reproduce, or
@@ -195,7 +204,7 @@ def add_compact_lm_head(model: PreTrainedModel, chunk: int = LM_HEAD_CHUNK) -> N
         weight = self.get_output_embeddings().weight
         scored = hidden[mask].to(weight.dtype)
         log_probs, entropy, mean_logits, is_top1 = ChunkedTokenLogProbs.apply(
-            scored, weight, targets[mask], softcap, chunk
+            scored, weight, targets[mask], softcap, chunk, getattr(self, "compact_lm_head_stats", True)
         )
         return FusedCausalLMOutput(
             loss=-log_probs.sum() / mask.sum().clamp(min=1),
@@ -234,7 +243,12 @@ class PretokenizedDPOTrainer(DPOTrainer):
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         self._install_compact_lm_head()  # TRL precomputes at the end of __init__
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        base = self.model.get_base_model()
+        base.compact_lm_head_stats = False  # TRL reads only the reference's log-probs
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            base.compact_lm_head_stats = True
 
     def _prepare_dataset(self, dataset: Dataset, processing_class: Any, args: Any, dataset_name: str) -> Dataset:
         if "prompt_ids" in dataset.column_names:

@@ -91,6 +91,7 @@ def test_precomputed_reference_is_the_start_of_round_policy(
     tiny_model_dir: Path, start_adapter: Path, tmp_path: Path
 ) -> None:
     trainer, _ = build_dpo_trainer(tiny_model_dir, start_adapter, PAIRS, FAST, tmp_path)
+    assert trainer.model.get_base_model().compact_lm_head_stats  # off only while the reference was scored
     policy, base = load(tiny_model_dir, start_adapter), load(tiny_model_dir, None)
     away_from_base = []
     for row in trainer.train_dataset:
@@ -159,6 +160,13 @@ def test_chunked_log_probs_match_full_logits_values_and_gradients(softcap) -> No
     torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1).float().detach())
     torch.testing.assert_close(mean_logits, logits.mean(-1).float().detach())
     assert torch.equal(is_top1, logits.argmax(-1) == targets)
+
+    hidden.grad = weight.grad = None  # without the statistics (reference log-probs): same values and gradients
+    log_probs, entropy, mean_logits, is_top1 = ChunkedTokenLogProbs.apply(hidden, weight, targets, softcap, 3, False)
+    (log_probs * upstream).sum().backward()
+    torch.testing.assert_close(log_probs, expected.float().detach())
+    torch.testing.assert_close(hidden.grad, want[0], rtol=1e-5, atol=1e-6)
+    assert entropy.isnan().all() and mean_logits.isnan().all() and not is_top1.any()
 
 
 def test_compact_lm_head_gives_trl_loss_gradients_and_metrics(

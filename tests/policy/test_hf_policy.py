@@ -104,9 +104,9 @@ def test_requests_joining_a_running_batch_take_idle_slots_with_the_same_result(t
         monkeypatch.setattr(p.chat, "stop_ids", stops)
     calls = {"write": 0, "pad_left": 0, "drop_left": 0, "shrink": 0}
     for cls, name in ((KVBuffer, "write"), (KVBuffer, "pad_left"), (KVBuffer, "drop_left"), (DecodeEngine, "_shrink")):
-        original = getattr(cls, name)
+        original, label = getattr(cls, name), name.strip("_")
 
-        def counted(self, *args, _original=original, _name=name.strip("_"), **kwargs):
+        def counted(self, *args, _original=original, _name=label, **kwargs):
             calls[_name] += 1
             return _original(self, *args, **kwargs)
 
