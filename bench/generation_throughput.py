@@ -1,6 +1,6 @@
 """Generation throughput: transformers' ``generate`` against agentloop's decode engine, same prompts.
 
-Two workloads on Database tasks, greedy, 128 new tokens at most per turn:
+Three workloads on Database tasks, greedy, 128 new tokens at most per turn:
 
   turn        the first turn of N tasks: ``model.generate`` on left-padded batches (the
               baseline), then ``HFPolicy.generate`` (continuous batching). Prints tokens/s,
@@ -8,12 +8,19 @@ Two workloads on Database tasks, greedy, 128 new tokens at most per turn:
   episodes    whole episodes of N tasks through ``rollout``: one ``generate`` call per turn
               for all episodes and no prefix cache (lockstep, the baseline), then the
               policy's own stream (continuous batching, prefix cache across turns).
+  stream      the stream alone, as an explore stage runs it (48 episodes at a time), with
+              the process's peak PSS. To compare allocators, run it twice, once under
+              ``LD_PRELOAD=$(ldconfig -p | grep -o '/.*libjemalloc.so.2')``; to compare
+              engines, run this script from a ``git worktree`` of each commit (it imports the
+              ``agentloop`` beside it).
 
 Completions only end early once the model has learned the turn format, so pass the adapter
 of an SFT stage (``--adapter runs/<run>/adapters/sft``); the base model never stops.
 
 Usage:
   python bench/generation_throughput.py --adapter runs/eto-.../adapters/sft --tasks 64
+  python bench/generation_throughput.py --adapter runs/eto-.../adapters/dpo-1 --split train \
+      --tasks 250 --workloads stream
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--workloads", default="turn,episodes")
+    parser.add_argument("--workloads", default="turn,episodes", help="any of turn,episodes,stream")
+    parser.add_argument("--split", default="dev,train", help="task splits, in order (dev,train or train)")
     args = parser.parse_args()
 
     import os
@@ -51,8 +59,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     data_dir = args.data_dir or Path(os.environ.get("AGENTLOOP_DATA_DIR", "data"))
-    tasks = envs.load_tasks("db", data_dir, "dev") + envs.load_tasks("db", data_dir, "train")
-    tasks = tasks[: args.tasks]
+    tasks = [t for split in args.split.split(",") for t in envs.load_tasks("db", data_dir, split)][: args.tasks]
     sampling = SamplingConfig(max_new_tokens=128)
 
     def policy(prefix_cache: bool) -> HFPolicy:
@@ -97,6 +104,46 @@ def main() -> None:
                 f"{stats.tokens_per_s:6.1f} tok/s, prefix reuse {stats.prefix_reuse:.0%}"
             )
         print(f"episodes  ratio {results['lockstep'].seconds / results['stream'].seconds:.2f}x faster")
+
+    if "stream" in args.workloads:
+        if ours.prefix_cache is not None:
+            ours.prefix_cache.clear()  # no entries left from the workloads above
+        peak = PeakPSS()
+        _, stats = rollout(
+            ours,
+            lambda env: envs.make_env(env, tasks, SQLEnvConfig()),
+            [t.task for t in tasks],
+            RolloutConfig(concurrent_episodes=48, sampling=sampling),
+            source="explore",
+            iteration=1,
+        )
+        print(
+            f"stream    {len(tasks)} episodes {stats.generated_tokens:6d} tokens {stats.seconds:7.1f} s "
+            f"{stats.tokens_per_s:6.1f} tok/s, prefix reuse {stats.prefix_reuse:.0%}, "
+            f"peak PSS {peak.stop() / 2**30:.2f} GiB, LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}"
+        )
+
+
+class PeakPSS:
+    """Samples this process's proportional set size every 0.5 s in a thread, from creation to ``stop``."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self.peak, self._process, self._done = 0, psutil.Process(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.5):
+            self.peak = max(self.peak, self._process.memory_full_info().pss)
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return max(self.peak, self._process.memory_full_info().pss)
 
 
 def generate_batches(policy, prompts, sampling, batch_size: int) -> list[list[int]]:
