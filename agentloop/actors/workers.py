@@ -46,9 +46,10 @@ def allocator_env() -> dict[str, str]:
     with fixed thresholds. A variable already set in the driver's environment wins.
 
     The rollout worker keeps glibc's defaults (:func:`start_workers`): its decode engine
-    keeps one key/value buffer and edits it in place, so it no longer fragments the heap
-    (150 DB episodes: 2.97 GiB), and jemalloc or fixed thresholds slow generation (the same
-    150 episodes: 160 tokens/s under glibc, 136 under jemalloc).
+    keeps one key/value buffer and edits it in place, so the heap stays bounded, and
+    jemalloc slows generation. ``bench/generation_throughput.py --workloads stream`` on 250
+    DB episodes: 165 tokens/s and a 3.84 GiB peak under glibc, 149 tokens/s and 2.58 GiB
+    under jemalloc (the engine before this change: 95 tokens/s and 11.0 GiB under glibc).
     """
     from ctypes.util import find_library
 
