@@ -383,8 +383,7 @@ class DecodeEngine:
             self.key_pos = torch.cat([self.key_pos, self.key_pos.new_full((added, self.key_pos.shape[1]), -1)])
             self.next_tokens = torch.cat([self.next_tokens, self.next_tokens.new_full((added,), self.pad_id)])
         slots = torch.tensor(idle[: len(keys)], device=self.device)
-        self.kv.write(slots, kv, rows)
-        self.key_pos[slots] = -1
+        self.kv.write(slots, kv, rows)  # an idle slot's positions are all -1 (set when its request ended)
         self.key_pos[slots, self.key_pos.shape[1] - width :] = key_pos[rows]
         self.next_tokens[slots] = tokens[rows]
         for s, key in zip(slots.tolist(), keys, strict=True):
@@ -415,25 +414,25 @@ class DecodeEngine:
             self.kv, self.key_pos = _compact(self.kv, self.key_pos)
 
     def _forward(self, input_ids, query_pos, key_pos, kv) -> torch.Tensor:
+        """The model on ``input_ids`` (run inside :meth:`step`'s inference mode); the sampled next tokens."""
         import torch
 
-        with torch.inference_mode():
-            out = self.model.get_decoder()(
-                input_ids=input_ids,
-                attention_mask=_masks(self.model.config, query_pos, key_pos, self.window),
-                position_ids=query_pos.clamp(min=0),
-                past_key_values=kv,
-                use_cache=True,
-            )
-            # The output layer runs here, on a 2-D input, rather than through the model's
-            # ``logits_to_keep``: torch 2.13's F.linear on CPU, given the strided 3-D slice that
-            # produces and a weight that does not require grad (as after a LoRA merge), expands
-            # the 262k x 640 weight once per row (a 10 GB copy, 40 s per prefill of 32 prompts).
-            logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1].contiguous()).float()
-            softcap = getattr(self.model.config, "final_logit_softcapping", None)
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            return self.pick(logits)
+        out = self.model.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=_masks(self.model.config, query_pos, key_pos, self.window),
+            position_ids=query_pos.clamp(min=0),
+            past_key_values=kv,
+            use_cache=True,
+        )
+        # The output layer runs here, on a 2-D input, rather than through the model's
+        # ``logits_to_keep``: torch 2.13's F.linear on CPU, given the strided 3-D slice that
+        # produces and a weight that does not require grad (as after a LoRA merge), expands
+        # the 262k x 640 weight once per row (a 10 GB copy, 40 s per prefill of 32 prompts).
+        logits = self.model.get_output_embeddings()(out.last_hidden_state[:, -1].contiguous()).float()
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return self.pick(logits)
 
     def _sparse(self) -> bool:
         """True when empty columns make up most of the cache (rows that joined late, or left)."""
