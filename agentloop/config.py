@@ -55,6 +55,22 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     return config
 
 
+def with_sections(cls: type[T], sections: dict[str, type]) -> type[T]:
+    """A subclass of the config dataclass ``cls`` with one more field per section, each
+    defaulting to its dataclass's defaults (how an experiment composes what is registered).
+
+    Raises:
+        ValueError: When a section's name is a field of ``cls`` already.
+    """
+    taken = {f.name for f in dataclasses.fields(cls)} & set(sections)
+    if taken:
+        raise ValueError(f"config sections {sorted(taken)} clash with fields of {cls.__name__}")
+    fields = [(name, kind, dataclasses.field(default_factory=kind)) for name, kind in sections.items()]
+    made = dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,))
+    made.__module__, made.__qualname__, made.__doc__ = cls.__module__, cls.__qualname__, cls.__doc__
+    return made
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """The config as plain data (for YAML dumps and logs)."""
     return dataclasses.asdict(config)

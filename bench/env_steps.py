@@ -59,21 +59,7 @@ def leftovers() -> dict[str, int]:
 
 
 def env_config(env: str):
-    if env == "db":
-        from agentloop.envs.sql import SQLEnvConfig
-
-        return SQLEnvConfig()
-    if env == "webshop":
-        from agentloop.envs.webshop import WebShopEnvConfig
-
-        return WebShopEnvConfig()
-    if env == "alfworld":
-        from agentloop.envs.alfworld import ALFWorldEnvConfig
-
-        return ALFWorldEnvConfig()
-    from agentloop.envs.bash import OSEnvConfig
-
-    return OSEnvConfig()
+    return envs.definition(env).config()
 
 
 def percentiles(samples: list[float]) -> str:
@@ -90,11 +76,10 @@ def main() -> None:
     config = env_config(name)
     before = leftovers()
     tasks = envs.load_tasks(name, data_dir, "train")[:distinct]
-    expert_config = None
+    expert_class = envs.definition(name).expert_config
+    expert_config = None if expert_class is None else expert_class()
     if name == "db":
-        from agentloop.envs.sql import DBExpertConfig
-
-        expert_config = DBExpertConfig(recovery_fraction=0.0)
+        expert_config.recovery_fraction = 0.0
     demos, _ = envs.build_experts(name, tasks, config, expert_config, seed=0)
     by_id = {t.task.task_id: t for t in tasks}
     scripts = [(by_id[d.task.task_id], [m.content for m in d.messages if m.role == "assistant"]) for d in demos]

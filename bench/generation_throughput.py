@@ -51,7 +51,7 @@ def main() -> None:
     import torch
 
     from agentloop import envs
-    from agentloop.envs.sql import SQLEnvConfig
+    from agentloop.envs.db import SQLEnvConfig
     from agentloop.policy.base import PolicyConfig, SamplingConfig
     from agentloop.policy.hf import HFPolicy
     from agentloop.rollout import RolloutConfig, rollout

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from agentloop.envs.bash import SANDBOX_PATH, OSEnv, OSEnvConfig, load_os_tasks
+from agentloop.envs.os import OSEnv, OSEnvConfig, load_os_tasks
+from agentloop.envs.os.sandbox import SANDBOX_PATH
 
 TARGET_MS = 20.0
 PLAIN_ENV = {"PATH": SANDBOX_PATH, "HOME": "/tmp", "LANG": "C.UTF-8"}

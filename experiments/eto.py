@@ -25,11 +25,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from agentloop.config import ConfigError, load_config
-from agentloop.envs.alfworld import ALFWorldEnvConfig
-from agentloop.envs.bash import OSEnvConfig
-from agentloop.envs.sql import DBExpertConfig, SQLEnvConfig
-from agentloop.envs.webshop import WebShopEnvConfig
+from agentloop import envs
+from agentloop.config import ConfigError, load_config, with_sections
 from agentloop.learners.dpo import DPOLearnerConfig
 from agentloop.learners.sft import SFTLearnerConfig
 from agentloop.policy.base import PolicyConfig, SamplingConfig
@@ -41,9 +38,9 @@ class EnvSpec:
     """One environment of a run and the tasks it contributes."""
 
     name: str = "db"
-    """An environment of ``agentloop.envs.KNOWN_ENVS``: db, os, webshop or alfworld."""
+    """A registered environment (``agentloop.envs.names()``): db, os, webshop, alfworld, or a plugin's."""
     train_split: str = ""
-    """Split explored and imitated; empty = the env's default (``agentloop.envs.DEFAULT_SPLITS``)."""
+    """Split explored and imitated; empty = the env's default (its registration's ``train_split``)."""
     eval_split: str = ""
     """Held-out split evaluated after every stage; empty = the env's default."""
     train_tasks: int = 0
@@ -52,19 +49,19 @@ class EnvSpec:
     """Evaluate on this many held-out tasks (the first ones; 0 = all)."""
 
     def validate(self) -> None:
-        from agentloop.envs import KNOWN_ENVS
-
-        if self.name not in KNOWN_ENVS:
-            raise ConfigError(f"name: unknown environment {self.name!r}; known: {', '.join(KNOWN_ENVS)}")
+        if self.name not in envs.names():
+            raise ConfigError(f"name: unknown environment {self.name!r}; known: {', '.join(envs.names())}")
+        known = envs.definition(self.name).splits
+        for key in ("train_split", "eval_split"):
+            if getattr(self, key) and getattr(self, key) not in known:
+                raise ConfigError(f"{key}: {self.name} has no split {getattr(self, key)!r}; known: {', '.join(known)}")
         if min(self.train_tasks, self.eval_tasks) < 0:
             raise ConfigError("train_tasks and eval_tasks must be >= 0")
 
     def splits(self) -> tuple[str, str]:
         """The (training, held-out) split names, defaults filled in."""
-        from agentloop.envs import DEFAULT_SPLITS
-
-        train, held_out = DEFAULT_SPLITS[self.name]
-        return self.train_split or train, self.eval_split or held_out
+        found = envs.definition(self.name)
+        return self.train_split or found.train_split, self.eval_split or found.eval_split
 
 
 @dataclass
@@ -85,11 +82,6 @@ class ETOConfig:
     seed: int = 0
     threads: int = 0
     """torch threads of each actor; 0 = all cores of its node (the loop runs one actor at a time)."""
-    db: SQLEnvConfig = field(default_factory=SQLEnvConfig)
-    db_experts: DBExpertConfig = field(default_factory=DBExpertConfig)
-    os: OSEnvConfig = field(default_factory=OSEnvConfig)
-    webshop: WebShopEnvConfig = field(default_factory=WebShopEnvConfig)
-    alfworld: ALFWorldEnvConfig = field(default_factory=ALFWorldEnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rollout: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(concurrent_episodes=48, sampling=SamplingConfig(max_new_tokens=128))
@@ -116,18 +108,22 @@ class ETOConfig:
             raise ConfigError(f"envs: need at least one environment, each once; got {names}")
 
     def env_config(self, name: str):
-        """The settings section of one environment (``db``, ``os``, ``webshop``, ``alfworld``)."""
+        """The settings section of one environment (``db``, ``os``, ...)."""
         return getattr(self, name)
 
     def expert_config(self, name: str):
-        """The expert settings of one environment (only the database expert has any)."""
-        return self.db_experts if name == "db" else None
+        """The expert settings of one environment (section ``<name>_experts``), None when its expert has none."""
+        return getattr(self, f"{name}_experts", None)
+
+
+# One settings section per registered environment (``db``, ``os``, ``webshop``, ``alfworld``,
+# plugins'), and ``<name>_experts`` for an expert with settings (``db_experts``).
+ETOConfig = with_sections(ETOConfig, envs.config_sections())
 
 
 def main(argv: list[str] | None = None) -> None:
     import ray
 
-    from agentloop import envs
     from agentloop.actors.workers import start_workers
     from agentloop.learners.data import build_pairs, mix_replay
     from agentloop.loop import Stages

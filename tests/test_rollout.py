@@ -8,8 +8,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from agentloop.envs import load_tasks, make_env
+from agentloop.envs.db import SQLEnvConfig
+from agentloop.envs.db.experts import gold_actions
 from agentloop.envs.experts import replay_actions
-from agentloop.envs.sql import SQLEnvConfig, gold_actions
 from agentloop.policy.base import Generation, SamplingConfig
 from agentloop.policy.chat import ChatTokenizer
 from agentloop.rollout import RolloutConfig, rollout
@@ -79,7 +80,8 @@ def test_rollout_replays_experts_and_keeps_tokens(setup):
 
 
 def test_tasks_of_several_envs_share_one_rollout(setup, data_dir):
-    from agentloop.envs.webshop import WebShopEnvConfig, expert_actions
+    from agentloop.envs.webshop import WebShopEnvConfig
+    from agentloop.envs.webshop.experts import expert_actions
 
     chat, db_tasks = setup
     shop = WebShopEnvConfig()

@@ -1,15 +1,15 @@
-"""The environments, reached by name: load tasks, make an env, build expert demonstrations.
+"""The environments, reached by name through one registry: load tasks, make an env, build experts.
 
-Each environment module is imported only when its name is first used, so importing
-``agentloop.envs`` stays cheap. Task objects are environment-specific (for ``"db"``,
-:class:`agentloop.envs.sql.DBTask`); every one of them carries its
-:class:`~agentloop.types.Task` record as ``.task``.
+Each environment is one package with its own registration (an
+:class:`~agentloop.envs.registry.EnvDefinition` named ``ENV``) and one line below. The
+package is imported only when its name is first used, so importing ``agentloop.envs`` stays
+cheap. Task objects are environment-specific (for ``"db"``, :class:`agentloop.envs.db.DBTask`);
+every one of them carries its :class:`~agentloop.types.Task` record as ``.task``.
 
-Known environments: ``"db"`` (AgentBench dbbench on SQLite; splits ``train``, ``dev``),
-``"os"`` (AgentBench's OS tasks in a bubblewrap sandbox; ``train``, ``test``, ``dev``),
-``"webshop"`` (WebShop's 1,000-product shop; ``train``, ``test``) and ``"alfworld"``
-(ALFWorld's games in the TextWorld engine; ``train``, ``valid_seen``, ``valid_unseen``,
-``valid_train``).
+Built in: ``"db"`` (AgentBench dbbench on SQLite), ``"os"`` (AgentBench's OS tasks in a
+bubblewrap sandbox), ``"webshop"`` (WebShop's 1,000-product shop) and ``"alfworld"``
+(ALFWorld's games in the TextWorld engine). Others register from their own package (see
+:mod:`agentloop.envs.registry`).
 """
 
 from __future__ import annotations
@@ -18,28 +18,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agentloop.envs.registry import EnvDefinition, definition, names, register
+
 if TYPE_CHECKING:
     import gymnasium
 
     from agentloop.types import Trajectory
 
-KNOWN_ENVS = ("db", "os", "webshop", "alfworld")
-"""Names accepted by the functions below."""
+register("db", "agentloop.envs.db:ENV")
+register("os", "agentloop.envs.os:ENV")
+register("webshop", "agentloop.envs.webshop:ENV")
+register("alfworld", "agentloop.envs.alfworld:ENV")
 
-DEFAULT_SPLITS = {
-    "db": ("train", "dev"),
-    "os": ("train", "test"),
-    "webshop": ("train", "test"),
-    "alfworld": ("train", "valid_unseen"),
-}
-"""Each environment's (training, held-out) split: dbbench's standard/dev, AgentBench OS's
-generated training tasks against its 144-task test set, WebShop's seeded product split,
-ALFWorld's training games against its unseen valid split (ETO's unseen test)."""
-
-
-def _check(env: str) -> None:
-    if env not in KNOWN_ENVS:
-        raise ValueError(f"unknown environment {env!r}; known environments: {', '.join(KNOWN_ENVS)}")
+__all__ = [
+    "EnvDefinition",
+    "build_experts",
+    "config_sections",
+    "definition",
+    "load_tasks",
+    "make_env",
+    "names",
+    "register",
+]
 
 
 def load_tasks(env: str, data_dir: Path, split: str) -> list[Any]:
@@ -49,22 +49,10 @@ def load_tasks(env: str, data_dir: Path, split: str) -> list[Any]:
         ValueError: For an unknown environment or split.
         FileNotFoundError: When the environment's data is missing from ``data_dir``.
     """
-    _check(env)
-    if env == "alfworld":
-        from agentloop.envs.alfworld import load_alfworld_tasks
-
-        return load_alfworld_tasks(Path(data_dir), split)
-    if env == "os":
-        from agentloop.envs.bash import load_os_tasks
-
-        return load_os_tasks(Path(data_dir), split)
-    if env == "webshop":
-        from agentloop.envs.webshop import load_webshop_tasks
-
-        return load_webshop_tasks(Path(data_dir), split)
-    from agentloop.envs.sql import load_db_tasks
-
-    return load_db_tasks(Path(data_dir), split)
+    found = definition(env)
+    if split not in found.splits:
+        raise ValueError(f"unknown {env} split {split!r}; known splits: {', '.join(found.splits)}")
+    return found.load_tasks(Path(data_dir), split)
 
 
 def make_env(env: str, tasks: Sequence[Any], config: Any) -> gymnasium.Env:
@@ -74,26 +62,9 @@ def make_env(env: str, tasks: Sequence[Any], config: Any) -> gymnasium.Env:
         ValueError: For an unknown environment.
         TypeError: When ``config`` is not the environment's config type.
     """
-    _check(env)
-    if env == "alfworld":
-        from agentloop.envs.alfworld import ALFWorldEnv, ALFWorldEnvConfig
-
-        _expect(config, ALFWorldEnvConfig)
-        return ALFWorldEnv(tasks, config)
-    if env == "os":
-        from agentloop.envs.bash import OSEnv, OSEnvConfig
-
-        _expect(config, OSEnvConfig)
-        return OSEnv(tasks, config)
-    if env == "webshop":
-        from agentloop.envs.webshop import WebShopEnv, WebShopEnvConfig
-
-        _expect(config, WebShopEnvConfig)
-        return WebShopEnv(tasks, config)
-    from agentloop.envs.sql import SQLEnv, SQLEnvConfig
-
-    _expect(config, SQLEnvConfig)
-    return SQLEnv(tasks, config)
+    found = definition(env)
+    _expect(config, found.config)
+    return found.env(tasks, config)
 
 
 def build_experts(
@@ -101,38 +72,33 @@ def build_experts(
 ) -> tuple[list[Trajectory], dict[str, Any]]:
     """Expert demonstrations for ``tasks``, replayed in the real environment; only successes kept.
 
-    For ``"db"``, ``env_config`` is an ``SQLEnvConfig`` and ``expert_config`` a
-    ``DBExpertConfig``; for the others, the env's config and None (their experts have no
-    settings). Returns the demonstrations and a per-type success report.
+    ``expert_config`` is an instance of the env's registered expert config, or None for an
+    env whose expert has no settings. Returns the demonstrations and the expert's report.
 
     Raises:
         ValueError: For an unknown environment.
         TypeError: When a config is not of the environment's type.
     """
-    _check(env)
-    if env in ("os", "webshop", "alfworld") and expert_config is not None:
-        raise TypeError(f"the {env} expert takes no config, got {type(expert_config).__name__}")
-    if env == "alfworld":
-        from agentloop.envs.alfworld import ALFWorldEnvConfig, build_alfworld_experts
+    found = definition(env)
+    _expect(env_config, found.config)
+    if found.expert_config is None:
+        if expert_config is not None:
+            raise TypeError(f"the {env} expert takes no config, got {type(expert_config).__name__}")
+        return found.build_experts(tasks, env_config)
+    _expect(expert_config, found.expert_config)
+    return found.build_experts(tasks, env_config, expert_config, seed)
 
-        _expect(env_config, ALFWorldEnvConfig)
-        return build_alfworld_experts(tasks, env_config)
-    if env == "os":
-        from agentloop.envs.bash import OSEnvConfig, build_os_experts
 
-        _expect(env_config, OSEnvConfig)
-        return build_os_experts(tasks, env_config)
-    if env == "webshop":
-        from agentloop.envs.webshop import WebShopEnvConfig, build_webshop_experts
-
-        _expect(env_config, WebShopEnvConfig)
-        return build_webshop_experts(tasks, env_config)
-    from agentloop.envs.sql import DBExpertConfig, SQLEnvConfig, build_db_experts
-
-    _expect(env_config, SQLEnvConfig)
-    _expect(expert_config, DBExpertConfig)
-    expert_config.validate()
-    return build_db_experts(tasks, env_config, expert_config.recovery_fraction, seed)
+def config_sections() -> dict[str, type]:
+    """One config section per registered env (its config class, under its name) and per expert
+    with settings (under ``<name>_experts``), for an experiment's config to compose."""
+    sections: dict[str, type] = {}
+    for name in names():
+        found = definition(name)
+        sections[name] = found.config
+        if found.expert_config is not None:
+            sections[f"{name}_experts"] = found.expert_config
+    return sections
 
 
 def _expect(config: Any, kind: type) -> None:

@@ -17,14 +17,9 @@ from agentloop.envs import load_tasks, make_env
 if os.environ.get("CI") != "true":  # CI installs the engine (scripts/setup.sh): there it must be present
     pytest.importorskip("textworld", reason="the ALFWorld engine (pip alfworld textworld) is not installed")
 
-from agentloop.envs.alfworld import (  # noqa: E402
-    NOTHING,
-    TASK_TYPES,
-    ALFWorldEnv,
-    ALFWorldEnvConfig,
-    build_alfworld_experts,
-    parse_action,
-)
+from agentloop.envs.alfworld import ALFWorldEnv, ALFWorldEnvConfig, build_alfworld_experts  # noqa: E402
+from agentloop.envs.alfworld.env import NOTHING, parse_action  # noqa: E402
+from agentloop.envs.alfworld.tasks import TASK_TYPES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -129,28 +124,28 @@ def test_passes_gymnasium_check_env(tasks) -> None:
 
 
 def test_prepared_games_load_ahead_and_engines_are_reused(tasks) -> None:
-    from agentloop.envs import alfworld
+    from agentloop.envs.alfworld import engine
 
-    users = alfworld._POOL.users
+    users = engine.POOL.users
     env = make_env("alfworld", tasks[:5], ALFWorldEnvConfig(lookahead=2))
     ids = [t.task.task_id for t in tasks[:5]]
     env.prepare(ids[1:])
-    assert len(alfworld._POOL._ready) == 2  # loading in the background
+    assert len(engine.POOL._ready) == 2  # loading in the background
     for task_id in ids:  # ids[0] was not prepared: it loads on reset
         observation, info = env.reset(options={"task_id": task_id})
         assert info["task"].task_id == task_id and "Your task is to:" in observation
-    assert len(alfworld._POOL._all) <= 4  # engines are reused, not made per game
+    assert len(engine.POOL._all) <= 4  # engines are reused, not made per game
     env.close()
     env.close()  # twice is harmless
-    assert alfworld._POOL.users == users
+    assert engine.POOL.users == users
     with pytest.raises(KeyError, match="nope"):
         env.prepare(["nope"])
 
 
 def test_a_pool_reuses_engines_across_plans_and_closes(tasks) -> None:
-    from agentloop.envs.alfworld import _EnginePool
+    from agentloop.envs.alfworld.engine import EnginePool
 
-    pool = _EnginePool()
+    pool = EnginePool()
     games = [t.game_file for t in tasks[:3]]
     pool.plan(games, lookahead=1)
     for game in games:

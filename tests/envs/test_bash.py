@@ -17,17 +17,11 @@ from hostile import PAYLOADS, RAW
 from sandbox import why_no_sandbox
 
 from agentloop.config import ConfigError
-from agentloop.envs.bash import (
-    OSEnv,
-    OSEnvConfig,
-    OSTask,
-    expert_actions,
-    load_os_tasks,
-    parse_action,
-    uid_processes,
-    unreadable_system_dirs,
-)
 from agentloop.envs.experts import replay_actions
+from agentloop.envs.os import OSEnv, OSEnvConfig, OSTask, load_os_tasks
+from agentloop.envs.os.env import parse_action
+from agentloop.envs.os.experts import expert_actions
+from agentloop.envs.os.sandbox import uid_processes, unreadable_system_dirs
 
 pytestmark = [
     pytest.mark.integration,

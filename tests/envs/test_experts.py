@@ -14,19 +14,11 @@ from sqlglot import exp
 
 from agentloop.config import ConfigError
 from agentloop.envs import build_experts
+from agentloop.envs.db import DBExpertConfig, DBTask, SQLEnv, SQLEnvConfig, load_db_tasks
+from agentloop.envs.db.engine import quote_identifier
+from agentloop.envs.db.experts import gold_actions, recovery_actions
+from agentloop.envs.db.gold import canonical_sql, mistaken_sql
 from agentloop.envs.experts import replay_actions
-from agentloop.envs.sql import (
-    DBExpertConfig,
-    DBTask,
-    SQLEnv,
-    SQLEnvConfig,
-    canonical_sql,
-    gold_actions,
-    load_db_tasks,
-    mistaken_sql,
-    quote_identifier,
-    recovery_actions,
-)
 
 
 @pytest.fixture(scope="module")

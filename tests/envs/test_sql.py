@@ -11,16 +11,10 @@ from gymnasium.utils.env_checker import check_env
 from hostile import PAYLOADS, RAW
 
 from agentloop.config import ConfigError
-from agentloop.envs import KNOWN_ENVS, load_tasks, make_env
-from agentloop.envs.sql import (
-    DBTask,
-    SQLEnv,
-    SQLEnvConfig,
-    answers_match,
-    load_db_tasks,
-    parse_answer_list,
-    sqlite_type,
-)
+from agentloop.envs import load_tasks, make_env, names
+from agentloop.envs.db import DBTask, SQLEnv, SQLEnvConfig, load_db_tasks
+from agentloop.envs.db.engine import sqlite_type
+from agentloop.envs.db.scoring import answers_match, parse_answer_list
 
 JIU_JITSU = '"Jiu-Jitsu Championships Results"'  # train-0000's table, 18 rows
 YEAR_TITLE_ROLE = '"Table of Year, Title, and Role"'  # train-0100's table (INSERT)
@@ -70,7 +64,7 @@ def test_loading_errors_name_the_problem(tmp_path: Path, data_dir: Path) -> None
         load_db_tasks(tmp_path, "dev")
     with pytest.raises(ValueError, match="unknown environment 'chess'; known environments: db"):
         load_tasks("chess", data_dir, "train")
-    assert "db" in KNOWN_ENVS
+    assert "db" in names()
 
 
 def test_config_validation() -> None:

@@ -12,18 +12,10 @@ from gymnasium.utils.env_checker import check_env
 from hostile import PAYLOADS, RAW
 
 from agentloop.config import ConfigError
-from agentloop.envs.webshop import (
-    Goal,
-    Product,
-    WebShopEnv,
-    WebShopEnvConfig,
-    WebShopTask,
-    build_webshop_experts,
-    expert_actions,
-    load_webshop_tasks,
-    score_purchase,
-    type_reward,
-)
+from agentloop.envs.webshop import WebShopEnv, WebShopEnvConfig, WebShopTask, build_webshop_experts, load_webshop_tasks
+from agentloop.envs.webshop.catalog import Goal, Product
+from agentloop.envs.webshop.experts import expert_actions
+from agentloop.envs.webshop.scoring import score_purchase, type_reward
 
 BED = "train-B0769HRGD2-000"  # a platform bed on the second results page; size: twin, color: blue
 LAMP = "train-B00062IG3A-000"  # a floor lamp without options, first on the first results page

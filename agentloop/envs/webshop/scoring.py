@@ -1,0 +1,75 @@
+"""WebShop's reward for a purchase (Yao et al. 2022)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from agentloop.envs.webshop.catalog import Goal, Product
+
+FUZZY_MATCH = 85.0
+"""A rapidfuzz token-set ratio above this makes two attribute or option strings match."""
+
+
+_WORD_RE = re.compile(r"[a-z]{3,}")
+_STOPWORDS = frozenset(
+    "the and for with from that this your you are was were has have had not but all any can our its into "
+    "per set pcs pack inch inches new size color womens mens women men".split()
+)
+"""Words that say nothing about a product's type in a title (stand-ins for non-nouns)."""
+
+
+@dataclass(frozen=True)
+class Score:
+    """A purchase scored against a goal, part by part."""
+
+    type_reward: float
+    """``r_type``: 1, 0.5, 0.1 or 0 as the bought product's type matches the goal's."""
+    attributes: int
+    """Goal attributes the bought product has."""
+    options: int
+    """Goal option values among the chosen ones."""
+    price_ok: bool
+    """The price is within the goal's bound."""
+    reward: float
+    """The total, within [0, 1]."""
+
+
+def _fuzzy(a: str, b: str) -> bool:
+    from rapidfuzz import fuzz, utils
+
+    return fuzz.token_set_ratio(a, b, processor=utils.default_process) > FUZZY_MATCH
+
+
+def _title_words(title: str) -> set[str]:
+    return set(_WORD_RE.findall(title.lower())) - _STOPWORDS
+
+
+def type_reward(bought: Product, wanted: Product) -> float:
+    """WebShop's ``r_type`` of buying ``bought`` when ``wanted`` was asked for."""
+    wanted_words = _title_words(wanted.title)
+    overlap = len(_title_words(bought.title) & wanted_words) / len(wanted_words) if wanted_words else 0.2
+    same_type = bought.query == wanted.query or len(set(bought.category) & set(wanted.category)) >= 2 or overlap > 0.2
+    if overlap == 0.0:
+        return 0.0
+    if overlap < 0.1:
+        return 0.1
+    return 1.0 if same_type else 0.5
+
+
+def has_attribute(product: Product, attribute: str) -> bool:
+    """Whether a goal attribute matches one of the product's attributes or occurs in its text."""
+    if any(_fuzzy(own, attribute) for own in product.attributes):
+        return True
+    needle = attribute.lower()
+    return any(needle in text.lower() for text in (product.title, " ".join(product.features), product.description))
+
+
+def score_purchase(bought: Product, chosen: dict[str, str], wanted: Product, goal: Goal) -> Score:
+    """Scores buying ``bought`` with the ``chosen`` option values (name -> value) for ``goal``."""
+    r_type = type_reward(bought, wanted)
+    attributes = sum(has_attribute(bought, a) for a in goal.attributes)
+    options = sum(any(_fuzzy(value, want) for value in chosen.values()) for _, want in goal.options)
+    price_ok = bought.price <= goal.price_upper
+    reward = r_type * (attributes + options + int(price_ok)) / (len(goal.attributes) + len(goal.options) + 1)
+    return Score(r_type, attributes, options, price_ok, reward)
