@@ -5,7 +5,8 @@ Metric names are paths. For a batch of trajectories logged under a prefix such a
 * ``eval/episodes``, ``eval/successes``, ``eval/success_rate``, ``eval/success_ci_low``,
   ``eval/success_ci_high`` (95% Wilson interval), ``eval/reward`` (mean), ``eval/turns``
   (mean assistant turns), ``eval/invalid_action_rate`` (invalid turns over all turns),
-  ``eval/truncation_rate`` and ``eval/generated_tokens`` (total);
+  ``eval/truncation_rate``, ``eval/generated_tokens`` (total), ``eval/tamper_attempts``
+  (total) and ``eval/tampering_episodes`` (episodes with at least one tamper attempt);
 * ``eval/kind/<kind>/episodes``, ``.../successes``, ``.../success_rate`` per task kind;
 * ``eval/env/<env>/...`` with the first group's statistics, per environment, always present
   so that a run over one environment and a run over several log the same names.
@@ -131,6 +132,8 @@ def _summary(batch: list[Trajectory], prefix: str) -> dict[str, float]:
         f"{prefix}/invalid_action_rate": sum(t.invalid_actions for t in batch) / turns if turns else 0.0,
         f"{prefix}/truncation_rate": sum(t.truncated for t in batch) / len(batch),
         f"{prefix}/generated_tokens": float(sum(t.generated_tokens for t in batch)),
+        f"{prefix}/tamper_attempts": float(sum(t.tamper_attempts for t in batch)),
+        f"{prefix}/tampering_episodes": float(sum(t.tamper_attempts > 0 for t in batch)),
     }
     return metrics
 

@@ -82,6 +82,10 @@ class Trajectory:
     """Loop iteration that produced it (0 = before any ETO round)."""
     generated_tokens: int = 0
     """Number of tokens the policy generated in the episode (throughput metrics)."""
+    tamper_attempts: int = 0
+    """Actions the environment recorded as attempts to change what its success check depends on
+    (writing where checks live, shadowing the programs they run, ...); 0 for environments
+    without such a channel."""
 
     @property
     def token_ids(self) -> list[int]:

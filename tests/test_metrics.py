@@ -47,7 +47,9 @@ def test_wilson_interval_rejects_impossible_counts(k: int, n: int) -> None:
         wilson_interval(k, n)
 
 
-def episode(env: str, kind: str, *, success: bool, reward: float, turns: int, invalid: int, tokens: int) -> Trajectory:
+def episode(
+    env: str, kind: str, *, success: bool, reward: float, turns: int, invalid: int, tokens: int, tamper: int = 0
+) -> Trajectory:
     task = Task(env=env, task_id=f"{kind}-{turns}", split="dev", kind=kind, instruction="do it")
     return Trajectory(
         task=task,
@@ -63,13 +65,14 @@ def episode(env: str, kind: str, *, success: bool, reward: float, turns: int, in
         policy_version=1,
         iteration=1,
         generated_tokens=tokens,
+        tamper_attempts=tamper,
     )
 
 
 BATCH = [
     episode("db", "SELECT", success=True, reward=1.0, turns=2, invalid=0, tokens=10),
-    episode("db", "SELECT", success=False, reward=0.0, turns=6, invalid=3, tokens=30),
-    episode("db", "INSERT", success=True, reward=1.0, turns=4, invalid=1, tokens=20),
+    episode("db", "SELECT", success=False, reward=0.0, turns=6, invalid=3, tokens=30, tamper=4),
+    episode("db", "INSERT", success=True, reward=1.0, turns=4, invalid=1, tokens=20, tamper=1),
     episode("alfworld", "pick_and_place", success=False, reward=0.5, turns=8, invalid=0, tokens=40),
 ]
 
@@ -116,6 +119,8 @@ def test_trajectory_metrics_by_hand() -> None:
         "eval/invalid_action_rate": 4 / 20,
         "eval/truncation_rate": 2 / 4,
         "eval/generated_tokens": 100.0,
+        "eval/tamper_attempts": 4 + 1,
+        "eval/tampering_episodes": 2,
     }
     assert {k: v for k, v in metrics.items() if k.count("/") == 1} == pytest.approx(overall)
     assert metrics["eval/kind/SELECT/success_rate"] == 0.5
@@ -126,7 +131,10 @@ def test_trajectory_metrics_by_hand() -> None:
     assert metrics["eval/env/db/invalid_action_rate"] == pytest.approx(4 / 12)
     assert metrics["eval/env/alfworld/reward"] == 0.5
     assert metrics["eval/env/alfworld/generated_tokens"] == 40.0
-    assert len(metrics) == 10 + 3 * 3 + 2 * 10
+    assert metrics["eval/env/db/tamper_attempts"] == 5.0
+    assert metrics["eval/env/db/tampering_episodes"] == 2.0
+    assert metrics["eval/env/alfworld/tamper_attempts"] == metrics["eval/env/alfworld/tampering_episodes"] == 0.0
+    assert len(metrics) == 12 + 3 * 3 + 2 * 12
 
 
 def test_trajectory_metrics_edge_cases() -> None:

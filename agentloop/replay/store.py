@@ -18,8 +18,14 @@ cut's end state, and every other field must equal ``t``'s. A trajectory that mat
 (an expert demonstration never stored before, say) is stored with the pair's stage.
 
 One process writes a store (the loop); any number may read it. The table layout carries a
-version (``meta.schema_version``) and a database of another version is refused. Migrations
-will use Alembic, the house choice, once there is a second version to migrate from.
+version (``meta.schema_version``, mirrored by Alembic's ``alembic_version``). Opening a
+database of the current version only reads that version. An empty database gets the current
+tables; an older one is migrated in place with the Alembic revisions of
+:mod:`agentloop.replay.migrations`, in one transaction that keeps every row (on SQLite too:
+the store takes over transaction control from the driver so that DDL rolls back); a newer
+one is refused, never downgraded. Schema work holds a lock (SQLite's write lock, a
+PostgreSQL advisory lock) and rereads the version under it, so two processes opening the
+same old database migrate it once.
 """
 
 from __future__ import annotations
@@ -27,17 +33,18 @@ from __future__ import annotations
 import logging
 import math
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
 
-from sqlalchemy import ColumnElement, Engine, case, create_engine, delete, event, func, inspect, select
+from sqlalchemy import ColumnElement, Connection, Engine, case, create_engine, delete, event, func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, aliased
 
-from agentloop.replay.tables import SCHEMA_VERSION, Base, MetaRow, PairRow, StageRow, TrajectoryRow
+from agentloop.replay.tables import SCHEMA_VERSION, MetaRow, PairRow, StageRow, TrajectoryRow
 from agentloop.types import Message, Pair, Source, Task, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -58,9 +65,12 @@ GROUP_COLUMNS = (
 )
 """Trajectory columns that :meth:`ReplayStore.counts` and :meth:`ReplayStore.metrics` group by."""
 
+SCHEMA_LOCK = 0x6167_6C70  # "aglp"
+"""PostgreSQL advisory lock key that schema work (creation, migration) holds on a database."""
+
 
 class SchemaVersionError(RuntimeError):
-    """The database was written with another version of the replay tables."""
+    """The database holds replay tables of a version this code cannot open or migrate (e.g. a newer one)."""
 
 
 class TrajectoryFilter(TypedDict, total=False):
@@ -93,31 +103,31 @@ class GroupMetrics:
     """Mean number of assistant turns."""
     invalid_action_rate: float
     """Invalid assistant turns over all assistant turns (0.0 when no turn was taken)."""
+    tamper_attempts: int
+    """Tamper attempts recorded over all the group's episodes."""
+    tampering_episodes: int
+    """How many episodes recorded at least one tamper attempt."""
 
 
 class ReplayStore:
     """Trajectories, pairs and completed stages of one run, in a SQL database."""
 
     def __init__(self, url: str) -> None:
-        """Connects to ``url``, creating the tables (and a SQLite file's directory) if needed.
+        """Connects to ``url``, creating the tables (and a SQLite file's directory) or migrating them if needed.
 
         Args:
             url: A SQLAlchemy URL, e.g. ``"sqlite:///runs/x/replay.db"`` or
                 ``"postgresql+psycopg2://user@host:5432/db"``.
 
         Raises:
-            SchemaVersionError: If the database holds tables of another schema version.
+            SchemaVersionError: If the database holds tables of a newer or unknown schema version.
         """
-        parsed = make_url(url)
         self._engine = _create_engine(url)
-        shown = parsed.render_as_string(hide_password=True)
-        existing = inspect(self._engine).has_table(MetaRow.__tablename__)
-        if existing:
-            self._check_schema_version(shown)
-        Base.metadata.create_all(self._engine)
-        if not existing:
-            with Session(self._engine) as session, session.begin():
-                session.add(MetaRow(key="schema_version", value=str(SCHEMA_VERSION)))
+        shown = make_url(url).render_as_string(hide_password=True)
+        with self._engine.connect() as connection:
+            found = _schema_version(connection, shown)
+        if found != SCHEMA_VERSION:
+            _prepare_schema(self._engine, shown)
         logger.info("replay store %s (schema %d)", shown, SCHEMA_VERSION)
 
     def close(self) -> None:
@@ -260,7 +270,7 @@ class ReplayStore:
     def metrics(
         self, by: Sequence[str] = ("stage",), **filters: Unpack[TrajectoryFilter]
     ) -> dict[tuple[Any, ...], GroupMetrics]:
-        """Success rate, mean reward, mean turns and invalid-action rate per group.
+        """Success rate, mean reward, mean turns, invalid-action rate and tampering per group.
 
         Args:
             by: Columns to group by, from :data:`GROUP_COLUMNS`, e.g. ``("stage", "kind")``.
@@ -277,17 +287,12 @@ class ReplayStore:
             func.sum(t.reward),
             func.sum(t.num_turns),
             func.sum(t.invalid_actions),
+            func.sum(t.tamper_attempts),
+            func.sum(case((t.tamper_attempts > 0, 1), else_=0)),
         )
         stmt = select(*columns, *sums).where(*_where(filters)).group_by(*columns).order_by(*columns)
         with Session(self._engine) as session:
             return {tuple(row[: len(columns)]): _group_metrics(*row[len(columns) :]) for row in session.execute(stmt)}
-
-    def _check_schema_version(self, shown: str) -> None:
-        with Session(self._engine) as session:
-            row = session.get(MetaRow, "schema_version")
-        found = None if row is None else row.value
-        if found != str(SCHEMA_VERSION):
-            raise SchemaVersionError(f"{shown} has replay schema version {found}, this code needs {SCHEMA_VERSION}")
 
 
 class _TrajectoryIndex:
@@ -359,6 +364,81 @@ def _create_engine(url: str) -> Engine:
     return engine
 
 
+def _schema_version(connection: Connection, shown: str) -> int | None:
+    """The database's replay schema version, or None when it has no ``meta`` table (a new database).
+
+    Raises:
+        SchemaVersionError: If the version is newer than :data:`SCHEMA_VERSION`, or none this code knows.
+    """
+    if not inspect(connection).has_table(MetaRow.__tablename__):
+        return None
+    found = connection.scalar(select(MetaRow.value).where(MetaRow.key == "schema_version"))
+    if found is None or not found.isdecimal() or int(found) < 1:
+        raise SchemaVersionError(f"{shown} has replay schema version {found}, which this code cannot migrate")
+    if int(found) > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{shown} has replay schema version {found}, newer than this code's {SCHEMA_VERSION} (never downgraded)"
+        )
+    return int(found)
+
+
+def _prepare_schema(engine: Engine, shown: str) -> None:
+    """Creates the tables of a new database, or migrates an older one to :data:`SCHEMA_VERSION`, under the lock.
+
+    The version is read again under the lock: another process may have done the work meanwhile.
+    """
+    from agentloop.replay import migrations  # Alembic is imported only when there is schema work
+
+    with _schema_transaction(engine) as connection:
+        found = _schema_version(connection, shown)
+        if found is None:
+            migrations.create(connection)
+        elif found < SCHEMA_VERSION:
+            migrations.upgrade(connection, found)
+    if found is not None and found < SCHEMA_VERSION:
+        logger.info("replay store %s migrated from schema %d to %d", shown, found, SCHEMA_VERSION)
+
+
+@contextmanager
+def _schema_transaction(engine: Engine) -> Iterator[Connection]:
+    """A connection inside one transaction that holds the schema lock; committed unless the block raises."""
+    with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            with _sqlite_schema_transaction(connection):
+                yield connection
+            return
+        with connection.begin():
+            if connection.dialect.name == "postgresql":
+                connection.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+            yield connection
+
+
+@contextmanager
+def _sqlite_schema_transaction(connection: Connection) -> Iterator[None]:
+    """A SQLite transaction that covers DDL, holds the write lock and checks foreign keys at its end.
+
+    The sqlite3 driver begins transactions only before DML, so DDL would commit statement by
+    statement: the driver's transaction control is switched off (SQLAlchemy restores it when
+    the connection returns to the pool) and ``BEGIN IMMEDIATE`` takes the write lock, so a
+    second process waits here. Foreign keys are not enforced inside (a rebuilt table drops the
+    rows others refer to, for a moment) and the pragma cannot change inside a transaction, so
+    they are switched off around it and checked before the commit.
+    """
+    connection.execution_options(isolation_level="AUTOCOMMIT")
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    connection.commit()
+    try:
+        with connection.begin():
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            yield
+            dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+            if dangling:
+                raise RuntimeError(f"schema work left rows with dangling foreign keys: {dangling[:5]}")
+    finally:
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        connection.commit()
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     """Write-ahead logging (readers never block the writer) and enforced foreign keys."""
     cursor = dbapi_connection.cursor()
@@ -392,6 +472,7 @@ def _to_row(t: Trajectory, stage: str) -> TrajectoryRow:
         num_turns=t.num_turns,
         invalid_actions=t.invalid_actions,
         generated_tokens=t.generated_tokens,
+        tamper_attempts=t.tamper_attempts,
         tokenizer=t.tokenizer,
         messages=[{"role": m.role, "content": m.content, "token_ids": list(m.token_ids)} for m in t.messages],
     )
@@ -412,6 +493,7 @@ def _from_row(row: TrajectoryRow) -> Trajectory:
         policy_version=row.policy_version,
         iteration=row.iteration,
         generated_tokens=row.generated_tokens,
+        tamper_attempts=row.tamper_attempts,
     )
 
 
@@ -460,7 +542,9 @@ def _group_columns(by: Sequence[str]) -> list[Any]:
     return [getattr(TrajectoryRow, name) for name in by]
 
 
-def _group_metrics(episodes: int, successes: int, reward: float, turns: int, invalid: int) -> GroupMetrics:
+def _group_metrics(
+    episodes: int, successes: int, reward: float, turns: int, invalid: int, tampers: int, tampering: int
+) -> GroupMetrics:
     return GroupMetrics(
         episodes=episodes,
         successes=successes,
@@ -468,6 +552,8 @@ def _group_metrics(episodes: int, successes: int, reward: float, turns: int, inv
         mean_reward=reward / episodes,
         mean_turns=turns / episodes,
         invalid_action_rate=invalid / turns if turns else 0.0,
+        tamper_attempts=tampers,
+        tampering_episodes=tampering,
     )
 
 

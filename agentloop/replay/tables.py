@@ -2,9 +2,10 @@
 
 Four tables: ``trajectories`` (one row per episode, its conversation as JSON),
 ``pairs`` (DPO pairs that point at two trajectory rows), ``stages`` (one row per completed
-loop stage, the resume record) and ``meta`` (the schema version). Bump
-:data:`SCHEMA_VERSION` on any change here; the store refuses a database written with
-another version.
+loop stage, the resume record) and ``meta`` (the schema version). Any change here bumps
+:data:`SCHEMA_VERSION` and adds the Alembic revision that migrates a database of the previous
+version (:mod:`agentloop.replay.migrations`): the store migrates older databases when it opens
+them and refuses newer ones.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import typing
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, Double, ForeignKey, Index, String, Text
+from sqlalchemy import JSON, CheckConstraint, DateTime, Double, ForeignKey, Index, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from agentloop.types import Source
 
-SCHEMA_VERSION = 1
-"""Version of the table layout below; stored in ``meta`` under ``schema_version``."""
+SCHEMA_VERSION = 2
+"""Version of the table layout below; stored in ``meta`` under ``schema_version``.
+
+Alembic revision ``f"{SCHEMA_VERSION:04d}"`` of :mod:`agentloop.replay.migrations` brings a
+database to it (2: ``trajectories.tamper_attempts``).
+"""
 
 SOURCES = typing.get_args(Source)
 
@@ -48,6 +53,7 @@ class TrajectoryRow(Base):
     __table_args__ = (
         CheckConstraint(f"source IN ({', '.join(repr(s) for s in SOURCES)})", name="ck_trajectories_source"),
         CheckConstraint("num_turns >= 0 AND invalid_actions >= 0", name="ck_trajectories_turns"),
+        CheckConstraint("tamper_attempts >= 0", name="ck_trajectories_tamper_attempts"),
         Index("ix_trajectories_env_task", "env", "task_id"),
         Index("ix_trajectories_iteration_source", "iteration", "source"),
         Index("ix_trajectories_stage", "stage"),
@@ -71,6 +77,8 @@ class TrajectoryRow(Base):
     num_turns: Mapped[int]
     invalid_actions: Mapped[int]
     generated_tokens: Mapped[int]
+    tamper_attempts: Mapped[int] = mapped_column(server_default=text("0"))
+    """Added in schema 2; rows migrated from schema 1 hold 0."""
     tokenizer: Mapped[str] = mapped_column(String)
     messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     """``[{"role": ..., "content": ..., "token_ids": [...]}, ...]`` in conversation order."""

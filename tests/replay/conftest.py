@@ -47,3 +47,12 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'run' / 'replay.db'}"
     server: PostgresServer = request.getfixturevalue("postgres_server")
     return server.create_database(f"replay_{next(_database_numbers)}")
+
+
+@pytest.fixture
+def other_store_url(store_url: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A second empty database of the same kind as ``store_url``."""
+    if store_url.startswith("sqlite"):
+        return f"sqlite:///{tmp_path / 'other' / 'replay.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database(f"replay_{next(_database_numbers)}")

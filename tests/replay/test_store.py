@@ -36,6 +36,7 @@ def episode(
     success: bool = True,
     reward: float | None = None,
     invalid: int = 0,
+    tamper: int = 0,
     source: str = "explore",
     iteration: int = 1,
     policy_version: int = 1,
@@ -61,6 +62,7 @@ def episode(
         policy_version=policy_version,
         iteration=iteration,
         generated_tokens=4 * turns,
+        tamper_attempts=tamper,
     )
 
 
@@ -79,14 +81,21 @@ def store(store_url: str) -> Iterator[ReplayStore]:
 
 def test_round_trip_reproduces_records_exactly(store: ReplayStore) -> None:
     batch = [
-        episode(SELECT, turns=3, reward=0.1 + 0.2, success=False),
+        episode(SELECT, turns=3, reward=0.1 + 0.2, success=False, tamper=2),
         episode(INSERT, source="expert", policy_version=-1, iteration=0, seed=1),
         replace(episode(KITCHEN, seed=2), messages=(Message("user", "You are in a kitchen."),)),
     ]
     ids = store.add(batch, stage="explore/1")
     assert len(ids) == 3 and ids == sorted(ids)
     assert store.trajectories() == batch
+    assert [t.tamper_attempts for t in store.trajectories()] == [2, 0, 0]
     assert store.trajectories()[0].token_ids == batch[0].token_ids
+
+
+def test_negative_tamper_attempts_are_refused(store: ReplayStore) -> None:
+    with pytest.raises(IntegrityError, match="ck_trajectories_tamper_attempts"):
+        store.add([episode(SELECT, tamper=-1)], stage="explore/1")
+    assert store.trajectories() == []
 
 
 def test_add_is_all_or_nothing(store: ReplayStore) -> None:
@@ -239,12 +248,12 @@ def test_pair_of_mixed_tasks_is_refused(store: ReplayStore) -> None:
 STAGED = {
     "eval/base": [
         episode(DEV, success=False, reward=0.0, turns=2, invalid=1, iteration=0, policy_version=0, source="eval"),
-        episode(KITCHEN, success=True, turns=3, iteration=0, policy_version=0, source="eval", seed=1),
+        episode(KITCHEN, success=True, turns=3, tamper=2, iteration=0, policy_version=0, source="eval", seed=1),
     ],
     "explore/1": [
         episode(SELECT, success=True, turns=1, seed=2),
-        episode(SELECT, success=False, reward=0.5, turns=4, invalid=2, seed=3),
-        episode(INSERT, success=False, reward=0.0, turns=3, invalid=3, seed=4),
+        episode(SELECT, success=False, reward=0.5, turns=4, invalid=2, tamper=3, seed=3),
+        episode(INSERT, success=False, reward=0.0, turns=3, invalid=3, tamper=1, seed=4),
         episode(INSERT, source="expert", policy_version=-1, iteration=0, seed=5),
     ],
 }
@@ -297,15 +306,25 @@ def test_counts_by_group(staged: ReplayStore) -> None:
 
 def test_metrics_worked_out_by_hand(staged: ReplayStore) -> None:
     metrics = staged.metrics(by=("stage", "kind"), source="explore")
-    # SELECT: rewards 1.0 and 0.5, one success, turns 1 + 4, invalid 0 + 2.
+    # SELECT: rewards 1.0 and 0.5, one success, turns 1 + 4, invalid 0 + 2, tamper attempts 0 + 3.
     assert metrics[("explore/1", "SELECT")] == GroupMetrics(
-        episodes=2, successes=1, success_rate=0.5, mean_reward=0.75, mean_turns=2.5, invalid_action_rate=2 / 5
+        episodes=2,
+        successes=1,
+        success_rate=0.5,
+        mean_reward=0.75,
+        mean_turns=2.5,
+        invalid_action_rate=2 / 5,
+        tamper_attempts=3,
+        tampering_episodes=1,
     )
-    # INSERT (the expert is filtered out): reward 0.0, 3 turns, all 3 invalid.
-    assert metrics[("explore/1", "INSERT")] == GroupMetrics(1, 0, 0.0, 0.0, 3.0, 1.0)
+    # INSERT (the expert is filtered out): reward 0.0, 3 turns, all 3 invalid, 1 tamper attempt.
+    assert metrics[("explore/1", "INSERT")] == GroupMetrics(1, 0, 0.0, 0.0, 3.0, 1.0, 1, 1)
     assert list(metrics) == [("explore/1", "INSERT"), ("explore/1", "SELECT")]
-    # eval/base: 1 of 2 solved, rewards 0 and 1, turns 2 + 3, 1 invalid of 5 turns.
-    assert staged.metrics()[("eval/base",)] == GroupMetrics(2, 1, 0.5, 0.5, 2.5, 0.2)
+    # eval/base: 1 of 2 solved, rewards 0 and 1, turns 2 + 3, 1 invalid of 5 turns, 2 tamper attempts in one.
+    assert staged.metrics()[("eval/base",)] == GroupMetrics(2, 1, 0.5, 0.5, 2.5, 0.2, 2, 1)
+    # explore/1 with its expert: tamper attempts 0 + 3 + 1 + 0 in two episodes.
+    assert staged.metrics(stage="explore/1")[("explore/1",)].tamper_attempts == 4
+    assert staged.metrics(stage="explore/1")[("explore/1",)].tampering_episodes == 2
 
 
 def test_metrics_agree_with_trajectory_metrics(staged: ReplayStore) -> None:
@@ -317,6 +336,8 @@ def test_metrics_agree_with_trajectory_metrics(staged: ReplayStore) -> None:
     assert flat["explore/reward"] == pytest.approx(group.mean_reward)
     assert flat["explore/turns"] == pytest.approx(group.mean_turns)
     assert flat["explore/invalid_action_rate"] == pytest.approx(group.invalid_action_rate)
+    assert flat["explore/tamper_attempts"] == group.tamper_attempts == 4
+    assert flat["explore/tampering_episodes"] == group.tampering_episodes == 2
 
 
 def test_schema_version_is_checked(store_url: str) -> None:
