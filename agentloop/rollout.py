@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentloop.config import ConfigError
+from agentloop.envs.contract import EnvContractError, reset_task, step_outcome
 from agentloop.policy.base import Generation, Policy, SamplingConfig, open_stream
 from agentloop.types import Message, Source, Task, Trajectory
 
@@ -29,13 +30,14 @@ class RolloutConfig:
     concurrent_episodes: int = 32
     """Episodes in flight; their turns are generation requests that batch together as they come."""
     max_context_tokens: int = 2048
-    """An episode whose next prompt plus a full turn would exceed this is truncated."""
+    """An episode whose next prompt plus a full turn would exceed this is truncated (0: an
+    experiment fits it to its envs before running; :func:`rollout` needs it set)."""
 
     def validate(self) -> None:
         if self.concurrent_episodes < 1:
             raise ConfigError(f"concurrent_episodes must be >= 1, got {self.concurrent_episodes}")
-        if self.max_context_tokens <= self.sampling.max_new_tokens:
-            raise ConfigError("max_context_tokens must exceed sampling.max_new_tokens")
+        if self.max_context_tokens < 0 or 0 < self.max_context_tokens <= self.sampling.max_new_tokens:
+            raise ConfigError("max_context_tokens must exceed sampling.max_new_tokens (or be 0: fit the envs)")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class _Episode:
     messages: list[Message]
     invalid: int = 0
     generated: int = 0
+    tamper_attempts: int = 0
 
     @property
     def prompt(self) -> list[int]:
@@ -101,6 +104,8 @@ def rollout(
     """
     from tqdm import tqdm
 
+    if config.max_context_tokens < 1:
+        raise ValueError("rollout needs max_context_tokens set (0 means an experiment fits it to its envs first)")
     started = time.perf_counter()
     cache = getattr(policy, "prefix_cache", None)
     reused_before = cache.reused_tokens if cache is not None else 0
@@ -157,7 +162,10 @@ def rollout(
 
 
 def _start(policy: Policy, env: Any, task: Task) -> _Episode:
-    observation, _ = env.reset(options={"task_id": task.task_id})
+    observation, info = env.reset(options={"task_id": task.task_id})
+    started = reset_task(info, task.env)
+    if (started.env, started.task_id) != (task.env, task.task_id):
+        raise EnvContractError(f"{task.env}: reset to task {task.task_id!r} started {started.task_id!r}")
     first = Message("user", observation, tuple(policy.chat.user_segment(observation, first=True)))
     return _Episode(env=env, task=task, messages=[first])
 
@@ -169,8 +177,10 @@ def _advance(
     episode.messages.append(Message("assistant", gen.text, gen.token_ids))
     episode.generated += len(gen.token_ids)
     observation, reward, terminated, truncated, info = episode.env.step(gen.text)
-    episode.invalid += int(bool(info.get("invalid", False)))
-    success = bool(info.get("success", False))
+    step = step_outcome(info, episode.task.env)
+    episode.invalid += int(step.invalid)
+    episode.tamper_attempts += step.tamper_attempts
+    success = step.success
     if terminated or truncated:
         return float(reward), success, terminated, truncated
     segment = tuple(policy.chat.user_segment(observation, first=False))
@@ -198,4 +208,5 @@ def _trajectory(
         policy_version=policy.version,
         iteration=iteration,
         generated_tokens=episode.generated,
+        tamper_attempts=episode.tamper_attempts,
     )

@@ -6,9 +6,7 @@ observation in a demonstration real and its reward measured: a demonstration who
 do not actually solve the task shows up with reward 0 and can be dropped.
 
 This module knows nothing about any particular environment; it relies only on agentloop's
-environment contract: ``reset(options={"task_id": ...})`` returns ``info["task"]`` (a
-:class:`~agentloop.types.Task`) and ``step`` returns ``info["invalid"]`` and
-``info["success"]``.
+environment contract (:mod:`agentloop.envs.contract`).
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from typing import Any
 
 import gymnasium
 
+from agentloop.envs.contract import reset_task, step_outcome
 from agentloop.types import Message, Task, Trajectory
 
 EXPERT_POLICY_VERSION = -1
@@ -41,17 +40,20 @@ def replay_actions(env: gymnasium.Env, task_id: str, actions: Sequence[str]) -> 
     """
     if not actions:
         raise ValueError(f"no actions to replay for task {task_id!r}")
+    name = type(env.unwrapped).__name__
     observation, info = env.reset(options={"task_id": task_id})
-    task = info["task"]
+    task = reset_task(info, name)
     messages = [Message(role="user", content=observation)]
-    reward, success, terminated, truncated, invalid = 0.0, False, False, False, 0
+    reward, success, terminated, truncated, invalid, tampered = 0.0, False, False, False, 0, 0
     for turn, action in enumerate(actions):
         if terminated or truncated:
             raise ValueError(f"task {task_id!r}: the episode ended after {turn} of {len(actions)} actions")
         messages.append(Message(role="assistant", content=action))
         observation, reward, terminated, truncated, step_info = env.step(action)
-        invalid += int(step_info["invalid"])
-        success = bool(step_info["success"])
+        step = step_outcome(step_info, task.env)
+        invalid += int(step.invalid)
+        tampered += step.tamper_attempts
+        success = step.success
         if not (terminated or truncated):
             messages.append(Message(role="user", content=observation))
     return Trajectory(
@@ -67,6 +69,7 @@ def replay_actions(env: gymnasium.Env, task_id: str, actions: Sequence[str]) -> 
         source="expert",
         policy_version=EXPERT_POLICY_VERSION,
         iteration=0,
+        tamper_attempts=tampered,
     )
 
 

@@ -63,8 +63,13 @@ class EnvDefinition:
     expert_config: type | None = None
     """The expert's config dataclass, if it has settings (a run's section ``<name>_experts``)."""
     context_tokens: int = 2048
-    """Tokens an episode's conversation needs with the default settings (Gemma's tokenizer):
-    the default context of rollouts and the learner when this env is in a run."""
+    """Context an episode may fill with the env's default settings, in tokens of the default
+    model's tokenizer: a run's default rollout context and learner ``max_length`` are the
+    largest of its envs' (``bench/episode_tokens.py`` measures episodes)."""
+    median_episode_tokens: int = 0
+    """Median length of the env's expert demonstrations, in tokens of the default model's
+    tokenizer (``bench/episode_tokens.py``): a learner ``max_length`` or rollout context
+    below it would cut the final turn of most episodes, so a run's config refuses it."""
 
     def __post_init__(self) -> None:
         if not _NAME_RE.fullmatch(self.name):
@@ -75,6 +80,8 @@ class EnvDefinition:
 
 
 _registered: dict[str, str | EnvDefinition] = {}
+"""Each name as it was registered: an import path or a definition."""
+_loaded: dict[str, EnvDefinition] = {}
 _entry_points_read = False
 
 
@@ -94,7 +101,7 @@ def register(name: str, definition: str | EnvDefinition) -> None:
     if isinstance(definition, EnvDefinition) and definition.name != name:
         raise ValueError(f"registering {name!r} with the definition of {definition.name!r}")
     known = _registered.get(name)
-    if known is not None and known != definition and _path(known) != _path(definition):
+    if known is not None and known != definition:
         raise ValueError(f"environment {name!r} is registered already ({_path(known)})")
     _registered[name] = definition
 
@@ -114,14 +121,15 @@ def definition(name: str) -> EnvDefinition:
     _read_entry_points()
     if name not in _registered:
         raise ValueError(f"unknown environment {name!r}; known environments: {', '.join(_registered)}")
-    found = _registered[name]
-    if isinstance(found, str):
-        module, _, attribute = found.partition(":")
-        found = getattr(importlib.import_module(module), attribute)
+    if name not in _loaded:
+        found = _registered[name]
+        if isinstance(found, str):
+            module, _, attribute = found.partition(":")
+            found = getattr(importlib.import_module(module), attribute)
         if not isinstance(found, EnvDefinition) or found.name != name:
             raise TypeError(f"{_path(_registered[name])} is not the EnvDefinition of {name!r}")
-        _registered[name] = found
-    return found
+        _loaded[name] = found
+    return _loaded[name]
 
 
 def _path(definition: str | EnvDefinition) -> str:

@@ -58,6 +58,7 @@ ENV = EnvDefinition(
     config=ALFWorldEnvConfig,
     build_experts=build_alfworld_experts,
     context_tokens=4096,
+    median_episode_tokens=488,  # bench/episode_tokens.py: median of 200 train experts
 )
 """The ALFWorld environment's registration (``agentloop.envs``)."""
 

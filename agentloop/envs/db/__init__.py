@@ -57,6 +57,7 @@ ENV = EnvDefinition(
     build_experts=build_db_experts,
     expert_config=DBExpertConfig,
     context_tokens=2048,
+    median_episode_tokens=270,  # bench/episode_tokens.py: median of 200 train experts
 )
 """The Database environment's registration (``agentloop.envs``)."""
 

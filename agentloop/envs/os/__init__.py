@@ -103,6 +103,7 @@ ENV = EnvDefinition(
     config=OSEnvConfig,
     build_experts=build_os_experts,
     context_tokens=2048,
+    median_episode_tokens=278,  # bench/episode_tokens.py: median of 200 train experts
 )
 """The Operating System environment's registration (``agentloop.envs``)."""
 

@@ -70,6 +70,7 @@ ENV = EnvDefinition(
     config=WebShopEnvConfig,
     build_experts=build_webshop_experts,
     context_tokens=4096,
+    median_episode_tokens=1145,  # bench/episode_tokens.py: median of 200 train experts
 )
 """The WebShop environment's registration (``agentloop.envs``)."""
 
