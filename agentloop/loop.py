@@ -4,14 +4,19 @@ A run is a directory holding its resolved config, the replay store (SQLite by de
 the adapters and the metrics. A stage (``experts``, ``eval/base``, ``sft``, ``explore/1``,
 ``dpo/1``, ...) commits its trajectories, pairs, metrics and completion mark in one store
 transaction, after writing any adapter it produced; so after a crash a stage is either
-complete, with everything it made, or absent, and ``--resume`` reruns it from scratch.
+complete, with everything it made, or absent, and ``--resume`` reruns it from scratch. The
+metrics log (``metrics.jsonl``, TensorBoard) is written after that commit; a completed stage
+a crash kept out of the log is logged again from the store when a resumed run passes it.
+
+A resumed run keeps what its completed stages did: :func:`check_resume` refuses an override
+of any setting a completed stage read (the experiment says which stage reads which settings).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,17 +60,82 @@ class RunDir:
         return cls(path)
 
     @classmethod
-    def resume(cls, path: Path, config_cls: type[C], overrides: Sequence[str] = ()) -> tuple[RunDir, C]:
-        """Opens an existing run and reloads its config; overrides apply on top and are saved."""
+    def resume(cls, path: Path, config_cls: type[C], overrides: Sequence[str] = ()) -> tuple[RunDir, C, C]:
+        """Opens an existing run: its saved config, and that config with ``overrides`` on top.
+
+        Nothing is written: once the overrides are accepted (:func:`check_resume`), save the
+        new config with :meth:`save_config`.
+        """
         from agentloop.config import load_config
 
         run = cls(Path(path))
         if not run.config_file.is_file():
             raise ConfigError(f"--resume {path}: no config.yaml there; is it a run directory?")
-        config = load_config(config_cls, run.config_file, list(overrides))
-        if overrides:
-            run.config_file.write_text(yaml.safe_dump(_plain(to_dict(config)), sort_keys=False))
-        return run, config
+        saved = load_config(config_cls, run.config_file)
+        return run, saved, load_config(config_cls, run.config_file, list(overrides))
+
+    def save_config(self, config: Any) -> None:
+        """Writes the resolved config into the run directory (replacing it whole)."""
+        temporary = self.config_file.with_suffix(".yaml.tmp")
+        temporary.write_text(yaml.safe_dump(_plain(to_dict(config)), sort_keys=False))
+        temporary.replace(self.config_file)
+
+
+def check_resume(
+    saved: Any,
+    config: Any,
+    completed: Sequence[str],
+    reads: Mapping[str, Sequence[str]],
+    free: Sequence[str] = (),
+) -> list[str]:
+    """Refuses a resumed config that changes a setting a completed stage read.
+
+    Settings are dotted keys of the config (``policy.model``, ``sft.epochs``; a list such as
+    ``envs`` is one setting). A changed setting is accepted when it is ``free`` (it changes
+    how fast, not what a stage computes) or when no completed stage reads it: the stages
+    still to run use the new value.
+
+    Args:
+        saved: The run's saved config.
+        config: The config the resumed run would use.
+        completed: The run's completed stages (``explore/1``, ...).
+        reads: For each stage family (a stage name's part before ``/``), the settings or
+            sections it reads (``"sft"`` covers every ``sft.*``).
+        free: Settings any resumed run may change.
+
+    Returns:
+        The changed settings, all accepted.
+
+    Raises:
+        ConfigError: Naming the first changed setting that a completed stage read.
+    """
+    before, after = _flat(to_dict(saved)), _flat(to_dict(config))
+    changed = [key for key in dict.fromkeys([*before, *after]) if before.get(key) != after.get(key)]
+    for key in changed:
+        if _covers(free, key):
+            continue
+        for stage in completed:
+            if _covers(reads.get(stage.split("/")[0], ()), key):
+                raise ConfigError(
+                    f"{key}: completed stage {stage} ran with {before.get(key)!r}; a resumed run cannot change it "
+                    f"to {after.get(key)!r} (resume without this override, or start a new run)"
+                )
+    return changed
+
+
+def _covers(prefixes: Sequence[str], key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [..]}`` as ``{"a.b": 1, "c": [..]}``."""
+    flat: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, Mapping):
+            flat |= _flat(value, f"{prefix}{name}.")
+        else:
+            flat[f"{prefix}{name}"] = _plain(value)
+    return flat
 
 
 def _plain(value: Any) -> Any:
@@ -80,19 +150,29 @@ class Stages:
     """Runs named stages once: completed ones are skipped on resume, the rest are timed."""
 
     def __init__(self, run: RunDir, store: Any, metrics: Any) -> None:
+        from agentloop.metrics import read_metrics
+
         self.run, self.store, self.metrics = run, store, metrics
         self.completed = list(store.completed_stages())
+        self._logged = {r["stage"] for r in read_metrics(metrics.path)} if metrics.path.exists() else set()
         if self.completed:
             logger.info("resuming after stages: %s", ", ".join(self.completed))
 
-    def done(self, stage: str) -> bool:
-        return stage in self.completed
+    def done(self, stage: str, step: int) -> bool:
+        """Whether ``stage`` completed before; if so, its metrics are in the log (logged again if a crash lost them)."""
+        if stage not in self.completed:
+            return False
+        if stage not in self._logged:
+            logger.info("%s: its metrics were committed but never logged; logging them from the store", stage)
+            self.metrics.log(self.store.stage_metrics(stage), stage=stage, step=step)
+            self._logged.add(stage)
+        return True
 
     def rollout(
         self, stage: str, step: int, work: Callable[[], tuple[list[Trajectory], dict[str, float]]]
     ) -> list[Trajectory]:
         """A stage that produces trajectories (experts, explore, eval); returns them."""
-        if self.done(stage):
+        if self.done(stage, step):
             return self.store.trajectories(stage=stage)
         started = time.perf_counter()
         trajectories, metrics = work()
@@ -105,7 +185,7 @@ class Stages:
     ) -> Files:
         """A stage that produces an adapter; returns its files (read back from disk on resume)."""
         target = self.run.adapter(stage)
-        if self.done(stage):
+        if self.done(stage, step):
             return pack_dir(target)
         started = time.perf_counter()
         files, metrics = work()
@@ -118,6 +198,7 @@ class Stages:
         self.store.commit_stage(stage, metrics=metrics, **records)
         self.completed.append(stage)
         self.metrics.log(metrics, stage=stage, step=step)
+        self._logged.add(stage)
         detail = ("/kind/", "/env/", "/by_type/", "/by_kind/", "/recovery/")
         shown = {k: round(v, 4) for k, v in metrics.items() if not any(d in k for d in detail)}
         logger.info("%s done: %s", stage, shown)

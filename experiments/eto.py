@@ -84,18 +84,22 @@ class ETOConfig:
     """torch threads of each actor; 0 = all cores of its node (the loop runs one actor at a time)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rollout: RolloutConfig = field(
-        default_factory=lambda: RolloutConfig(concurrent_episodes=48, sampling=SamplingConfig(max_new_tokens=128))
+        default_factory=lambda: RolloutConfig(
+            concurrent_episodes=48, max_context_tokens=0, sampling=SamplingConfig(max_new_tokens=128)
+        )
     )
     """128 new tokens per turn cover every expert action (longest: 130 tokens with its stop token, p95 74).
-    48 episodes in flight keep the 32 rows of a generation batch busy while some episodes wait."""
+    48 episodes in flight keep the 32 rows of a generation batch busy while some episodes wait.
+    ``max_context_tokens`` 0 fits the run's envs (the largest ``context_tokens`` they register)."""
     # The embedded default fits SFT + 2 rounds into about an hour on a 2-core CPU: 2 SFT epochs
     # and 1 DPO epoch per round instead of ETO's 3 and 3; 10% of earlier rounds' pairs replayed.
     # Plain DPO lowered the chosen trajectories' likelihood too and made the 270M policy worse
     # on held-out tasks (7/60 after round 1 against 9/60 after SFT), so the default adds the
     # chosen side's NLL (RPO) to ETO's loss.
-    sft: SFTLearnerConfig = field(default_factory=lambda: SFTLearnerConfig(epochs=2))
+    # Learner max_length 0 = the rollout's context, so whole episodes train.
+    sft: SFTLearnerConfig = field(default_factory=lambda: SFTLearnerConfig(epochs=2, max_length=0))
     dpo: DPOLearnerConfig = field(
-        default_factory=lambda: DPOLearnerConfig(epochs=1, replay_fraction=0.1, sft_loss_weight=1.0)
+        default_factory=lambda: DPOLearnerConfig(epochs=1, replay_fraction=0.1, sft_loss_weight=1.0, max_length=0)
     )
 
     def validate(self) -> None:
@@ -106,6 +110,37 @@ class ETOConfig:
         names = [spec.name for spec in self.envs]
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"envs: need at least one environment, each once; got {names}")
+        self.check_lengths()
+
+    def check_lengths(self) -> None:
+        """Refuses a context or learner length that would cut the final turn of most episodes of a chosen env.
+
+        0 (the default) fits the run's envs: see :meth:`fit_lengths`.
+        """
+        lengths = {
+            "rollout.max_context_tokens": self.rollout.max_context_tokens,
+            "sft.max_length": self.sft.max_length,
+            "dpo.max_length": self.dpo.max_length,
+        }
+        for i, spec in enumerate(self.envs):
+            found = envs.definition(spec.name)
+            for key, value in lengths.items():
+                if 0 < value < found.median_episode_tokens:
+                    raise ConfigError(
+                        f"{key}={value} would cut the final turn of most {spec.name} episodes (envs[{i}].name="
+                        f"{spec.name}: half of its expert demonstrations are longer than {found.median_episode_tokens} "
+                        f"tokens); set {key} to at least {found.context_tokens}, or to 0 to fit the run's envs"
+                    )
+
+    def fit_lengths(self) -> None:
+        """Resolves the lengths left at 0: the rollout's context becomes the largest that the run's envs
+        register (``EnvDefinition.context_tokens``), and each learner's ``max_length`` that context, so
+        whole episodes train. Called once, before the config is saved with the run."""
+        if self.rollout.max_context_tokens == 0:
+            self.rollout.max_context_tokens = max(envs.definition(spec.name).context_tokens for spec in self.envs)
+        for learner in (self.sft, self.dpo):
+            if learner.max_length == 0:
+                learner.max_length = self.rollout.max_context_tokens
 
     def env_config(self, name: str):
         """The settings section of one environment (``db``, ``os``, ...)."""
@@ -119,6 +154,28 @@ class ETOConfig:
 # One settings section per registered environment (``db``, ``os``, ``webshop``, ``alfworld``,
 # plugins'), and ``<name>_experts`` for an expert with settings (``db_experts``).
 ETOConfig = with_sections(ETOConfig, envs.config_sections())
+
+
+STAGE_READS = {
+    "experts": ("envs", "seed"),
+    "eval": ("envs", "policy", "rollout"),
+    "explore": ("envs", "policy", "rollout"),
+    "sft": ("sft", "policy.model"),
+    "dpo": ("dpo", "policy.model", "seed"),
+}
+"""The settings each stage family reads, besides every env's own section (experts, eval, explore).
+A resumed run refuses to change a setting that a completed stage read."""
+FREE_SETTINGS = (
+    "data_dir",
+    "threads",
+    "ray_address",
+    "iterations",
+    "rollout.concurrent_episodes",
+    "policy.batch_size",
+    "policy.prefix_cache_tokens",
+)
+"""Settings a resumed run may always change: they decide where the task data lives, how fast, or how many
+rounds, not what a stage computes."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     from agentloop.replay import ReplayStore
 
-    config, run = parse_args(argv)
+    config, run, saved = parse_args(argv)
     train, held_out = {}, []  # training tasks by env; held-out tasks of all envs
     for spec in config.envs:
         train_split, eval_split = spec.splits()
@@ -147,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     store = ReplayStore(config.store_url or run.store_url)
     metrics = MetricsLogger(run.path)
     stages = Stages(run, store, metrics)
+    if saved is not None:
+        resume_checks(config, saved, run, stages.completed)
     print(f"run directory: {run.path}")
 
     # A job from `ray job submit` finds its cluster in RAY_ADDRESS; otherwise start a local one
@@ -269,11 +328,32 @@ def parse_args(argv: list[str] | None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.resume:
-        run, config = RunDir.resume(args.resume, ETOConfig, args.overrides)
-        return config, run
+        if args.config:
+            raise ConfigError("--resume continues a run with its own config.yaml; give overrides, not --config")
+        run, saved, config = RunDir.resume(args.resume, ETOConfig, args.overrides)
+        for key in ("run_dir", "store_url"):  # where the run and its record of completed stages live
+            if getattr(config, key) != getattr(saved, key):
+                raise ConfigError(f"{key}: a resumed run keeps its {key} ({getattr(saved, key)!r})")
+        return config, run, saved
     config = load_config(ETOConfig, args.config, args.overrides)
+    config.fit_lengths()
     path = Path(config.run_dir or f"runs/eto-{time.strftime('%Y%m%d-%H%M%S')}")
-    return config, RunDir.create(path, config)
+    return config, RunDir.create(path, config), None
+
+
+def resume_checks(config, saved, run, completed: list[str]) -> None:
+    """A resumed run may change only what its completed stages did not read (see ``STAGE_READS``)."""
+    from agentloop.loop import check_resume
+
+    sections = tuple(envs.config_sections())
+    reads = {
+        family: tuple(keys) + (sections if family in ("experts", "eval", "explore") else ())
+        for family, keys in STAGE_READS.items()
+    }
+    changed = check_resume(saved, config, completed, reads, free=FREE_SETTINGS)
+    if changed:
+        print(f"resuming with changed settings (no completed stage read them): {', '.join(changed)}")
+        run.save_config(config)
 
 
 if __name__ == "__main__":

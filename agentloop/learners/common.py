@@ -30,9 +30,13 @@ def check_training_fields(config: Any) -> None:
     Raises:
         ConfigError: Naming the first offending field.
     """
-    for name in ("epochs", "batch_size", "grad_accumulation", "max_length"):
+    for name in ("epochs", "batch_size", "grad_accumulation"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name}: must be at least 1, got {getattr(config, name)}")
+    if config.max_length < 0:
+        raise ConfigError(
+            f"max_length: must be at least 1 (or 0: an experiment fits it to its envs), got {config.max_length}"
+        )
     if not config.learning_rate > 0:
         raise ConfigError(f"learning_rate: must be positive, got {config.learning_rate}")
     if not 0 <= config.warmup_ratio < 1:

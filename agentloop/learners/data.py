@@ -16,7 +16,7 @@ import math
 import random
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from agentloop.policy.chat import ChatTokenizer
@@ -145,60 +145,109 @@ def _tokens(messages: Sequence[Message]) -> tuple[list[int], list[int]]:
     return ids, mask
 
 
-def sft_examples(trajectories: Sequence[Trajectory], chat: ChatTokenizer, max_length: int) -> list[SFTExample]:
+@dataclass(frozen=True)
+class DataReport:
+    """What turning records into training examples cut, dropped or re-tokenized."""
+
+    examples: int
+    """Examples (SFT conversations, DPO pairs) kept."""
+    cut: int
+    """Kept examples cut at a turn boundary to fit ``max_length`` (a pair counts once)."""
+    cut_tokens: int
+    """Tokens those cuts removed (both sides of a pair), trailing environment turns included."""
+    dropped: int
+    """Examples left out: no assistant turn within ``max_length``."""
+    retokenized: int
+    """Trajectories generated under another tokenizer, re-tokenized from their text."""
+
+    def metrics(self, prefix: str, unit: str) -> dict[str, float]:
+        """``<prefix>/cut_<unit>``, ``<prefix>/cut_tokens``, ``<prefix>/dropped_<unit>``, ``<prefix>/retokenized``."""
+        return {
+            f"{prefix}/cut_{unit}": float(self.cut),
+            f"{prefix}/cut_tokens": float(self.cut_tokens),
+            f"{prefix}/dropped_{unit}": float(self.dropped),
+            f"{prefix}/retokenized": float(self.retokenized),
+        }
+
+
+def sft_examples(
+    trajectories: Sequence[Trajectory], chat: ChatTokenizer, max_length: int
+) -> tuple[list[SFTExample], DataReport]:
     """Tokenized SFT examples, one per trajectory, with the assistant-only loss mask.
 
-    Over-long conversations are truncated at a turn boundary (the longest prefix of whole
-    turns that fits, see :func:`fit_messages`); those with no assistant turn left are
-    dropped. Both counts are logged.
+    Over-long conversations are cut at a turn boundary (the longest prefix of whole turns
+    that fits, see :func:`fit_messages`); those with no assistant turn left are dropped. The
+    report counts both, and the tokens the cuts lost; a cut is logged as a warning.
     """
-    examples, truncated, dropped = [], 0, 0
+    _check_max_length(max_length)
+    examples, cut, lost, dropped = [], 0, 0, 0
+    retokenized = chat.retokenized
     for trajectory in trajectories:
         messages = chat.tokenize(trajectory).messages
         kept = fit_messages(messages, max_length)
         if not kept:
             dropped += 1
             continue
-        truncated += len(kept) < len(fit_messages(messages, sys.maxsize))
+        missing = _lost_tokens(messages, kept)
+        cut, lost = cut + (missing > 0), lost + missing
         input_ids, mask = _tokens(kept)
         examples.append({"input_ids": input_ids, "assistant_masks": mask})
-    logger.info(
-        "SFT data: %d examples, %d truncated at a turn boundary, %d dropped (no assistant turn within %d tokens)",
-        len(examples),
-        truncated,
-        dropped,
-        max_length,
-    )
-    return examples
+    report = DataReport(len(examples), cut, lost, dropped, chat.retokenized - retokenized)
+    _log(report, "SFT", "conversations", max_length)
+    return examples, report
 
 
-def dpo_examples(pairs: Sequence[Pair], chat: ChatTokenizer, max_length: int) -> list[DPOExample]:
+def dpo_examples(pairs: Sequence[Pair], chat: ChatTokenizer, max_length: int) -> tuple[list[DPOExample], DataReport]:
     """Tokenized DPO examples: a shared prompt, then each side's remaining turns and assistant mask.
 
     The prompt is the tokens both sides share within the first message (in ETO the task
     instruction, identical on both sides); ``chosen_ids`` / ``rejected_ids`` are the rest of
     each conversation, and their masks are 1 only on assistant tokens, so environment turns
-    inside a completion do not count in the log-probabilities. Each side is truncated at a
-    turn boundary to ``max_length`` tokens (prompt included); a pair whose side keeps no
-    assistant turn is dropped. Counts are logged.
+    inside a completion do not count in the log-probabilities. Each side is cut at a turn
+    boundary to ``max_length`` tokens (prompt included); a pair whose side keeps no
+    assistant turn is dropped. The report counts both, and the tokens the cuts lost.
     """
-    examples, truncated, dropped = [], 0, 0
+    _check_max_length(max_length)
+    examples, cut, lost, dropped = [], 0, 0, 0
+    retokenized = chat.retokenized
     for pair in pairs:
         sides = [chat.tokenize(t).messages for t in (pair.chosen, pair.rejected)]
         kept = [fit_messages(messages, max_length) for messages in sides]
         if not all(kept):
             dropped += 1
             continue
-        truncated += any(len(k) < len(fit_messages(m, sys.maxsize)) for k, m in zip(kept, sides, strict=True))
+        missing = sum(_lost_tokens(m, k) for m, k in zip(sides, kept, strict=True))
+        cut, lost = cut + (missing > 0), lost + missing
         examples.append(_preference_example(*kept))
-    logger.info(
-        "DPO data: %d pairs, %d with a side cut at a turn boundary, %d dropped (no assistant turn within %d tokens)",
-        len(examples),
-        truncated,
-        dropped,
-        max_length,
-    )
-    return examples
+    report = DataReport(len(examples), cut, lost, dropped, chat.retokenized - retokenized)
+    _log(report, "DPO", "pairs", max_length)
+    return examples, report
+
+
+def _check_max_length(max_length: int) -> None:
+    if max_length < 1:
+        raise ValueError(f"max_length must be set (0 means an experiment fits it to its envs first), got {max_length}")
+
+
+def _lost_tokens(messages: Sequence[Message], kept: Sequence[Message]) -> int:
+    """Tokens of ``messages`` beyond the kept prefix that could have trained (trailing env turns don't count)."""
+    whole = fit_messages(messages, sys.maxsize)
+    return sum(len(m.token_ids) for m in whole[len(kept) :])
+
+
+def _log(report: DataReport, name: str, unit: str, max_length: int) -> None:
+    logger.info("%s data: %d %s, %d dropped", name, report.examples, unit, report.dropped)
+    if report.cut or report.dropped:
+        logger.warning(
+            "%s data: %d of %d %s cut at a turn boundary (%d tokens lost) and %d dropped to fit max_length=%d",
+            name,
+            report.cut,
+            report.examples,
+            unit,
+            report.cut_tokens,
+            report.dropped,
+            max_length,
+        )
 
 
 def _preference_example(chosen: Sequence[Message], rejected: Sequence[Message]) -> DPOExample:

@@ -64,7 +64,8 @@ class DPOLearnerConfig:
     grad_accumulation: int = 8
     """Forward passes per optimizer step."""
     max_length: int = 1024
-    """Tokens per sequence, prompt included; longer ones are cut at a turn boundary."""
+    """Tokens per sequence, prompt included; longer ones are cut at a turn boundary and counted.
+    0: an experiment fits it to its envs first, as ``experiments/eto.py`` does."""
     warmup_ratio: float = 0.03
     """Fraction of the optimizer steps spent warming up linearly."""
     scheduler: str = "cosine"
@@ -121,12 +122,13 @@ def build_dpo_trainer(
     from agentloop.policy.chat import ChatTokenizer
 
     tokenizer = common.load_tokenizer(base_model)
-    examples = dpo_examples(pairs, ChatTokenizer(tokenizer), config.max_length)
+    examples, report = dpo_examples(pairs, ChatTokenizer(tokenizer), config.max_length)
     tokens = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
     sizes = {
         "dpo/pairs": float(len(examples)),
         "dpo/train_tokens": float(tokens),
         "dpo/assistant_tokens": float(sum(sum(e["chosen_mask"]) + sum(e["rejected_mask"]) for e in examples)),
+        **report.metrics("dpo", "pairs"),
     }
     if not examples:
         return None, sizes

@@ -45,7 +45,8 @@ class SFTLearnerConfig:
     grad_accumulation: int = 8
     """Forward passes per optimizer step (effective batch = batch_size * grad_accumulation)."""
     max_length: int = 1024
-    """Tokens per conversation; longer ones are cut at a turn boundary (see ``sft_examples``)."""
+    """Tokens per conversation; longer ones are cut at a turn boundary and counted (see ``sft_examples``).
+    0: an experiment fits it to its envs first, as ``experiments/eto.py`` does."""
     warmup_ratio: float = 0.03
     """Fraction of the optimizer steps spent warming up linearly (ETO: 3%)."""
     scheduler: str = "cosine"
@@ -90,7 +91,7 @@ def build_sft_trainer(
     from agentloop.policy.chat import ChatTokenizer
 
     tokenizer = common.load_tokenizer(base_model)
-    examples = sft_examples(trajectories, ChatTokenizer(tokenizer), config.max_length)
+    examples, report = sft_examples(trajectories, ChatTokenizer(tokenizer), config.max_length)
     if not examples:
         raise ValueError("no SFT example left: every trajectory was empty or had no assistant turn within max_length")
     if adapter is None:
@@ -116,6 +117,7 @@ def build_sft_trainer(
         "sft/examples": float(len(examples)),
         "sft/train_tokens": float(sum(len(e["input_ids"]) for e in examples)),
         "sft/assistant_tokens": float(sum(sum(e["assistant_masks"]) for e in examples)),
+        **report.metrics("sft", "examples"),
         "timing/sft_setup": time.perf_counter() - start,
     }
     return trainer, sizes

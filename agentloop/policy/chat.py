@@ -16,11 +16,14 @@ The base Gemma 3 checkpoint ships no chat template, but its tokenizer has the tu
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from agentloop.types import Message, Trajectory
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class ChatTokenizer:
         eos = tokenizer.eos_token_id
         self.stop_ids = (self.stop_id,) if eos is None or eos == self.stop_id else (self.stop_id, eos)
         self.name = f"{self.format.name}:{tokenizer_fingerprint(tokenizer)}"
+        self.retokenized = 0
+        """Trajectories of another tokenizer that :meth:`tokenize` re-tokenized from their text."""
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -122,10 +127,21 @@ class ChatTokenizer:
     def tokenize(self, trajectory: Trajectory) -> Trajectory:
         """The trajectory with every message tokenized in this format.
 
-        Trajectories produced under another tokenizer are re-tokenized from their text.
+        Trajectories produced under another tokenizer are re-tokenized from their text: the
+        first one logs a warning and every one is counted in :attr:`retokenized`. Those
+        that were never tokenized (expert demonstrations) are tokenized without a warning.
         """
         if trajectory.tokenizer == self.name and all(m.token_ids for m in trajectory.messages):
             return trajectory
         if trajectory.tokenizer != self.name:
+            if trajectory.tokenizer:  # tokens of another tokenizer: the text is all that carries over
+                if not self.retokenized:
+                    logger.warning(
+                        "trajectories tokenized by %s are re-tokenized from their text for %s (counted in "
+                        "<stage>/retokenized); the learner then trains on tokens the policy did not produce",
+                        trajectory.tokenizer,
+                        self.name,
+                    )
+                self.retokenized += 1
             trajectory = replace(trajectory, messages=tuple(replace(m, token_ids=()) for m in trajectory.messages))
         return replace(trajectory, messages=self.tokenize_messages(trajectory.messages), tokenizer=self.name)

@@ -88,3 +88,44 @@ def test_bad_config_fails_before_any_work(tmp_path, data_dir):
     result = _run([f"run_dir={tmp_path / 'r'}", "envs=[{name: chess}]"], data_dir)
     assert result.returncode != 0 and "envs[0].name" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_resume_refuses_overrides_that_change_completed_stages(tmp_path, data_dir):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import eto
+
+    from agentloop.config import load_config
+    from agentloop.loop import RunDir
+    from agentloop.replay import ReplayStore
+
+    run = RunDir.create(tmp_path / "run", load_config(eto.ETOConfig, None, [f"data_dir={data_dir}"]))
+    with ReplayStore(run.store_url) as store:
+        for stage in ("experts", "eval/base"):
+            store.commit_stage(stage, metrics={})
+    saved = run.config_file.read_text()
+    for override in ("policy.model=somewhere/else", "db.max_turns=9", "envs=[{name: db, train_tasks: 5}]", "seed=1"):
+        result = _run(["--resume", str(run.path), override], data_dir)
+        key = override.split("=")[0]
+        assert result.returncode != 0 and f"{key}: completed stage" in result.stderr, (override, result.stderr[-2000:])
+    result = _run(["--resume", str(run.path), f"store_url=sqlite:///{tmp_path / 'other.db'}"], data_dir)
+    assert result.returncode != 0 and "store_url: a resumed run keeps its store_url" in result.stderr
+    assert run.config_file.read_text() == saved  # nothing refused was written
+
+
+def test_lengths_fit_the_chosen_envs_and_a_length_that_cuts_most_episodes_fails(data_dir):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import eto
+
+    from agentloop.config import ConfigError, load_config
+
+    base = [f"data_dir={data_dir}"]
+    config = load_config(eto.ETOConfig, None, base)
+    config.fit_lengths()  # the default DB run: its registered context, and whole episodes in the learners
+    assert (config.rollout.max_context_tokens, config.sft.max_length, config.dpo.max_length) == (2048, 2048, 2048)
+    config = load_config(eto.ETOConfig, None, [*base, "envs=[{name: db}, {name: webshop}]", "dpo.max_length=3000"])
+    config.fit_lengths()
+    assert (config.rollout.max_context_tokens, config.sft.max_length, config.dpo.max_length) == (4096, 4096, 3000)
+    with pytest.raises(ConfigError, match=r"sft.max_length=1024 would cut the final turn of most webshop episodes"):
+        load_config(eto.ETOConfig, None, [*base, "envs=[{name: db}, {name: webshop}]", "sft.max_length=1024"])
+    with pytest.raises(ConfigError, match=r"rollout.max_context_tokens=256 .*\(envs\[0\].name=db"):
+        load_config(eto.ETOConfig, None, [*base, "rollout.max_context_tokens=256"])

@@ -170,7 +170,7 @@ def masked_runs(ids: list[int], mask: list[int], value: int = 1) -> list[list[in
 
 def test_sft_mask_covers_exactly_the_assistant_text_and_stop_token(chat) -> None:
     t = make_trajectory("a", turns=3, reward=1.0, success=True, source="expert", final_observation=True)
-    (example,) = sft_examples([t], chat, max_length=4096)
+    (example,), _ = sft_examples([t], chat, max_length=4096)
     decoded = [chat.tokenizer.decode(run) for run in masked_runs(example["input_ids"], example["assistant_masks"])]
     assert decoded == [m.content + "<end_of_turn>" for m in t.messages if m.role == "assistant"]
     # the final observation is dropped: nothing after the last assistant token affects the loss
@@ -185,7 +185,7 @@ def test_sft_examples_keep_the_policy_tokens_as_generated(chat) -> None:
     odd = tuple(chat.tokenizer.convert_tokens_to_ids(list("Action"))) + (chat.stop_id,)
     messages = (*t.messages[:-1], Message("assistant", "Action", odd))
     t = replace(t, messages=messages)
-    (example,) = sft_examples([t], chat, max_length=4096)
+    (example,), _ = sft_examples([t], chat, max_length=4096)
     assert example["input_ids"][-len(odd) :] == list(odd)
 
 
@@ -194,16 +194,48 @@ def test_over_long_conversations_are_cut_at_a_turn_boundary_or_dropped(chat) -> 
     lengths = [len(m.token_ids) for m in t.messages]
     budget = sum(lengths[:3]) + 1  # room for user, assistant, user and one token of the next turn
     assert [m.role for m in fit_messages(t.messages, budget)] == ["user", "assistant"]
-    (example,) = sft_examples([t], chat, max_length=budget)
+    (example,), report = sft_examples([t], chat, max_length=budget)
     assert len(example["input_ids"]) == sum(lengths[:2])
-    assert sft_examples([t], chat, max_length=lengths[0]) == []
+    # lost: the second and third exchanges (user + assistant each); the trailing observation never trains
+    assert (report.cut, report.cut_tokens, report.dropped) == (1, sum(lengths[2:6]), 0)
+    assert report.metrics("sft", "examples") == {
+        "sft/cut_examples": 1.0,
+        "sft/cut_tokens": float(sum(lengths[2:6])),
+        "sft/dropped_examples": 0.0,
+        "sft/retokenized": 0.0,
+    }
+    examples, report = sft_examples([t, t], chat, max_length=lengths[0])
+    assert examples == [] and (report.cut, report.dropped) == (0, 2)
+    assert sft_examples([t], chat, max_length=4096)[1].cut == 0
+
+
+def test_pairs_cut_to_fit_are_counted_with_the_tokens_both_sides_lost(chat) -> None:
+    expert = chat.tokenize(make_trajectory("a", turns=3, reward=1.0, success=True, source="expert"))
+    explored = chat.tokenize(make_trajectory("a", turns=3, reward=0.0, success=False))
+    (pair,) = build_pairs([expert], [explored], iteration=1)
+    sides = [[len(m.token_ids) for m in t.messages] for t in (pair.chosen, pair.rejected)]
+    budget = min(sum(lengths[:4]) for lengths in sides)  # both keep two exchanges, lose the third
+    (_,), report = dpo_examples([pair], chat, max_length=budget)
+    assert (report.cut, report.cut_tokens) == (1, sum(sum(lengths[4:6]) for lengths in sides))
+    assert report.metrics("dpo", "pairs")["dpo/cut_pairs"] == 1.0
+
+
+def test_trajectories_of_another_tokenizer_are_retokenized_with_one_warning_and_counted(chat, caplog) -> None:
+    t = chat.tokenize(make_trajectory("a", turns=2, reward=1.0, success=True))
+    foreign = replace(t, tokenizer="gemma:0123456789ab")
+    expert = make_trajectory("b", turns=2, reward=1.0, success=True, source="expert")  # never tokenized: no warning
+    with caplog.at_level("WARNING", logger="agentloop.policy.chat"):
+        examples, report = sft_examples([foreign, foreign, expert, t], chat, max_length=4096)
+    assert report.retokenized == 2 and len(examples) == 4
+    assert len([r for r in caplog.records if "re-tokenized" in r.getMessage()]) == 1
+    assert examples[0]["input_ids"] == examples[3]["input_ids"]  # same text, same tokens here
 
 
 def test_dpo_example_masks_environment_turns_inside_completions(chat) -> None:
     expert = make_trajectory("a", turns=3, reward=1.0, success=True, source="expert")
     explored = make_trajectory("a", turns=2, reward=0.0, success=False, final_observation=True)
     (pair,) = build_pairs([expert], [explored], iteration=1)
-    (example,) = dpo_examples([pair], chat, max_length=4096)
+    (example,), _ = dpo_examples([pair], chat, max_length=4096)
     first = chat.tokenize(expert).messages[0]
     assert example["prompt_ids"] == list(first.token_ids)
     for side, t in (("chosen", pair.chosen), ("rejected", pair.rejected)):
