@@ -102,7 +102,7 @@ ENV = EnvDefinition(
     env=OSEnv,
     config=OSEnvConfig,
     build_experts=build_os_experts,
-    context_tokens=2048,
+    context_tokens=4096,  # 8 turns of up to 128 new tokens and ~300-token outputs, after a ~280-token start
     median_episode_tokens=278,  # bench/episode_tokens.py: median of 200 train experts
 )
 """The Operating System environment's registration (``agentloop.envs``)."""
