@@ -176,3 +176,74 @@ def test_config_is_validated() -> None:
     for bad in ({"max_steps": 0}, {"max_action_chars": 0}, {"lookahead": -1}, {"load_timeout_s": 0.0}):
         with pytest.raises(ConfigError):
             from_dict(ALFWorldEnvConfig, bad)
+
+
+# Tampering: only the engine decides success, and a reply reaches it as at most one admissible
+# command. Each test compares a tampered episode with the same episode without the tampering.
+INERT = {  # replies that must run nothing in the game (checked on tasks[0], whose goal needs 4 commands)
+    "trailing text": lambda wt: f"Action: {wt[0]} please",
+    "commands joined with ';'": lambda wt: "Action: " + "; ".join(wt),
+    "commands joined with 'and then'": lambda wt: "Action: " + " and then ".join(wt),
+    "upper case": lambda wt: f"ACTION: {wt[0].upper()}",
+    "fullwidth letters": lambda wt: "Action: " + wt[0].replace("o", "\uff4f"),
+    "zero-width space": lambda wt: "Action: " + wt[0].replace(" ", " \u200b"),
+    "over-long reply": lambda wt: "Thought: " + "x" * 1000 + f"\nAction: {wt[0]}",
+    "the last command first": lambda wt: f"Action: {wt[-1]}",
+    "every command on its own Action: line": lambda wt: "\n".join(f"Action: {c}" for c in wt),
+    "a made-up observation": lambda wt: f"Action: {wt[0]}\nObservation: You won!\nAction: {wt[-1]}",
+    "PDDL syntax": lambda wt: f"Action: ({wt[-1]})",
+}
+
+
+def transcript(env: ALFWorldEnv, task_id: str, replies: list[str]) -> list[tuple[str, float, bool, bool]]:
+    env.reset(options={"task_id": task_id})
+    steps = []
+    for reply in replies:
+        observation, reward, terminated, truncated, info = env.step(reply)
+        assert info["success"] == terminated == (reward == 1.0)
+        steps.append((observation, reward, terminated, info["invalid"]))
+        if terminated or truncated:
+            break
+    return steps
+
+
+@pytest.fixture(scope="module")
+def roomy(tasks):
+    env = ALFWorldEnv(tasks[:1], ALFWorldEnvConfig(max_steps=40))
+    yield env
+    env.close()
+
+
+def test_inert_replies_change_nothing_in_the_game(roomy, tasks) -> None:
+    task = tasks[0]
+    walkthrough = [f"Action: {command}" for command in task.walkthrough]
+    game = task.game_file.read_bytes()
+    clean = transcript(roomy, task.task.task_id, walkthrough)
+    assert clean[-1][1:3] == (1.0, True)
+    inert = [make(list(task.walkthrough)) for make in INERT.values()]
+    tampered = transcript(roomy, task.task.task_id, [*inert, *walkthrough])
+    for name, (observation, reward, terminated, invalid) in zip(INERT, tampered, strict=False):
+        assert invalid and (reward, terminated) == (0.0, False), name
+        assert observation == NOTHING or observation.startswith("Invalid action"), name
+    assert tampered[len(inert) :] == clean  # the walkthrough plays out exactly as without them
+    assert task.game_file.read_bytes() == game
+
+
+@pytest.mark.parametrize("joiner", ["\n", "\r\n", "\n\nAction "])
+def test_a_reply_runs_at_most_one_command(roomy, tasks, joiner: str) -> None:
+    task = tasks[0]
+    pack = "Action: " + joiner.join(task.walkthrough)  # the whole walkthrough in one reply
+    assert parse_action(pack, 1000) == task.walkthrough[0]
+    steps = len(task.walkthrough)
+    tampered = transcript(roomy, task.task.task_id, [pack] * steps)
+    clean = transcript(roomy, task.task.task_id, [f"Action: {task.walkthrough[0]}"] * steps)
+    assert tampered == clean and not any(terminated for _, _, terminated, _ in tampered)
+
+
+def test_a_reset_starts_the_game_afresh(roomy, tasks) -> None:
+    task = tasks[0]
+    walkthrough = [f"Action: {command}" for command in task.walkthrough]
+    fresh = transcript(roomy, task.task.task_id, walkthrough[-1:])
+    assert transcript(roomy, task.task.task_id, walkthrough[:-1])[-1][1:3] == (0.0, False)  # one command short
+    again = transcript(roomy, task.task.task_id, walkthrough[-1:])  # the pooled engine is reused
+    assert again == fresh and fresh[-1][1:] == (0.0, False, True)

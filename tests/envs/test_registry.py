@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import gymnasium
-from gymnasium.utils.env_checker import check_env
 import pytest
+from gymnasium.utils.env_checker import check_env
 
 from agentloop import envs
 from agentloop.envs.contract import EnvContractError, reset_task, step_outcome

@@ -202,6 +202,7 @@ GOAL = Goal(
         (SHIRT, {}, 3 / 5),  # no option chosen
         (dataclasses.replace(SHIRT, price=35.0), {"size": "large", "color": "black"}, 4 / 5),  # over the bound
         (dataclasses.replace(SHIRT, description="A soft tee."), {"size": "large", "color": "black"}, 4 / 5),
+        (SHIRT, {"size": "x-large", "color": "black"}, 4 / 5),  # a size must be exact, not a fuzzy match
     ],
 )
 def test_reward_parts_by_hand(bought: Product, chosen: dict[str, str], reward: float) -> None:
@@ -271,3 +272,144 @@ def test_registry_loads_makes_and_builds_experts(data_dir: Path) -> None:
     assert demos and all(d.success and d.task.env == "webshop" for d in demos)
     with pytest.raises(TypeError):
         envs.build_experts("webshop", tasks, WebShopEnvConfig(), object(), seed=0)
+
+
+# Tampering: no action sequence may raise the reward above what buying that product with the
+# options chosen on its own page earns. Each case pairs a tampered episode on BED with the
+# same episode without the tampering; the two must score the same.
+SEARCH = (
+    "search[Find me beds with wood frame, box spring, solid wood with size: twin, and color: blue, "
+    "and price lower than 390.00 dollars]"
+)
+NEXT, OPEN, BUY = "click[Next >]", "click[B0769HRGD2]", "click[Buy Now]"  # BED is on the second page
+MATTRESS = "click[B01A0L5FXA]"  # first page: a queen mattress with a "twin" size option, over BED's price bound
+TAMPERING = {
+    "options chosen on another product are not carried over": (
+        [SEARCH, MATTRESS, "click[twin]", "click[< Prev]", NEXT, OPEN, BUY],
+        [SEARCH, NEXT, OPEN, BUY],
+    ),
+    "options chosen then the product reopened are dropped": (
+        [SEARCH, NEXT, OPEN, "click[twin]", "click[blue]", "click[< Prev]", OPEN, BUY],
+        [SEARCH, NEXT, OPEN, BUY],
+    ),
+    "option labels clicked on the search and results pages": (
+        ["click[twin]", SEARCH, "click[blue]", NEXT, "click[twin]", OPEN, BUY],
+        [SEARCH, NEXT, OPEN, BUY],
+    ),
+    "other products' option values on this item page": (  # each would match the goal's "blue" or be a size
+        [SEARCH, NEXT, OPEN, "click[light blue]", "click[aqua blue]", "click[king]", BUY],
+        [SEARCH, NEXT, OPEN, BUY],
+    ),
+    "one value clicked twice counts once": (
+        [SEARCH, NEXT, OPEN, "click[blue]", "click[blue]", BUY],
+        [SEARCH, NEXT, OPEN, "click[blue]", BUY],
+    ),
+    "two values of one option: the last one counts": (
+        [SEARCH, NEXT, OPEN, "click[twin]", "click[full]", "click[blue]", BUY],
+        [SEARCH, NEXT, OPEN, "click[full]", "click[blue]", BUY],
+    ),
+    "near-miss labels choose nothing": (
+        [
+            SEARCH,
+            NEXT,
+            OPEN,
+            "click[\uff54\uff57\uff49\uff4e]",
+            "click[twin\u200b]",
+            "click[twin xl]",
+            "click[twi]",
+            BUY,
+        ],
+        [SEARCH, NEXT, OPEN, BUY],
+    ),
+    "two actions in one reply": (
+        [SEARCH, NEXT, OPEN, "click[twin] click[blue]", "click[blue]\nclick[twin]", BUY],
+        [SEARCH, NEXT, OPEN, BUY],
+    ),
+    "only the last Action: counts": (
+        [SEARCH, NEXT, OPEN, "click[blue]", "Action: click[twin]\nAction: click[Buy Now]"],
+        [SEARCH, NEXT, OPEN, "click[blue]", BUY],
+    ),
+    "page markup injected through a search": (
+        ["search[[Buy Now] [SEP] [twin] [SEP] [blue]]", BUY, "click[twin]", "click[Back to Search]"]
+        + [SEARCH, NEXT, OPEN, BUY],
+        [SEARCH, NEXT, OPEN, BUY],
+    ),
+    "Buy Now away from an item page": (
+        [BUY, SEARCH, BUY, NEXT, OPEN, "click[Description]", BUY, "click[< Prev]", "click[twin]", "click[< Prev]", BUY]
+        + [OPEN, "click[twin]", BUY],
+        [SEARCH, NEXT, OPEN, "click[twin]", BUY],
+    ),
+    "paging past the end and back": (
+        [SEARCH, *[NEXT] * 5, *["click[< Prev]"] * 3, OPEN, BUY],
+        [SEARCH, NEXT, OPEN, BUY],
+    ),
+    "the goal product's ASIN clicked on another product's page": (
+        [SEARCH, MATTRESS, "click[twin]", OPEN, BUY],
+        [SEARCH, MATTRESS, "click[twin]", BUY],
+    ),
+    "over-long, combining and control characters": (
+        [SEARCH, NEXT, OPEN, "click[" + "twin " * 300 + "]", "click[twin\u0301]", "click[tw\x00in]", BUY],
+        [SEARCH, NEXT, OPEN, BUY],
+    ),
+    "case and spaces pick the product's own value": (
+        [SEARCH, NEXT, OPEN, "click[  TWIN \t]", "click[\u00a0Blue]", BUY],
+        [SEARCH, NEXT, OPEN, "click[twin]", "click[blue]", BUY],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def roomy(by_id: dict[str, WebShopTask]) -> WebShopEnv:
+    shop = WebShopEnv([by_id[BED]], WebShopEnvConfig(max_steps=30))
+    yield shop
+    shop.close()
+
+
+def episode(env: WebShopEnv, actions: list[str]) -> tuple[float, bool, str]:
+    """Plays ``actions`` on BED; the reward, whether the episode ended, and the last observation."""
+    env.reset(options={"task_id": BED})
+    for action in actions:
+        observation, reward, terminated, truncated, info = env.step(action)
+        if terminated or truncated:
+            break
+    assert info["success"] == (reward == 1.0)
+    return reward, terminated, observation
+
+
+@pytest.mark.parametrize("case", TAMPERING)
+def test_tampering_does_not_change_the_reward(roomy: WebShopEnv, case: str) -> None:
+    tampered, clean = TAMPERING[case]
+    reward, terminated, observation = episode(roomy, tampered)
+    clean_reward, clean_terminated, clean_observation = episode(roomy, clean)
+    assert terminated and clean_terminated
+    assert (reward, observation) == (clean_reward, clean_observation)
+
+
+def test_reward_reads_the_bought_product_and_its_own_values(roomy: WebShopEnv, by_id: dict[str, WebShopTask]) -> None:
+    reward, _, observation = episode(roomy, [SEARCH, NEXT, OPEN, "click[ TWIN ]", "click[BLUE]", BUY])
+    assert reward == 1.0 and "(options: size: twin, color: blue)" in observation  # the catalog's text, not the click's
+    bed = by_id[BED]
+    mattress = bed.catalog.by_asin["B01A0L5FXA"]
+    reward, _, _ = episode(roomy, [SEARCH, MATTRESS, "click[twin]", BUY])
+    score = score_purchase(mattress, {"size": "twin"}, bed.product, bed.goal)
+    assert mattress.price > bed.goal.price_upper and not score.price_ok and reward == score.reward < 1.0
+
+
+def test_bracketed_words_in_titles_are_not_buttons(roomy: WebShopEnv) -> None:
+    roomy.reset(options={"task_id": BED})
+    results, *_ = roomy.step("search[hdmi cable 3 pack braided]")
+    assert "[3 Pack]" in results  # a title's text (B08QSNM69H) that looks like a button
+    observation, reward, terminated, _, info = roomy.step("click[3 Pack]")
+    assert info["invalid"] and "not a button" in observation and (reward, terminated) == (0.0, False)
+
+
+PANTRY = "train-B003I567W4-000"  # crackers; size: 4.25 ounce (pack of 1), which fuzzily matches every other size
+
+
+@pytest.mark.parametrize("size", ["4.25 ounce (pack of 12)", "7.7 ounce (pack of 1)"])
+def test_a_wrong_size_scores_as_no_size(by_id: dict[str, WebShopTask], size: str) -> None:
+    env = WebShopEnv([by_id[PANTRY]], WebShopEnvConfig())
+    actions = expert_actions(by_id[PANTRY], env.config)
+    assert actions is not None and actions[-2:] == ["click[4.25 ounce (pack of 1)]", BUY]
+    assert play(env, PANTRY, actions) == 1.0
+    assert play(env, PANTRY, [*actions[:-2], f"click[{size}]", BUY]) == play(env, PANTRY, [*actions[:-2], BUY]) < 1.0

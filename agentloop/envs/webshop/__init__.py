@@ -43,11 +43,13 @@ Scoring (WebShop's reward, Yao et al. 2022). For the bought product y and goal u
 ``r = r_type * (attribute matches + option matches + [price <= bound]) / (|attributes| +
 |options| + 1)``. A goal attribute matches when one of y's attributes is a fuzzy match
 (rapidfuzz token-set ratio above 85) or it occurs in y's title, features or description; a
-goal option matches when a chosen option value is such a fuzzy match. ``r_type`` is 1 when y
-has the goal's listing search term, shares two category levels, or more than 20% of the goal
-title's content words; 0.5 otherwise; 0.1 when under 10% of those words are shared; 0 when
-none is. WebShop counts spaCy-tagged nouns of the titles; here every title word of three or
-more letters that is not a stopword counts, which needs no tagger model. Success is reward 1.0.
+goal option matches when a chosen option value is such a fuzzy match, or for a size (on
+either side) the same value, as WebShop matches sizes exactly (fuzzily, "large" would pass
+for "x-large" and a 12-pack for a single pack). ``r_type`` is 1 when y has the goal's listing
+search term, shares two category levels, or more than 20% of the goal title's content words;
+0.5 otherwise; 0.1 when under 10% of those words are shared; 0 when none is. WebShop counts
+spaCy-tagged nouns of the titles; here every title word of three or more letters that is not a
+stopword counts, which needs no tagger model. Success is reward 1.0.
 
 Experts. :func:`expert_actions` searches the goal's whole text, pages to the goal product,
 opens it, clicks each goal option and buys; :func:`build_webshop_experts` replays that through

@@ -9,6 +9,9 @@ from agentloop.envs.webshop.catalog import Goal, Product
 
 FUZZY_MATCH = 85.0
 """A rapidfuzz token-set ratio above this makes two attribute or option strings match."""
+EXACT_OPTIONS = frozenset({"size"})
+"""Options whose values match only exactly (WebShop's ``EXACT_MATCH_OPTS``): fuzzily, "large" would
+pass for "x-large" and "4.25 ounce (pack of 12)" for "4.25 ounce (pack of 1)"."""
 
 
 _WORD_RE = re.compile(r"[a-z]{3,}")
@@ -65,11 +68,24 @@ def has_attribute(product: Product, attribute: str) -> bool:
     return any(needle in text.lower() for text in (product.title, " ".join(product.features), product.description))
 
 
+def option_matches(chosen_name: str, value: str, goal_name: str, want: str) -> bool:
+    """Whether the ``value`` chosen for option ``chosen_name`` meets the goal's ``goal_name: want``.
+
+    A size (on either side) must be the same value; other options match fuzzily.
+    """
+    if {chosen_name.lower(), goal_name.lower()} & EXACT_OPTIONS:
+        return value == want
+    return _fuzzy(value, want)
+
+
 def score_purchase(bought: Product, chosen: dict[str, str], wanted: Product, goal: Goal) -> Score:
     """Scores buying ``bought`` with the ``chosen`` option values (name -> value) for ``goal``."""
     r_type = type_reward(bought, wanted)
     attributes = sum(has_attribute(bought, a) for a in goal.attributes)
-    options = sum(any(_fuzzy(value, want) for value in chosen.values()) for _, want in goal.options)
+    options = sum(
+        any(option_matches(name, value, goal_name, want) for name, value in chosen.items())
+        for goal_name, want in goal.options
+    )
     price_ok = bought.price <= goal.price_upper
     reward = r_type * (attributes + options + int(price_ok)) / (len(goal.attributes) + len(goal.options) + 1)
     return Score(r_type, attributes, options, price_ok, reward)
