@@ -18,8 +18,8 @@ over plain bash has its own bench, ``bench/os_latency.py``).
 Before and after, it counts this process's open file descriptors, its child processes, the
 processes of the sandbox uids, and the entries of the temp directory, and prints the
 differences: after ``close`` every one of them must be back where it started. It also prints
-the process's resident memory after every tenth of the episodes, which should level off
-rather than grow with them.
+the process's resident memory after every tenth of the episodes, and its child processes'
+(e.g. the Database env's worker), which should level off rather than grow with them.
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ HOSTILE = {
     "os": ["Act: bash\n```bash\n:(){ :|:& };:\n```", "Act: bash\n```bash\nwhile true; do :; done\n```"],
     "webshop": ["search[" + "x" * 900 + "]", "click[\x00]"],
     "alfworld": ["Action: go to the moon", "\x00\x01" * 100],
-    "db": ["Action: Operation\n```sql\nWITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT 1;\n```"],
+    "db": [
+        "Action: Operation\n```sql\nWITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT 1;\n```",
+        "Action: Operation\n```sql\nCREATE TEMP TABLE t AS SELECT 1;\n```",
+    ],
 }
 
 
@@ -60,6 +63,14 @@ def leftovers() -> dict[str, int]:
 
 def env_config(env: str):
     return envs.definition(env).config()
+
+
+def action_kind(action: str) -> str:
+    """The command's first word (``search``, ``go``, ...); for an SQL operation, ``SQL`` and its statement's."""
+    words = action.removeprefix("Action: ").split("[")[0].split()
+    if words[:1] == ["Operation"] and "```sql" in action:
+        return "SQL " + (action.split("```sql", 1)[1].split() or ["?"])[0].upper()
+    return words[0] if words else "other"
 
 
 def percentiles(samples: list[float]) -> str:
@@ -88,7 +99,7 @@ def main() -> None:
     if hasattr(env, "prepare"):
         env.prepare([t.task.task_id for t, _ in order])
     steps: dict[str, list[float]] = defaultdict(list)
-    resets, ends, successes, memory = [], [], 0, []
+    resets, ends, successes, memory, child_memory = [], [], 0, [], []
     started = time.perf_counter()
     for i, (task, actions) in enumerate(order):
         if i % 10 == 9:
@@ -98,7 +109,7 @@ def main() -> None:
         resets.append(time.perf_counter() - t0)
         done = False
         for action in actions:
-            kind = action.removeprefix("Action: ").split("[")[0].split(" ")[0] or "other"
+            kind = action_kind(action)
             t0 = time.perf_counter()
             _, _, terminated, truncated, info = env.step(action)
             elapsed = time.perf_counter() - t0
@@ -110,6 +121,7 @@ def main() -> None:
                 break
         if (i + 1) % max(1, episodes // 10) == 0:
             memory.append(psutil.Process().memory_info().rss >> 20)
+            child_memory.append(sum(c.memory_info().rss for c in psutil.Process().children(recursive=True)) >> 20)
     env.close()
     wall = time.perf_counter() - started
     after = leftovers()
@@ -126,6 +138,7 @@ def main() -> None:
     if ends:
         print(f"  last step    {percentiles(ends)}")
     print(f"  resident memory MiB after each tenth of the episodes: {memory}")
+    print(f"  resident memory MiB of its child processes then: {child_memory}")
     for key in before:
         print(f"  {key}: {before[key]} before, {after[key]} after ({after[key] - before[key]:+d})")
 

@@ -105,6 +105,8 @@ def test_train_experts_report_success_per_type(train_experts: tuple[list, dict[s
     assert 40 <= by_kind["SELECT"]["succeeded"] < 100  # about half of the SELECT gold SQL is wrong
     assert all(d.reward == 1.0 and d.success and d.terminated and d.source == "expert" for d in demos)
     assert len({d.task.task_id for d in demos}) == len(demos)
+    assert all(d.tamper_attempts == 0 for d in demos)
+    assert report["unchanged_by_gold"] == ["train-0206"]  # WHERE Montreal misses Montréal in SQLite
 
 
 def test_a_quarter_of_eligible_demos_show_recovery(train_experts: tuple[list, dict[str, Any]]) -> None:
@@ -123,7 +125,7 @@ def test_expert_config_validates() -> None:
 
 def test_reference_tables_reproduce_agentbench_md5(data_dir: Path, train_tasks: list[DBTask]) -> None:
     """The gold SQL read as MySQL leaves the table whose MD5 AgentBench recorded (all-TEXT, as upstream)."""
-    entries = [json.loads(line) for line in (data_dir / "dbbench" / "standard.jsonl").open()]
+    entries = [json.loads(line) for line in (data_dir / "dbbench" / "standard.jsonl").read_text().splitlines()]
     agree = sum(
         mysql_table_md5(task, canonical_sql(task)) in entry["answer_md5"]
         for task, entry in zip(train_tasks, entries, strict=True)

@@ -73,6 +73,10 @@ def test_config_validation() -> None:
         SQLEnvConfig(max_turns=0).validate()
     with pytest.raises(ConfigError, match="query_timeout_s"):
         SQLEnvConfig(query_timeout_s=0.0).validate()
+    with pytest.raises(ConfigError, match="max_memory_mib must be at least 16"):
+        SQLEnvConfig(max_memory_mib=8).validate()
+    with pytest.raises(ConfigError, match=r"max_db_pages \(8192 pages of 4 KiB\) must fit in half of max_memory_mib"):
+        SQLEnvConfig(max_db_pages=8192, max_memory_mib=32).validate()
 
 
 def test_passes_gymnasium_check_env(env: SQLEnv) -> None:
@@ -104,6 +108,7 @@ def test_select_answered_right_scores_one(env: SQLEnv) -> None:
     obs, reward, terminated, truncated, info = env.step("I look up the notes.\n" + operation(query))
     assert obs == "[('Women +60kg Bronze',)]"
     assert (reward, terminated, truncated, info["invalid"], info["sql_error"]) == (0.0, False, False, False, False)
+    assert info["tamper_attempts"] == 0
     obs, reward, terminated, truncated, info = env.step(answer('["Women +60kg Bronze"]'))
     assert (reward, terminated, truncated, info["success"]) == (1.0, True, False, True)
 
@@ -234,16 +239,18 @@ def test_hostile_actions_become_observations_and_change_nothing_outside(env: SQL
         env.reset(options={"task_id": "train-0000"})
         obs, reward, terminated, truncated, info = env.step(action)
         assert isinstance(obs, str) and env.observation_space.contains(obs), repr(action)[:80]
-        assert reward == 0.0 and not info["success"]
+        assert reward == 0.0 and not info["success"] and info["tamper_attempts"] in (0, 1)
         if not (terminated or truncated):
             env.step(answer('["Women +60kg Bronze"]'))
         assert fresh_table_is_intact(env)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_dropping_the_table_then_answering_right_still_scores_and_spares_the_next_episode(env: SQLEnv) -> None:
-    reward = play(env, "train-0000", [operation(f"DROP TABLE {JIU_JITSU};"), answer('["Women +60kg Bronze"]')])
-    assert reward == 1.0
+def test_dropping_the_table_is_refused_and_counted_and_a_right_answer_still_scores(env: SQLEnv) -> None:
+    env.reset(options={"task_id": "train-0000"})
+    obs, _, _, _, info = env.step(operation(f"DROP TABLE {JIU_JITSU};"))
+    assert obs.startswith("Error: changing the schema") and info["tamper_attempts"] == 1
+    assert env.step(answer('["Women +60kg Bronze"]'))[1] == 1.0
     assert fresh_table_is_intact(env)
 
 

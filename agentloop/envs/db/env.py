@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-import sqlite3
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,12 +20,14 @@ if TYPE_CHECKING:
     pass
 from agentloop.envs.db.config import SQLEnvConfig
 from agentloop.envs.db.engine import (
-    build_database,
-    open_copy,
+    DBWorker,
+    EpisodeDB,
+    Template,
+    build_template,
+    lease_worker,
     quote_identifier,
-    run_sql,
+    release_worker,
     sqlite_type,
-    table_rows,
 )
 from agentloop.envs.db.gold import canonical_sql
 from agentloop.envs.db.scoring import answers_match, parse_answer_list
@@ -104,24 +106,30 @@ class _Outcome:
     terminated: bool = False
     invalid: bool = False
     sql_error: bool = False
+    tamper_attempts: int = 0
 
 
-def _operate(db: sqlite3.Connection, sql: str, config: SQLEnvConfig) -> _Outcome:
+def _operate(worker: DBWorker, db: EpisodeDB, sql: str, config: SQLEnvConfig) -> _Outcome:
     """Runs an Operation's statement; several statements make the action invalid."""
-    result = run_sql(db, sql, config)
+    result = worker.run(db, sql, config)
     if result.several:
         return _Outcome(f"Invalid action: write exactly one SQL statement per Operation. {FORMAT_HELP}", invalid=True)
-    return _Outcome(result.text, sql_error=result.error)
+    return _Outcome(result.text, sql_error=result.error, tamper_attempts=result.tamper_attempts)
 
 
 class SQLEnv(gymnasium.Env[str, str]):
-    """Gymnasium environment over dbbench tasks, one fresh SQLite copy per episode.
+    """Gymnasium environment over dbbench tasks, one fresh database per episode.
 
     ``reset(options={"task_id": ...})`` picks a task (otherwise one is drawn with the env's
     seeded generator); ``info["task"]`` is its :class:`~agentloop.types.Task`. ``step`` returns
     ``info`` with ``invalid`` (the action broke the protocol), ``sql_error`` (a valid
-    statement failed) and ``success``. Calling ``step`` before ``reset`` or after the episode
-    ended raises :class:`gymnasium.error.ResetNeeded`, as Gymnasium's order enforcing does.
+    statement failed), ``success`` and ``tamper_attempts`` (1 when the statement was refused
+    for trying to change the schema: create, drop or alter a table, view, trigger or index).
+    Calling ``step`` before ``reset`` or after the episode ended raises
+    :class:`gymnasium.error.ResetNeeded`, as Gymnasium's order enforcing does.
+
+    The statements run in the process's shared :class:`~agentloop.envs.db.engine.DBWorker`,
+    leased at the first ``reset`` and given back by ``close`` (or when the env is collected).
     """
 
     metadata = {"render_modes": []}
@@ -130,12 +138,14 @@ class SQLEnv(gymnasium.Env[str, str]):
         config.validate()
         self.config = config
         self.tasks = index_tasks(tasks, "SQLEnv")
-        self._templates: dict[str, sqlite3.Connection] = {}
+        self._templates: dict[str, Template] = {}
         self._expected: dict[str, Counter[tuple[Any, ...]] | None] = {}
         first = max(len(initial_observation(t, config)) for t in tasks)
         self.observation_space = FreeText(max(first, config.max_observation_chars + _NOTE_SLACK))
         self.action_space = FreeText(config.max_action_chars)
-        self._db: sqlite3.Connection | None = None
+        self._worker: DBWorker | None = None
+        self._release: weakref.finalize | None = None
+        self._db: EpisodeDB | None = None
         self._task: DBTask | None = None
         self._turns = 0
         self._done = True
@@ -144,8 +154,8 @@ class SQLEnv(gymnasium.Env[str, str]):
         """Starts an episode on a fresh copy of the chosen task's table."""
         super().reset(seed=seed)
         task = self._choose(options or {})
-        self._close_db()
-        self._db = open_copy(self._template(task), self.config)
+        self._lease()
+        self._db = EpisodeDB(self._template(task))
         self._task, self._turns, self._done = task, 0, False
         return initial_observation(task, self.config), {"task": task.task}
 
@@ -160,24 +170,42 @@ class SQLEnv(gymnasium.Env[str, str]):
         elif parsed.kind == "answer":
             outcome = self._score(self._task, self._db, parsed.body)
         else:
-            outcome = _operate(self._db, parsed.body, self.config)
+            outcome = _operate(self._lease(), self._db, parsed.body, self.config)
         truncated = not outcome.terminated and self._turns >= self.config.max_turns
         self._done = outcome.terminated or truncated
-        info = {"invalid": outcome.invalid, "sql_error": outcome.sql_error, "success": outcome.reward > 0}
+        info = {
+            "invalid": outcome.invalid,
+            "sql_error": outcome.sql_error,
+            "success": outcome.reward > 0,
+            "tamper_attempts": outcome.tamper_attempts,
+        }
         return outcome.observation, outcome.reward, outcome.terminated, truncated, info
 
     def close(self) -> None:
-        """Frees the episode's database and every template."""
-        self._close_db()
-        for conn in self._templates.values():
-            conn.close()
+        """Ends the episode, frees the templates and gives the worker back (the last user's close ends it)."""
+        self._db, self._done = None, True
         self._templates.clear()
+        self._expected.clear()
+        if self._release is not None:
+            self._release()
+        self._worker, self._release = None, None
 
-    def _score(self, task: DBTask, db: sqlite3.Connection, body: str) -> _Outcome:
-        """Ends the episode on a final answer, unless a SELECT answer is not a list."""
+    def _lease(self) -> DBWorker:
+        if self._worker is None:
+            self._worker = lease_worker(self.config)
+            self._release = weakref.finalize(self, release_worker, self._worker)
+        return self._worker
+
+    def _score(self, task: DBTask, db: EpisodeDB, body: str) -> _Outcome:
+        """Ends the episode on a final answer, unless a SELECT answer is not a list.
+
+        A write task succeeds when ``main``'s table, with its schema still the template's,
+        holds the same rows as the table the gold SQL leaves: nothing the agent creates can
+        stand in for it.
+        """
         if task.is_write:
             expected = self._expected_table(task)
-            success = expected is not None and table_rows(db, task.table_name, self.config) == expected
+            success = expected is not None and self._lease().read_table(db, self.config) == expected
         else:
             values = parse_answer_list(body)
             if values is None:
@@ -188,29 +216,24 @@ class SQLEnv(gymnasium.Env[str, str]):
     def _choose(self, options: dict[str, Any]) -> DBTask:
         return choose_task(self.tasks, options, self.np_random)
 
-    def _template(self, task: DBTask) -> sqlite3.Connection:
+    def _template(self, task: DBTask) -> Template:
         template = self._templates.get(task.task.task_id)
         if template is None:
-            template = self._templates[task.task.task_id] = build_database(task)
+            template = self._templates[task.task.task_id] = build_template(task)
         return template
 
     def _expected_table(self, task: DBTask) -> Counter[tuple[Any, ...]] | None:
-        """The table the gold SQL leaves on a separate fresh copy (computed once per task).
+        """The table the gold SQL leaves on a fresh copy of the template (computed once per task).
 
         The gold SQL is MySQL, so it is read as MySQL (its canonical SQLite form, e.g. with
-        ``'\\n'`` escapes decoded); only SQL that cannot be parsed runs as written.
+        ``'\\n'`` escapes decoded); only SQL that cannot be parsed runs as written. It runs in
+        the worker like an agent's statement, on a database no other statement touched.
         """
         if task.task.task_id not in self._expected:
-            copy = open_copy(self._template(task), self.config)
-            result = run_sql(copy, canonical_sql(task) or task.gold_sql, self.config)
+            worker, copy = self._lease(), EpisodeDB(self._template(task))
+            result = worker.run(copy, canonical_sql(task) or task.gold_sql, self.config)
             if result.error:
                 logger.warning("gold SQL of %s fails on SQLite (%s)", task.task.task_id, result.text)
-            rows = None if result.error else table_rows(copy, task.table_name, self.config)
-            copy.close()
+            rows = None if result.error else worker.read_table(copy, self.config)
             self._expected[task.task.task_id] = rows
         return self._expected[task.task.task_id]
-
-    def _close_db(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None

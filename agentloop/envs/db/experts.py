@@ -17,7 +17,7 @@ from agentloop.types import Trajectory
 if TYPE_CHECKING:
     pass
 from agentloop.envs.db.config import SQLEnvConfig
-from agentloop.envs.db.engine import build_database, open_copy, run_sql
+from agentloop.envs.db.engine import leased_worker, run_on_template
 from agentloop.envs.db.env import SQLEnv
 from agentloop.envs.db.gold import canonical_sql, mistaken_sql
 from agentloop.envs.db.tasks import DBTask
@@ -52,13 +52,7 @@ def _answer(values: Sequence[Any]) -> str:
 
 def _answer_values(task: DBTask, sql: str, config: SQLEnvConfig) -> list[Any] | None:
     """The flattened result of ``sql`` on a fresh copy of the task's table (None on error)."""
-    template = build_database(task)
-    copy = open_copy(template, config)
-    try:
-        result = run_sql(copy, sql, config)
-    finally:
-        copy.close()
-        template.close()
+    result = run_on_template(task, sql, config)
     if result.error or result.rows is None:
         return None
     return [value for row in result.rows for value in row]
@@ -91,13 +85,7 @@ def recovery_actions(task: DBTask, config: SQLEnvConfig | None = None) -> list[s
     mistake = mistaken_sql(task)
     if actions is None or mistake is None:
         return None
-    template = build_database(task)
-    copy = open_copy(template, config)
-    try:
-        failed = run_sql(copy, mistake, config).error
-    finally:
-        copy.close()
-        template.close()
+    failed = run_on_template(task, mistake, config).error
     return [_operation(mistake), *actions] if failed else None
 
 
@@ -114,23 +102,34 @@ def build_db_experts(
         The kept demonstrations (reward 1.0 each), and a report: ``by_type`` and ``by_kind``
         map AgentBench's type / the task kind to ``{"attempted": n, "succeeded": k}``;
         ``unreadable`` counts tasks whose gold SQL gave no actions; ``recovery`` counts the
-        ``eligible``, ``chosen`` and ``kept`` recovery demos.
+        ``eligible``, ``chosen`` and ``kept`` recovery demos; ``unchanged_by_gold`` lists the
+        write tasks whose gold SQL leaves the table as it was, so that answering at once,
+        without any SQL, already succeeds (a policy can learn that shortcut there).
     """
     experts.validate()
-    env = SQLEnv(tasks, config)
-    try:
-        demos, unreadable = _replay_gold(env, tasks, config)
-        recovery = _add_recovery(env, demos, config, experts.recovery_fraction, seed)
-    finally:
-        env.close()
+    with leased_worker(config):  # one worker for the whole build, shared with the env's
+        env = SQLEnv(tasks, config)
+        try:
+            demos, unreadable = _replay_gold(env, tasks, config)
+            recovery = _add_recovery(env, demos, config, experts.recovery_fraction, seed)
+            unchanged = [
+                t.task.task_id
+                for t in tasks
+                if t.is_write and replay_actions(env, t.task.task_id, [_answer([])]).success
+            ]
+        finally:
+            env.close()
     report = {
         "by_type": _tally(tasks, demos, lambda t: t.query_type),
         "by_kind": _tally(tasks, demos, lambda t: t.task.kind),
         "unreadable": unreadable,
         "recovery": recovery,
+        "unchanged_by_gold": unchanged,
     }
     for name, row in sorted(report["by_type"].items()):
         logger.info("db experts %s: %d/%d succeeded", name, row["succeeded"], row["attempted"])
+    if unchanged:
+        logger.warning("db write tasks solved by answering without any SQL (gold changes nothing): %s", unchanged)
     return list(demos.values()), report
 
 
