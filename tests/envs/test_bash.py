@@ -14,7 +14,7 @@ import pytest
 from gymnasium.error import ResetNeeded
 from gymnasium.utils.env_checker import check_env
 from hostile import PAYLOADS, RAW
-from sandbox import why_no_sandbox
+from os_helpers import CONFIG, SANDBOX_MARKS, answer, bash
 
 from agentloop.config import ConfigError
 from agentloop.envs.experts import replay_actions
@@ -22,23 +22,9 @@ from agentloop.envs.os import OSEnv, OSEnvConfig, OSTask, load_os_tasks
 from agentloop.envs.os.env import parse_action
 from agentloop.envs.os.experts import expert_actions
 from agentloop.envs.os.sandbox import uid_processes, unreadable_system_dirs
+from agentloop.envs.os.tasks import EXCLUDED, host_check_problem
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(why_no_sandbox() is not None, reason=str(why_no_sandbox())),
-]
-
-CONFIG = OSEnvConfig(
-    command_timeout_s=1.0, script_timeout_s=5.0, cpu_time_s=3, max_processes=48, memory_mb=256, max_file_mb=4
-)
-
-
-def bash(commands: str) -> str:
-    return f"Think: let me look.\nAct: bash\n```bash\n{commands}\n```"
-
-
-def answer(text: str) -> str:
-    return f"Act: answer({text})"
+pytestmark = SANDBOX_MARKS
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +55,12 @@ def run(env: OSEnv, commands: str, task_id: str = "train-0000") -> str:
 
 def test_splits_load_with_ids_and_kinds(data_dir: Path) -> None:
     train, test, dev = (load_os_tasks(data_dir, s) for s in ("train", "test", "dev"))
-    assert (len(train), len(test), len(dev)) == (1000, 144, 26)
+    assert (len(train), len(test), len(dev)) == (1000, 144 - 13, 26 - 1)  # EXCLUDED: broken in the sandbox
     assert train[42].task.task_id == "train-0042" and dev[7].task.task_id == "dev-0007"
     assert {t.task_set for t in test} == {str(i) for i in range(1, 8)}
     assert sum(t.task_set == "7" for t in test) == 88
+    ids = {t.task.task_id for t in [*train, *test, *dev]}
+    assert ids.isdisjoint(EXCLUDED) and {"test-6-003", "test-6-007", "test-6-002", "test-6-008"} <= set(EXCLUDED)
     first = train[0]
     assert (first.task.env, first.task.split, first.task.kind) == ("os", "train", "integer-match")
     assert first.checks[0] is None and "int(argv[1])" in first.checks[1].code
@@ -98,6 +86,24 @@ def test_config_validation() -> None:
             bad.validate()
     with pytest.raises(ConfigError, match="command_timeout_s"):
         OSEnvConfig(command_timeout_s=0).validate()
+    with pytest.raises(ConfigError, match="episode_processes"):
+        OSEnvConfig(episode_processes=2).validate()
+    with pytest.raises(ConfigError, match=r"episode_memory_mb must be at least 576 \(the 7 tmpfs mounts"):
+        OSEnvConfig(episode_memory_mb=512).validate()
+    OSEnvConfig(episode_memory_mb=256, scratch_mb=16).validate()
+
+
+def test_python_checks_must_read_only_their_arguments() -> None:
+    """They run on the host, so a check that could read files or run code is refused at load time."""
+    assert host_check_problem("from sys import argv\nif int(argv[1]) == int(argv[2]): exit(0)\nexit(1)") is None
+    for code, problem in (
+        ("import os\nos.system('x')", "imports a module other than sys"),
+        ("from sys import modules", "imports more than sys.argv"),
+        ("import sys\nsys.modules['os']", "attribute modules"),
+        ("print(open('/etc/passwd').read())", "uses open"),
+        ("().__class__.__base__", "attribute __base__"),
+    ):
+        assert problem in str(host_check_problem(code)), code
 
 
 def test_passes_gymnasium_check_env(env: OSEnv) -> None:
@@ -223,7 +229,7 @@ def test_memory_hog_huge_file_cpu_hog_and_endless_loop_are_stopped(env: OSEnv) -
     assert "ran longer than 1 s and was stopped" in loop and "shell did not recover" in loop
     observation, _, _, _, info = env.step(bash("echo ${x:-unset}; sleep 30"))
     assert observation.startswith("The output of the OS:\nunset\n") and info["timed_out"]
-    assert env.step(bash("yes"))[0].endswith("printed more than 1 MiB and was stopped.")
+    assert env.step(bash("yes"))[0].endswith("printed more than 1 MiB and was stopped, with 1 process it had started.")
     assert time.monotonic() - started < 15
 
 
