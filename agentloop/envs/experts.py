@@ -11,7 +11,7 @@ environment contract (:mod:`agentloop.envs.contract`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import gymnasium
@@ -71,6 +71,16 @@ def replay_actions(env: gymnasium.Env, task_id: str, actions: Sequence[str]) -> 
         iteration=0,
         tamper_attempts=tampered,
     )
+
+
+def tally(tasks: Sequence[Any], solved: Collection[str], key: Callable[[Any], str]) -> dict[str, dict[str, int]]:
+    """Per group of tasks (``key(task)``), ``{"attempted": n, "succeeded": k}``; ``solved`` holds task ids."""
+    table: dict[str, dict[str, int]] = {}
+    for task in tasks:
+        row = table.setdefault(key(task), {"attempted": 0, "succeeded": 0})
+        row["attempted"] += 1
+        row["succeeded"] += int(task.task.task_id in solved)
+    return table
 
 
 class ExpertReport:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agentloop.config import ConfigError
-from agentloop.envs.experts import replay_actions
+from agentloop.envs.experts import replay_actions, tally
 from agentloop.types import Trajectory
 
 if TYPE_CHECKING:
@@ -120,8 +120,8 @@ def build_db_experts(
         finally:
             env.close()
     report = {
-        "by_type": _tally(tasks, demos, lambda t: t.query_type),
-        "by_kind": _tally(tasks, demos, lambda t: t.task.kind),
+        "by_type": tally(tasks, demos, lambda t: t.query_type),
+        "by_kind": tally(tasks, demos, lambda t: t.task.kind),
         "unreadable": unreadable,
         "recovery": recovery,
         "unchanged_by_gold": unchanged,
@@ -168,14 +168,3 @@ def _add_recovery(
             demos[str(task_id)] = demo
             kept += 1
     return {"eligible": len(eligible), "chosen": int(count), "kept": kept}
-
-
-def _tally(
-    tasks: Sequence[DBTask], demos: dict[str, Trajectory], key: Callable[[DBTask], str]
-) -> dict[str, dict[str, int]]:
-    table: dict[str, dict[str, int]] = {}
-    for task in tasks:
-        row = table.setdefault(key(task), {"attempted": 0, "succeeded": 0})
-        row["attempted"] += 1
-        row["succeeded"] += int(task.task.task_id in demos)
-    return table

@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from agentloop.envs.experts import replay_actions
+from agentloop.envs.experts import replay_actions, tally
 from agentloop.envs.os.config import OSEnvConfig
 from agentloop.envs.os.env import OSEnv
 from agentloop.envs.os.tasks import OSTask, Script
@@ -101,20 +101,11 @@ def build_os_experts(tasks: Sequence[OSTask], config: OSEnvConfig) -> tuple[list
     finally:
         env.close()
     report = {
-        "by_set": _tally(tasks, demos, lambda t: t.task_set),
-        "by_kind": _tally(tasks, demos, lambda t: t.task.kind),
+        "by_set": tally(tasks, demos, lambda t: t.task_set),
+        "by_kind": tally(tasks, demos, lambda t: t.task.kind),
         "no_actions": no_actions,
         "failed": failed,
     }
     for name, row in sorted(report["by_set"].items()):
         logger.info("os experts, set %s: %d/%d succeeded", name, row["succeeded"], row["attempted"])
     return list(demos.values()), report
-
-
-def _tally(tasks: Sequence[OSTask], demos: dict[str, Trajectory], key: Any) -> dict[str, dict[str, int]]:
-    table: dict[str, dict[str, int]] = {}
-    for task in tasks:
-        row = table.setdefault(key(task), {"attempted": 0, "succeeded": 0})
-        row["attempted"] += 1
-        row["succeeded"] += int(task.task.task_id in demos)
-    return table
