@@ -47,7 +47,8 @@ def main() -> None:
         run_dir = Path(args[1])
         cmd = [sys.executable, "experiments/eto.py", *args]
     else:
-        run_dir = Path(f"runs/bench-default-{time.strftime('%Y%m%d-%H%M%S')}")
+        given = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]  # the last one wins, as in eto.py
+        run_dir = Path(given[-1] if given else f"runs/bench-default-{time.strftime('%Y%m%d-%H%M%S')}")
         cmd = [sys.executable, "experiments/eto.py", f"run_dir={run_dir}", *args]
     started, started_at = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd)
