@@ -115,8 +115,25 @@ def _build(cls: type[T], data: Any, where: str) -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(where + u for u in unknown)}; known: {sorted(names)}")
+    data = dict(data)
+    for f in dataclasses.fields(cls):
+        # A section given in part keeps the rest of *this* field's default, not its class's:
+        # ``sft.epochs=1`` must not reset an ``sft`` section the parent built with its own values.
+        if f.name in data and isinstance(data[f.name], dict) and dataclasses.is_dataclass(hints[f.name]):
+            if f.default_factory is not dataclasses.MISSING:
+                data[f.name] = _merge(dataclasses.asdict(f.default_factory()), data[f.name])
     kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in data.items()}
     return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

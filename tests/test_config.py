@@ -29,6 +29,12 @@ class Outer:
     path: Path | None = None
     inner: Inner = field(default_factory=Inner)
     layers: list[Inner] = field(default_factory=list)
+    tuned: Inner = field(default_factory=lambda: Inner(lr=0.5, mode="b"))
+
+
+@dataclass
+class Top:
+    outer: Outer = field(default_factory=lambda: Outer(steps=7, tuned=Inner(lr=0.25)))
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -39,6 +45,16 @@ def test_yaml_and_overrides(tmp_path):
     assert to_dict(config)["inner"]["lr"] == 2.0
     config = load_config(Outer, None, ["layers=[{lr: 3}, {mode: b}]"])
     assert config.layers == [Inner(lr=3.0), Inner(mode="b")]
+
+
+def test_a_section_given_in_part_keeps_the_rest_of_its_field_default():
+    # The parent's default_factory, not the section's class defaults, fills what is not given.
+    assert load_config(Outer, None, ["tuned.modules=[k]"]).tuned == Inner(lr=0.5, modules=("k",), mode="b")
+    config = load_config(Top, None, ["outer.tuned.mode=b", "outer.name=z"])
+    assert config.outer == Outer(name="z", steps=7, tuned=Inner(lr=0.25, mode="b"))
+    assert load_config(Outer, None, ["tuned={lr: 2}"]).tuned.mode == "b"
+    with pytest.raises(ConfigError, match="tuned.lrr"):
+        load_config(Outer, None, ["tuned.lrr=1"])
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from gymnasium.utils.env_checker import check_env
 
 from agentloop import envs
 from agentloop.envs.contract import EnvContractError, reset_task, step_outcome
+from agentloop.envs import registry
 from agentloop.envs.registry import EnvDefinition
 from agentloop.types import Task
 
@@ -25,6 +26,10 @@ PLUGIN = Path(__file__).resolve().parent / "plugin"
 @pytest.fixture
 def guess(monkeypatch):
     monkeypatch.syspath_prepend(str(PLUGIN))
+    # The registration ends with the test: a config composed later in this process (the
+    # experiment's ETOConfig) must not gain a 'guess' section its subprocesses do not know.
+    monkeypatch.setattr(registry, "_registered", dict(registry._registered))
+    monkeypatch.setattr(registry, "_loaded", dict(registry._loaded))
     envs.register("guess", "guessenv:ENV")
     return envs.definition("guess")
 

@@ -125,6 +125,9 @@ def test_lengths_fit_the_chosen_envs_and_a_length_that_cuts_most_episodes_fails(
     config = load_config(eto.ETOConfig, None, [*base, "envs=[{name: db}, {name: webshop}]", "dpo.max_length=3000"])
     config.fit_lengths()
     assert (config.rollout.max_context_tokens, config.sft.max_length, config.dpo.max_length) == (4096, 4096, 3000)
+    assert (config.dpo.replay_fraction, config.dpo.sft_loss_weight) == (0.1, 1.0)  # the experiment's, not the class's
+    config = load_config(eto.ETOConfig, None, [*base, "sft.epochs=1", "rollout.sampling.max_new_tokens=12"])
+    assert (config.sft.max_length, config.rollout.max_context_tokens, config.rollout.concurrent_episodes) == (0, 0, 48)
     with pytest.raises(ConfigError, match=r"sft.max_length=1024 would cut the final turn of most webshop episodes"):
         load_config(eto.ETOConfig, None, [*base, "envs=[{name: db}, {name: webshop}]", "sft.max_length=1024"])
     with pytest.raises(ConfigError, match=r"rollout.max_context_tokens=256 .*\(envs\[0\].name=db"):

@@ -156,16 +156,36 @@ def stop_all():
     tracked.clear()
 
 
+# reap() runs from the SIGCHLD handler too. Under a fork bomb's storm of signals a handler
+# entering a running scan only asks for another pass (nesting scans recursed until
+# RecursionError killed the supervisor); passes per call are bounded so that a bomb that
+# never stops cannot keep the handler from returning: the next signal or op reaps the rest.
+reaping = False
+pending = False
+
+
 def reap():
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) not in tracked:
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    stat = f.read().rsplit(")", 1)[1].split()
-                if stat[0] == "Z" and stat[1] == "1":
-                    os.waitpid(int(name), os.WNOHANG)
-            except (OSError, IndexError, ChildProcessError):
-                pass
+    global reaping, pending
+    pending = True
+    if reaping:
+        return
+    reaping = True
+    try:
+        for _ in range(3):
+            if not pending:
+                break
+            pending = False
+            for name in os.listdir("/proc"):
+                if name.isdigit() and int(name) not in tracked:
+                    try:
+                        with open(f"/proc/{name}/stat") as f:
+                            stat = f.read().rsplit(")", 1)[1].split()
+                        if stat[0] == "Z" and stat[1] == "1":
+                            os.waitpid(int(name), os.WNOHANG)
+                    except (OSError, IndexError, ChildProcessError):
+                        pass
+    finally:
+        reaping = False
 
 
 def over_limit():
