@@ -13,8 +13,8 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from agentloop import envs
-from agentloop.envs.contract import EnvContractError, reset_task, step_outcome
 from agentloop.envs import registry
+from agentloop.envs.contract import EnvContractError, reset_task, step_outcome
 from agentloop.envs.registry import EnvDefinition
 from agentloop.types import Task
 
