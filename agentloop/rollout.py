@@ -174,7 +174,7 @@ def _advance(
     policy: Policy, episode: _Episode, gen: Generation, config: RolloutConfig
 ) -> tuple[float, bool, bool, bool] | None:
     """Plays one generated turn; returns (reward, success, terminated, truncated) if the episode ended."""
-    episode.messages.append(Message("assistant", gen.text, gen.token_ids))
+    episode.messages.append(Message("assistant", gen.text, gen.token_ids, gen.logprobs, gen.version))
     episode.generated += len(gen.token_ids)
     observation, reward, terminated, truncated, info = episode.env.step(gen.text)
     step = step_outcome(info, episode.task.env)
@@ -188,6 +188,21 @@ def _advance(
     if len(episode.prompt) + config.sampling.max_new_tokens > config.max_context_tokens:
         return float(reward), success, False, True
     return None
+
+
+def _version(policy: Policy, episode: _Episode) -> int:
+    """The episode's policy version: the one every turn reports, else the policy's own.
+
+    A backend that reports versions per turn lets a publish mid-stage show: an episode whose
+    turns came from two versions is recorded under the older one (it is partly off-policy
+    for the newer) and logged.
+    """
+    versions = {m.policy_version for m in episode.messages if m.role == "assistant" and m.policy_version is not None}
+    if not versions:
+        return policy.version
+    if len(versions) > 1:
+        logger.info("%s/%s: turns of policy versions %s", episode.task.env, episode.task.task_id, sorted(versions))
+    return min(versions)
 
 
 def _trajectory(
@@ -205,7 +220,7 @@ def _trajectory(
         num_turns=sum(m.role == "assistant" for m in episode.messages),
         invalid_actions=episode.invalid,
         source=source,
-        policy_version=policy.version,
+        policy_version=_version(policy, episode),
         iteration=iteration,
         generated_tokens=episode.generated,
         tamper_attempts=episode.tamper_attempts,

@@ -50,6 +50,13 @@ class Message:
     """The message text (for the assistant, the decoded completion without the stop token)."""
     token_ids: tuple[int, ...] = ()
     """The tokens of this message's segment; empty when the text was never tokenized."""
+    logprobs: tuple[float, ...] = ()
+    """For a generated assistant turn, the log-probability of each of its ``token_ids`` under
+    the serving model's raw distribution (before temperature or top-p), as the backend that
+    sampled it computed it; empty when none was recorded (experts, user turns)."""
+    policy_version: int | None = None
+    """For a generated assistant turn, the policy version whose weights produced it, as the
+    backend reported it; None for turns no policy generated."""
 
 
 @dataclass(frozen=True)

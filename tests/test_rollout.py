@@ -171,7 +171,13 @@ def test_continuous_batching_plays_the_same_episodes_as_lockstep_turns(setup, ti
             iteration=0,
         )
     (ours, stats), (reference, reference_stats) = runs["continuous"], runs["lockstep"]
-    assert [t.messages for t in ours] == [t.messages for t in reference]
+    assert [[(m.role, m.content, m.token_ids) for m in t.messages] for t in ours] == [
+        [(m.role, m.content, m.token_ids) for m in t.messages] for t in reference
+    ]
+    for a, b in zip(ours, reference, strict=True):  # log-probs equal up to batching's float rounding
+        for x, y in zip(a.messages, b.messages, strict=True):
+            assert len(x.logprobs) == (len(x.token_ids) if x.role == "assistant" else 0)
+            assert all(abs(p - q) < 1e-4 for p, q in zip(x.logprobs, y.logprobs, strict=True))
     assert sum(t.num_turns for t in ours) > len(ours)  # multi-turn episodes
     assert stats.prompt_tokens == reference_stats.prompt_tokens
     assert stats.prefix_reuse > 0.5  # later turns prefilled only their new tokens

@@ -90,11 +90,11 @@ class RolloutWorker:
         threads: int = 0,
     ) -> None:
         """``env_configs`` maps each env name to its config; ``tasks`` are env task objects of those envs."""
-        from agentloop.policy.hf import HFPolicy
+        from agentloop.policy import make_policy
 
         logging.basicConfig(level=logging.INFO)
         logger.info("rollout worker: %d torch threads", set_threads(threads))
-        self.policy = HFPolicy(policy_config)
+        self.policy = make_policy(policy_config)
         self.rollout_config = rollout_config
         self.env_configs = dict(env_configs)
         self.tasks = {(t.task.env, t.task.task_id): t for t in tasks}
@@ -130,8 +130,9 @@ class RolloutWorker:
                 progress=True,
             )
         finally:
-            if self.policy.prefix_cache is not None:
-                self.policy.prefix_cache.clear()  # the next stage's episodes start afresh
+            cache = getattr(self.policy, "prefix_cache", None)  # agentloop's engine (vLLM manages its own)
+            if cache is not None:
+                cache.clear()  # the next stage's episodes start afresh
             release_memory()
 
     def sleep(self) -> None:
@@ -140,6 +141,7 @@ class RolloutWorker:
         release_memory()
 
     def close(self) -> None:
+        getattr(self.policy, "close", lambda: None)()
         shutil.rmtree(self._adapter_dir, ignore_errors=True)
 
 

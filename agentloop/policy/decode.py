@@ -257,6 +257,7 @@ class DecodeEngine:
         self.slots: list[Hashable | None] = []  # request of each slot of the batch; None = idle
         self.prompts: dict[Hashable, tuple[int, ...]] = {}
         self.outputs: dict[Hashable, list[int]] = {}
+        self.logprobs: dict[Hashable, list[float]] = {}  # of each generated token, raw model distribution
         self.kv: KVBuffer | None = None  # keys and values of the slots
         self.key_pos: torch.Tensor | None = None
         self.next_tokens: torch.Tensor | None = None  # each slot's last sampled token, not yet fed
@@ -269,6 +270,16 @@ class DecodeEngine:
         self.prompts[key] = tuple(prompt)
         self.waiting.append((key, tuple(prompt)))
 
+    def restart(self) -> None:
+        """Sends the running requests back to the front of the queue, their tokens and keys
+        dropped: after new weights, each is generated again from its prompt."""
+        running = [key for key in self.slots if key is not None]
+        for key in reversed(running):
+            self.waiting.appendleft((key, self.prompts[key]))
+            del self.outputs[key], self.logprobs[key]
+        self.kv = self.key_pos = self.next_tokens = None
+        self.slots = []
+
     @property
     def running(self) -> int:
         """Requests in the batch."""
@@ -278,8 +289,8 @@ class DecodeEngine:
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def step(self) -> list[tuple[Hashable, list[int]]]:
-        """One forward pass; returns ``(key, generated ids)`` of the requests that ended."""
+    def step(self) -> list[tuple[Hashable, list[int], list[float]]]:
+        """One forward pass; returns ``(key, generated ids, their log-probs)`` of the requests that ended."""
         import torch
 
         with torch.inference_mode():  # the cache's tensors are inference tensors: edit them in this mode
@@ -315,11 +326,11 @@ class DecodeEngine:
             input_ids[r, width_new - len(tokens) :] = torch.tensor(tokens)
             key_pos[r, width_cached + width_new - len(tokens) :] = torch.arange(c, c + len(tokens))
         key_pos = key_pos.to(self.device)
-        tokens = self._forward(input_ids.to(self.device), key_pos[:, width_cached:], key_pos, kv)
+        tokens, logprobs = self._forward(input_ids.to(self.device), key_pos[:, width_cached:], key_pos, kv)
         keys = [key for key, _ in group]
         for key in keys:
-            self.outputs[key] = []
-        going, finished = self._record(keys, tokens, kv, key_pos)
+            self.outputs[key], self.logprobs[key] = [], []
+        going, finished = self._record(keys, tokens, logprobs, kv, key_pos)
         if going:
             self._join([keys[r] for r in going], kv, key_pos, tokens, torch.tensor(going, device=self.device))
         return finished
@@ -330,8 +341,8 @@ class DecodeEngine:
         idle = torch.tensor([key is None for key in self.slots], device=self.device)
         query_pos = (self.key_pos.max(dim=1).values + 1).masked_fill(idle, -1).unsqueeze(1)
         key_pos = torch.cat([self.key_pos, query_pos], dim=1)
-        tokens = self._forward(self.next_tokens.unsqueeze(1), query_pos, key_pos, self.kv)
-        going, finished = self._record(self.slots, tokens, self.kv, key_pos)
+        tokens, logprobs = self._forward(self.next_tokens.unsqueeze(1), query_pos, key_pos, self.kv)
+        going, finished = self._record(self.slots, tokens, logprobs, self.kv, key_pos)
         kept = set(going)
         ended = [s for s, key in enumerate(self.slots) if key is not None and s not in kept]
         for s in ended:
@@ -342,15 +353,16 @@ class DecodeEngine:
         self._trim()
         return finished
 
-    def _record(self, keys, tokens, kv, key_pos) -> tuple[list[int], list[tuple[Hashable, list[int]]]]:
+    def _record(self, keys, tokens, logprobs, kv, key_pos) -> tuple[list[int], list]:
         """Appends each row's new token; returns the rows that go on, and the requests that ended
         (their keys and values go to the prefix cache). Rows whose key is None are skipped."""
         going, finished = [], []
-        for row, (key, token) in enumerate(zip(keys, tokens.tolist(), strict=True)):
+        for row, (key, token, logprob) in enumerate(zip(keys, tokens.tolist(), logprobs.tolist(), strict=True)):
             if key is None:
                 continue
             generated = self.outputs[key]
             generated.append(token)
+            self.logprobs[key].append(logprob)
             if token not in self.stops and len(generated) < self.max_new_tokens:
                 going.append(row)
                 continue
@@ -358,7 +370,7 @@ class DecodeEngine:
             del self.outputs[key]
             if self.cache is not None:
                 self.cache.put(_extract(kv, row, key_pos[row], prompt + tuple(generated[:-1])))
-            finished.append((key, generated))
+            finished.append((key, generated, self.logprobs.pop(key)))
         return going, finished
 
     def _join(self, keys, kv: KVBuffer, key_pos: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> None:
@@ -413,8 +425,9 @@ class DecodeEngine:
         if self._sparse():
             self.kv, self.key_pos = _compact(self.kv, self.key_pos)
 
-    def _forward(self, input_ids, query_pos, key_pos, kv) -> torch.Tensor:
-        """The model on ``input_ids`` (run inside :meth:`step`'s inference mode); the sampled next tokens."""
+    def _forward(self, input_ids, query_pos, key_pos, kv) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model on ``input_ids`` (run inside :meth:`step`'s inference mode); the sampled next
+        tokens and their log-probs under the model's own (raw) distribution."""
         import torch
 
         out = self.model.get_decoder()(
@@ -432,7 +445,9 @@ class DecodeEngine:
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        return self.pick(logits)
+        tokens = self.pick(logits)
+        # log p = logit - logsumexp: two passes over the vocabulary, no full log_softmax written.
+        return tokens, logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
 
     def _sparse(self) -> bool:
         """True when empty columns make up most of the cache (rows that joined late, or left)."""

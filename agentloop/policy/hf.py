@@ -8,6 +8,7 @@ base model's speed; the pristine base weights stay in memory to merge the next a
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Hashable, Sequence
 from functools import partial
 from pathlib import Path
@@ -39,6 +40,7 @@ class HFPolicy:
         self.adapter: Path | None = None
         self.prefix_cache = PrefixCache(config.prefix_cache_tokens) if config.prefix_cache_tokens else None
         self._streams = 0
+        self._open: weakref.WeakSet[_Stream] = weakref.WeakSet()  # streams a new version restarts
         self._load_base()
 
     def _load_base(self) -> None:
@@ -98,6 +100,9 @@ class HFPolicy:
         if adapter is not None:
             self._merge(adapter)
         self.adapter, self.version = adapter, version
+        for stream in list(self._open):  # running requests start over under the new weights
+            stream.engine.model = self.model
+            stream.engine.restart()
         logger.info("policy v%d: %s", version, adapter or "base model")
 
     def _merge(self, adapter: Path) -> None:
@@ -144,13 +149,21 @@ class HFPolicy:
             max_rows=self.config.batch_size,
             cache=self.prefix_cache,
         )
-        return _Stream(engine, self._completion)
+        stream = _Stream(engine, self._completion)
+        self._open.add(stream)
+        return stream
 
-    def _completion(self, new_ids: list[int]) -> Generation:
+    def _completion(self, new_ids: list[int], logprobs: list[float]) -> Generation:
         stops = self.chat.stop_ids
         end = next((i for i, t in enumerate(new_ids) if t in stops), None)
         ids = new_ids if end is None else new_ids[: end + 1]
-        return Generation(token_ids=tuple(ids), text=self.chat.decode_completion(ids), finished=end is not None)
+        return Generation(
+            token_ids=tuple(ids),
+            text=self.chat.decode_completion(ids),
+            finished=end is not None,
+            logprobs=tuple(logprobs[: len(ids)]),
+            version=self.version,
+        )
 
 
 def _embedding_module_names(model) -> set[str]:
@@ -180,4 +193,4 @@ class _Stream:
         return self.engine.busy
 
     def step(self) -> list[tuple[Hashable, Generation]]:
-        return [(key, self.completion(ids)) for key, ids in self.engine.step()]
+        return [(key, self.completion(ids, logprobs)) for key, ids, logprobs in self.engine.step()]

@@ -474,14 +474,30 @@ def _to_row(t: Trajectory, stage: str) -> TrajectoryRow:
         generated_tokens=t.generated_tokens,
         tamper_attempts=t.tamper_attempts,
         tokenizer=t.tokenizer,
-        messages=[{"role": m.role, "content": m.content, "token_ids": list(m.token_ids)} for m in t.messages],
+        messages=[_message_row(m) for m in t.messages],
+    )
+
+
+def _message_row(m: Message) -> dict:
+    row = {"role": m.role, "content": m.content, "token_ids": list(m.token_ids)}
+    if m.logprobs:
+        row["logprobs"] = list(m.logprobs)
+    if m.policy_version is not None:
+        row["policy_version"] = m.policy_version
+    return row
+
+
+def _message(row: dict) -> Message:
+    """A stored message; rows written before turns recorded log-probs and versions lack them."""
+    return Message(
+        row["role"], row["content"], tuple(row["token_ids"]), tuple(row.get("logprobs", ())), row.get("policy_version")
     )
 
 
 def _from_row(row: TrajectoryRow) -> Trajectory:
     return Trajectory(
         task=Task(env=row.env, task_id=row.task_id, split=row.split, kind=row.kind, instruction=row.instruction),
-        messages=tuple(Message(m["role"], m["content"], tuple(m["token_ids"])) for m in row.messages),
+        messages=tuple(_message(m) for m in row.messages),
         tokenizer=row.tokenizer,
         reward=row.reward,
         success=row.success,

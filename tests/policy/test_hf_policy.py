@@ -8,6 +8,17 @@ from agentloop.policy.base import PolicyConfig, SamplingConfig
 from agentloop.policy.hf import HFPolicy
 
 
+def assert_same_generations(ours, theirs) -> None:
+    """Same tokens, text, end and version; log-probs equal up to float rounding (a row's
+    arithmetic depends a little on what it is batched with)."""
+    assert [(g.token_ids, g.text, g.finished, g.version) for g in ours] == [
+        (g.token_ids, g.text, g.finished, g.version) for g in theirs
+    ]
+    for a, b in zip(ours, theirs, strict=True):
+        assert len(a.logprobs) == len(a.token_ids) and len(b.logprobs) == len(b.token_ids)
+        assert all(abs(x - y) < 1e-4 for x, y in zip(a.logprobs, b.logprobs, strict=True))
+
+
 @pytest.fixture(scope="module")
 def policy(tiny_model_dir):
     return HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=4))
@@ -121,7 +132,7 @@ def test_requests_joining_a_running_batch_take_idle_slots_with_the_same_result(t
                 stream.add(pending[0], conversations[pending.pop(0)])
             got.update(stream.step())
             widest = max(widest, len(stream.engine.slots))
-        assert [got[i] for i in range(len(texts))] == expected, turn
+        assert_same_generations([got[i] for i in range(len(texts))], expected)
         assert widest <= 3
         for conversation, gen, text in zip(conversations, expected, texts, strict=True):
             conversation += [*gen.token_ids, *chat.user_segment(f"Observation {turn}: {text[:7]}", first=False)]
@@ -153,10 +164,10 @@ def test_grouped_attention_equals_transformers_sdpa(tiny_model_dir):
 
 def test_completion_stops_at_stop_token(policy):
     stop = policy.chat.stop_id
-    gen = policy._completion([7, 8, stop, 9, 9])
-    assert gen.token_ids == (7, 8, stop) and gen.finished
-    assert gen.text == policy.chat.tokenizer.decode([7, 8])
-    assert not policy._completion([7, 8, 9]).finished
+    gen = policy._completion([7, 8, stop, 9, 9], [-1.0, -2.0, -0.5, -3.0, -3.0])
+    assert gen.token_ids == (7, 8, stop) and gen.finished and gen.logprobs == (-1.0, -2.0, -0.5)
+    assert gen.text == policy.chat.tokenizer.decode([7, 8]) and gen.version == policy.version
+    assert not policy._completion([7, 8, 9], [-1.0, -1.0, -1.0]).finished
 
 
 def test_adapter_changes_outputs_and_base_is_restored(policy, tmp_path):
@@ -202,7 +213,8 @@ def test_a_sleeping_policy_frees_its_weights_and_wakes_with_its_adapter(tiny_mod
     policy.load_adapter(None, version=0)  # waking by loading another adapter
     policy.sleep()
     policy.load_adapter(tmp_path / "adapter", version=4)
-    assert policy.generate(prompts, sampling) == before
+    again = policy.generate(prompts, sampling)
+    assert [g.token_ids for g in again] == [g.token_ids for g in before] and again[0].version == 4
 
 
 def test_adapter_that_changes_the_embeddings_is_refused(policy, tmp_path):
@@ -222,3 +234,32 @@ def _logits(policy, prompt):
 
     with torch.no_grad():
         return policy.model(input_ids=torch.tensor([prompt])).logits
+
+
+def test_a_publish_mid_stream_restarts_running_requests_under_the_new_version(tiny_model_dir, tmp_path):
+    """As the vLLM backend does: a new version while requests run restarts them, so every
+    completion is one version's, the one it reports, and equals that version's from scratch."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    policy = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=3))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(
+        tmp_path / "adapter"
+    )
+    prompts = [policy.chat.user_segment(t, first=True) for t in ["a", "bb cc", "SELECT 1", "x y z w", "q"]]
+    sampling = SamplingConfig(max_new_tokens=12)
+    base = policy.generate(prompts, sampling)
+    stream = policy.stream(sampling)
+    for i, prompt in enumerate(prompts):
+        stream.add(i, prompt)
+    done = dict(stream.step())
+    stream.step()
+    assert stream.engine.running  # requests are mid-turn
+    policy.load_adapter(tmp_path / "adapter", version=5)
+    while stream.busy:
+        done.update(stream.step())
+    fresh = policy.generate(prompts, sampling)
+    assert [g.token_ids for g in fresh] != [g.token_ids for g in base]
+    assert_same_generations([done[i] for i in range(len(prompts))], fresh)
+    assert {g.version for g in done.values()} == {5}

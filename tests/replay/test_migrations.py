@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,16 @@ SCHEMA_1_TYPES = {
     "postgresql": {"serial": "SERIAL", "double": "DOUBLE PRECISION", "timestamp": "TIMESTAMP WITH TIME ZONE"},
 }
 
+
+def schema_1_era(t: Trajectory) -> Trajectory:
+    """A trajectory as a schema-1 store held it: turns recorded no log-probs or versions yet
+    (those live in the messages' JSON, so reading them needs no migration)."""
+    return replace(t, messages=tuple(replace(m, logprobs=(), policy_version=None) for m in t.messages))
+
+
 EXPERT = episode(SELECT, source="expert", policy_version=-1, iteration=0, seed=1)
-FAILED = episode(SELECT, turns=3, success=False, seed=2)
-SOLVED = episode(INSERT, seed=3)
+FAILED = schema_1_era(episode(SELECT, turns=3, success=False, seed=2))
+SOLVED = schema_1_era(episode(INSERT, seed=3))
 STORED = {"experts": [EXPERT], "explore/1": [FAILED, SOLVED]}
 PAIR = Pair(SELECT, EXPERT, cut(FAILED, 1), iteration=1)
 METRICS = {"experts": {}, "explore/1": {"explore/success_rate": 0.5}}

@@ -47,7 +47,11 @@ def episode(
     for turn in range(turns):
         ids = tuple(range(seed * 1000 + turn * 10, seed * 1000 + turn * 10 + 3))
         messages.append(Message("user", f'Observation {turn}: «ok» "quoted"\n', ids))
-        messages.append(Message("assistant", f"Action: Operation\n```sql\nSELECT {turn};\n```", (262_143, *ids)))
+        generated = (262_143, *ids)
+        logprobs = tuple(-0.1 * (turn + k) - 1e-7 for k in range(len(generated))) if source != "expert" else ()
+        version = policy_version if source != "expert" else None
+        text = f"Action: Operation\n```sql\nSELECT {turn};\n```"
+        messages.append(Message("assistant", text, generated, logprobs, version))
     return Trajectory(
         task=task,
         messages=tuple(messages),
@@ -90,6 +94,8 @@ def test_round_trip_reproduces_records_exactly(store: ReplayStore) -> None:
     assert store.trajectories() == batch
     assert [t.tamper_attempts for t in store.trajectories()] == [2, 0, 0]
     assert store.trajectories()[0].token_ids == batch[0].token_ids
+    assert store.trajectories()[0].messages[1].logprobs == batch[0].messages[1].logprobs != ()  # exact floats
+    assert {m.policy_version for m in store.trajectories()[1].messages} == {None}  # an expert's turns
 
 
 def test_negative_tamper_attempts_are_refused(store: ReplayStore) -> None:
