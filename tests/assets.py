@@ -15,10 +15,10 @@ CORPUS = [
 ]
 
 
-def build_tiny_model(out_dir: Path, vocab_size: int = 320, seed: int = 0, head_dim: int = 16) -> Path:
+def build_tiny_model(out_dir: Path, vocab_size: int = 320, seed: int = 0, head_dim: int = 32) -> Path:
     """Saves a 2-layer random Gemma 3 model and a small byte-level BPE tokenizer to ``out_dir``.
 
-    vLLM's CPU attention needs ``head_dim`` of 32 or more (its tests build with 32)."""
+    ``head_dim`` 32: the smallest vLLM's CPU attention runs, so both backends serve this model."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
@@ -53,7 +53,7 @@ def build_tiny_model(out_dir: Path, vocab_size: int = 320, seed: int = 0, head_d
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=head_dim,
-        max_position_embeddings=2048,
+        max_position_embeddings=8192,  # a context as long as the run's (vLLM refuses longer prompts)
         sliding_window=16,  # short, so test prompts cross it
         layer_types=["sliding_attention", "full_attention"],
         pad_token_id=tokenizer.pad_token_id,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agentloop.actors.transfer import Files, pack_dir, unpack_dir
+from agentloop.config import ConfigError
 from agentloop.types import Pair, Source, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,13 @@ class RolloutWorker:
         logging.basicConfig(level=logging.INFO)
         logger.info("rollout worker: %d torch threads", set_threads(threads))
         self.policy = make_policy(policy_config)
+        limit = getattr(self.policy, "max_model_len", None)
+        if limit is not None and rollout_config.max_context_tokens > limit:
+            raise ConfigError(
+                f"rollout.max_context_tokens={rollout_config.max_context_tokens} exceeds what the "
+                f"{policy_config.backend} engine serves for {policy_config.model} ({limit} tokens; "
+                "policy.vllm.max_model_len)"
+            )
         self.rollout_config = rollout_config
         self.env_configs = dict(env_configs)
         self.tasks = {(t.task.env, t.task.task_id): t for t in tasks}

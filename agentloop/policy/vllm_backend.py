@@ -94,6 +94,8 @@ class VLLMPolicy:
         self._requests = 0
         self.engine = self._build_engine()
         self.engine.set_weight_version("0")
+        self.max_model_len: int = self.engine.model_config.max_model_len
+        """Longest prompt plus completion the engine accepts."""
 
     def _build_engine(self):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core steps in this process

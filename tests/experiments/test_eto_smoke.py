@@ -27,7 +27,8 @@ def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir):
+@pytest.mark.parametrize("backend", ["transformers", "vllm"])
+def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir, backend):
     from agentloop.replay import ReplayStore
 
     run_dir = tmp_path / "run"
@@ -38,6 +39,8 @@ def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir):
     tiny = [
         f"run_dir={run_dir}",
         f"policy.model={tiny_model_dir}",
+        f"policy.backend={backend}",
+        "policy.vllm.enforce_eager=true",
         "policy.dtype=float32",
         "sft.dtype=float32",
         "dpo.dtype=float32",
@@ -67,6 +70,9 @@ def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir):
     assert len(store.trajectories(stage="eval/1")) == (10 if OS_SANDBOX else 8)
     assert len(store.trajectories(stage="explore/1")) == sum(experts.values())
     assert {t.policy_version for t in store.trajectories(stage="eval/1")} == {2}
+    turns = [m for t in store.trajectories(stage="eval/1") for m in t.messages if m.role == "assistant"]
+    assert {m.policy_version for m in turns} == {2}  # as the backend reported it, turn by turn
+    assert all(len(m.logprobs) == len(m.token_ids) for m in turns)
     store.close()
 
     second = _run(["--resume", str(run_dir), "iterations=2"], data_dir)

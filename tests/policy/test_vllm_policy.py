@@ -17,10 +17,8 @@ PROMPTS = ["a", "bb cc", "SELECT 1", "x y z w", "q", "a much longer prompt here,
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from assets import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-vllm"), head_dim=32)  # vLLM's CPU attention: >= 32
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
