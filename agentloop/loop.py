@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -178,6 +178,57 @@ class Stages:
         trajectories, metrics = work()
         metrics[f"timing/{stage.split('/')[0]}"] = time.perf_counter() - started
         self._commit(stage, step, metrics, trajectories=trajectories)
+        return trajectories
+
+    def stream(
+        self,
+        stage: str,
+        step: int,
+        keys: Sequence[str],
+        play: Callable[[list[str]], Iterable[Any]],
+        metrics_of: Callable[[list[Trajectory], Any], dict[str, float]],
+    ) -> list[Trajectory]:
+        """A rollout stage whose episodes are stored as they finish, so an interrupted one resumes
+        with only the episodes it lacks.
+
+        Args:
+            stage: The stage's name.
+            step: Its step in the metrics log.
+            keys: The episodes the stage plays (``"<env>/<task_id>"``), in order.
+            play: Plays the given keys; yields lists of finished trajectories as they end (each
+                list is stored at once), then one last item, the run's throughput stats.
+            metrics_of: The stage's metrics from all its trajectories (in ``keys`` order) and the stats.
+
+        Returns:
+            The stage's trajectories in ``keys`` order.
+        """
+        from agentloop.replay.store import episode_key
+
+        if self.done(stage, step):
+            return self.store.trajectories(stage=stage)
+        stored = self.store.episodes(stage)
+        todo = [k for k in keys if k not in stored]
+        if stored:
+            logger.info(
+                "%s: %d of %d episodes stored before; playing the other %d", stage, len(stored), len(keys), len(todo)
+            )
+        started = time.perf_counter()
+        stats = None
+        for item in play(todo) if todo else ():
+            if isinstance(item, list):
+                self.store.add_episodes(item, stage)
+            else:
+                stats = item
+        found = {episode_key(t): t for t in self.store.trajectories(stage=stage)}
+        missing = [k for k in keys if k not in found]
+        if missing:
+            raise RuntimeError(f"{stage}: {len(missing)} episodes were never returned, e.g. {missing[:3]}")
+        trajectories = [found[k] for k in keys]
+        metrics = metrics_of(trajectories, stats)
+        family = stage.split("/")[0]
+        metrics[f"timing/{family}"] = time.perf_counter() - started
+        metrics[f"{family}/resumed_episodes"] = float(len(stored))
+        self._commit(stage, step, metrics)
         return trajectories
 
     def train(

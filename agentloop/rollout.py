@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +86,16 @@ def rollout(
     iteration: int,
     progress: bool = False,
 ) -> tuple[list[Trajectory], RolloutStats]:
-    """Runs one episode per task and returns the trajectories in task order.
+    """Runs one episode per task and returns the trajectories in task order (see :class:`Rollout`)."""
+    run = Rollout(policy, make_env, tasks, config, source=source, iteration=iteration, progress=progress)
+    done = dict(run)
+    return [done[i] for i in range(len(tasks))], run.stats
+
+
+class Rollout:
+    """One episode per task over one stream of generation requests; iterating it plays them and
+    yields ``(task index, trajectory)`` as each episode ends, so a caller can store episodes as
+    they finish. ``stats`` is set once iteration is over.
 
     Args:
         policy: Generates the assistant turns.
@@ -102,63 +111,81 @@ def rollout(
         iteration: Loop iteration recorded on every trajectory.
         progress: Show a progress bar.
     """
-    from tqdm import tqdm
 
-    if config.max_context_tokens < 1:
-        raise ValueError("rollout needs max_context_tokens set (0 means an experiment fits it to its envs first)")
-    started = time.perf_counter()
-    cache = getattr(policy, "prefix_cache", None)
-    reused_before = cache.reused_tokens if cache is not None else 0
-    prompt_tokens = 0
-    queue = deque(enumerate(tasks))
-    idle: dict[str, list[Any]] = {}  # built environments not in an episode, by env name
-    built: list[Any] = []
-    prepared: set[str] = set()
-    active: dict[int, _Episode] = {}
-    done: dict[int, Trajectory] = {}
-    stream = open_stream(policy, config.sampling)
-    bar = tqdm(total=len(tasks), desc=f"{source} episodes", disable=not progress, leave=False)
-    try:
-        while queue or active:
-            while queue and len(active) < config.concurrent_episodes:
-                index, task = queue.popleft()
-                free = idle.setdefault(task.env, [])
-                if not free:
-                    free.append(make_env(task.env))
-                    built.append(free[-1])
-                    if task.env not in prepared:  # the env's games, in the order they will start
-                        prepared.add(task.env)
-                        upcoming = [task.task_id, *(t.task_id for _, t in queue if t.env == task.env)]
-                        getattr(free[-1].unwrapped, "prepare", lambda ids: None)(upcoming)
-                active[index] = _start(policy, free.pop(), task)
-                stream.add(index, active[index].prompt)
-                prompt_tokens += len(active[index].prompt)
-            for index, generation in stream.step():
-                episode = active[index]
-                outcome = _advance(policy, episode, generation, config)
-                if outcome is None:  # the episode goes on: its next turn joins the stream
-                    stream.add(index, episode.prompt)
-                    prompt_tokens += len(episode.prompt)
-                    continue
-                done[index] = _trajectory(policy, episode, outcome, source, iteration)
-                if cache is not None:  # no next turn will resume from this episode's last one
-                    cache.pop(done[index].token_ids, reuse=False)
-                idle[episode.task.env].append(episode.env)
-                del active[index]
-                bar.update(1)
-    finally:
-        bar.close()
-        for env in built:
-            env.close()
-    trajectories = [done[i] for i in range(len(tasks))]
-    stats = RolloutStats(
-        episodes=len(tasks),
-        generated_tokens=sum(t.generated_tokens for t in trajectories),
-        seconds=time.perf_counter() - started,
-        prompt_tokens=prompt_tokens,
-        reused_prompt_tokens=(cache.reused_tokens - reused_before) if cache is not None else 0,
-    )
-    return trajectories, stats
+    def __init__(
+        self,
+        policy: Policy,
+        make_env: Callable[[str], Any],
+        tasks: Sequence[Task],
+        config: RolloutConfig,
+        *,
+        source: Source,
+        iteration: int,
+        progress: bool = False,
+    ) -> None:
+        if config.max_context_tokens < 1:
+            raise ValueError("rollout needs max_context_tokens set (0 means an experiment fits it to its envs first)")
+        self.policy, self.make_env, self.tasks, self.config = policy, make_env, list(tasks), config
+        self.source, self.iteration, self.progress = source, iteration, progress
+        self.stats: RolloutStats | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, Trajectory]]:
+        from tqdm import tqdm
+
+        policy, config, tasks = self.policy, self.config, self.tasks
+        started = time.perf_counter()
+        cache = getattr(policy, "prefix_cache", None)
+        reused_before = cache.reused_tokens if cache is not None else 0
+        prompt_tokens = generated = 0
+        queue = deque(enumerate(tasks))
+        idle: dict[str, list[Any]] = {}  # built environments not in an episode, by env name
+        built: list[Any] = []
+        prepared: set[str] = set()
+        active: dict[int, _Episode] = {}
+        stream = open_stream(policy, config.sampling)
+        bar = tqdm(total=len(tasks), desc=f"{self.source} episodes", disable=not self.progress, leave=False)
+        try:
+            while queue or active:
+                while queue and len(active) < config.concurrent_episodes:
+                    index, task = queue.popleft()
+                    free = idle.setdefault(task.env, [])
+                    if not free:
+                        free.append(self.make_env(task.env))
+                        built.append(free[-1])
+                        if task.env not in prepared:  # the env's games, in the order they will start
+                            prepared.add(task.env)
+                            upcoming = [task.task_id, *(t.task_id for _, t in queue if t.env == task.env)]
+                            getattr(free[-1].unwrapped, "prepare", lambda ids: None)(upcoming)
+                    active[index] = _start(policy, free.pop(), task)
+                    stream.add(index, active[index].prompt)
+                    prompt_tokens += len(active[index].prompt)
+                for index, generation in stream.step():
+                    episode = active[index]
+                    outcome = _advance(policy, episode, generation, config)
+                    if outcome is None:  # the episode goes on: its next turn joins the stream
+                        stream.add(index, episode.prompt)
+                        prompt_tokens += len(episode.prompt)
+                        continue
+                    trajectory = _trajectory(policy, episode, outcome, self.source, self.iteration)
+                    if cache is not None:  # no next turn will resume from this episode's last one
+                        cache.pop(trajectory.token_ids, reuse=False)
+                    idle[episode.task.env].append(episode.env)
+                    del active[index]
+                    generated += trajectory.generated_tokens
+                    bar.update(1)
+                    yield index, trajectory
+        finally:
+            bar.close()
+            getattr(stream, "close", lambda: None)()
+            for env in built:
+                env.close()
+        self.stats = RolloutStats(
+            episodes=len(tasks),
+            generated_tokens=generated,
+            seconds=time.perf_counter() - started,
+            prompt_tokens=prompt_tokens,
+            reused_prompt_tokens=(cache.reused_tokens - reused_before) if cache is not None else 0,
+        )
 
 
 def _start(policy: Policy, env: Any, task: Task) -> _Episode:

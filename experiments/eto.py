@@ -82,6 +82,9 @@ class ETOConfig:
     seed: int = 0
     threads: int = 0
     """torch threads of each actor; 0 = all cores of its node (the loop runs one actor at a time)."""
+    commit_every: int = 8
+    """Episodes of a rollout stage stored per transaction as they finish: an interrupted stage
+    resumes with only the episodes it lacks."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rollout: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(
@@ -105,6 +108,8 @@ class ETOConfig:
     def validate(self) -> None:
         if not Path(self.data_dir).is_dir():
             raise ConfigError(f"data_dir {self.data_dir!r} is not a directory (set AGENTLOOP_DATA_DIR)")
+        if self.commit_every < 1:
+            raise ConfigError(f"commit_every must be >= 1, got {self.commit_every}")
         if min(self.iterations, self.threads) < 0:
             raise ConfigError("iterations and threads must be >= 0")
         names = [spec.name for spec in self.envs]
@@ -167,6 +172,7 @@ STAGE_READS = {
 A resumed run refuses to change a setting that a completed stage read."""
 FREE_SETTINGS = (
     "data_dir",
+    "commit_every",
     "threads",
     "ray_address",
     "iterations",
@@ -205,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     metrics = MetricsLogger(run.path)
     stages = Stages(run, store, metrics)
     if saved is not None:
-        resume_checks(config, saved, run, stages.completed)
+        # A stage with episodes stored already counts as done for what it read: its remaining
+        # episodes must be played with the same settings.
+        resume_checks(config, saved, run, stages.completed + store.started_stages())
     print(f"run directory: {run.path}")
 
     # A job from `ray job submit` finds its cluster in RAY_ADDRESS; otherwise start a local one
@@ -217,19 +225,30 @@ def main(argv: list[str] | None = None) -> None:
     actor, learner = start_workers(config, [t for tasks in train.values() for t in tasks] + held_out)
     policy = PolicySync(actor)
 
+    def play(source: str, version: int, iteration: int):
+        """Plays episodes on the rollout actor with policy ``version``; yields batches of finished
+        trajectories as they end (stored at once by ``stages.stream``), then the throughput stats."""
+
+        def run(todo: list[str]):
+            policy.ensure(version)
+            keys = [tuple(k.split("/", 1)) for k in todo]
+            batches = actor.stream.options(num_returns="streaming").remote(keys, source, iteration, config.commit_every)
+            for ref in batches:
+                yield ray.get(ref)
+
+        return run
+
     def evaluate(stage: str, version: int, iteration: int, baseline: str = "") -> None:
         """Runs the held-out tasks; with a baseline stage, also a paired test against it on the same tasks."""
 
-        def work():
-            policy.ensure(version)
-            trajectories, stats = ray.get(actor.run.remote([key(t.task) for t in held_out], "eval", iteration))
+        def measure(trajectories, stats):
             metrics = {**trajectory_metrics(trajectories, "eval"), **rollout_metrics(stats, "eval")}
             if baseline:
                 before = store.trajectories(stage=baseline)
                 metrics |= paired_comparison(before, trajectories, f"eval/vs_{baseline.split('/')[-1]}")
-            return trajectories, metrics
+            return metrics
 
-        stages.rollout(stage, version, work)
+        stages.stream(stage, version, [episode(t.task) for t in held_out], play("eval", version, iteration), measure)
 
     # 1. Expert demonstrations, replayed through the real environment; only successes kept.
     def make_experts():
@@ -242,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         return demos, {**trajectory_metrics(demos, "experts"), **flatten_metrics(report, "experts/report")}
 
     experts = stages.rollout("experts", 0, make_experts)
-    explore_ids = [key(t.task) for t in experts]  # every training task with a demonstration, as in ETO
+    explore_ids = [episode(t.task) for t in experts]  # every training task with a demonstration, as in ETO
 
     # 2. The base model, then behaviour cloning on the experts.
     evaluate("eval/base", version=0, iteration=0)
@@ -254,10 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     policy.adapters[1] = stages.train("sft", 1, sft)
     evaluate("eval/sft", version=1, iteration=0, baseline="eval/base")
 
-    def explore(it: int):
-        policy.ensure(it)  # the policy after round it - 1 (version it)
-        trajectories, stats = ray.get(actor.run.remote(explore_ids, "explore", it))
-        return trajectories, {**trajectory_metrics(trajectories, "explore"), **rollout_metrics(stats, "explore")}
+    def explored(trajectories, stats):
+        return {**trajectory_metrics(trajectories, "explore"), **rollout_metrics(stats, "explore")}
 
     def dpo(it: int, pairs):
         earlier = [p for p in store.pairs() if p.iteration < it]
@@ -268,8 +285,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. ETO rounds: explore -> pairs -> DPO (reference = the policy at the start of the round).
     for it in range(1, config.iterations + 1):
-        explored = stages.rollout(f"explore/{it}", it, partial(explore, it))
-        pairs = build_pairs(experts, explored, iteration=it)
+        # The policy after round it - 1 (version it) explores every training task with a demonstration.
+        found = stages.stream(f"explore/{it}", it, explore_ids, play("explore", it, it), explored)
+        pairs = build_pairs(experts, found, iteration=it)
         policy.adapters[it + 1] = stages.train(f"dpo/{it}", it, partial(dpo, it, pairs), pairs=pairs)
         evaluate(f"eval/{it}", version=it + 1, iteration=it, baseline="eval/sft")
 
@@ -299,9 +317,9 @@ class PolicySync:
         ray.get(self.actor.sleep.remote())
 
 
-def key(task) -> tuple[str, str]:
-    """A task's identity across environments."""
-    return task.env, task.task_id
+def episode(task) -> str:
+    """A task's episode key in a stage (``"<env>/<task_id>"``, as the replay store keys it)."""
+    return f"{task.env}/{task.task_id}"
 
 
 def rollout_metrics(stats, prefix: str) -> dict[str, float]:

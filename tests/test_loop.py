@@ -85,3 +85,63 @@ def test_metrics_committed_but_never_logged_are_logged_when_a_resumed_run_passes
     assert json.loads(metrics.path.read_text().splitlines()[-1])["stage"] == "eval/base"
     metrics.close()
     store.close()
+
+
+def test_a_streamed_stage_stores_batches_as_they_come_and_resumes_with_only_the_missing(tmp_path):
+    from dataclasses import replace
+
+    from agentloop.types import Message, Task, Trajectory
+
+    def played(key: str) -> Trajectory:
+        env, task_id = key.split("/")
+        return Trajectory(
+            task=Task(env, task_id, "train", "k", "do it"),
+            messages=(Message("user", "go"), Message("assistant", "ok")),
+            tokenizer="t",
+            reward=1.0,
+            success=True,
+            terminated=True,
+            truncated=False,
+            num_turns=1,
+            invalid_actions=0,
+            source="explore",
+            policy_version=1,
+            iteration=1,
+            generated_tokens=1,
+        )
+
+    keys = [f"db/t-{i}" for i in range(7)]
+    asked = []
+
+    def play(crash_after: int | None):
+        def run(todo):
+            asked.append(list(todo))
+            for start in range(0, len(todo), 2):
+                if crash_after is not None and start >= crash_after:
+                    raise KeyboardInterrupt  # the driver dies mid-stage
+                yield [played(k) for k in todo[start : start + 2]]
+            yield {"seconds": 1.0}
+
+        return run
+
+    def measure(trajectories, stats):
+        return {"explore/episodes": float(len(trajectories)), "explore/seconds": stats["seconds"]}
+
+    run = RunDir.create(tmp_path / "run", Config())
+    store = ReplayStore(run.store_url)
+    metrics = MetricsLogger(run.path)
+    with pytest.raises(KeyboardInterrupt):
+        Stages(run, store, metrics).stream("explore/1", 1, keys, play(crash_after=4), measure)
+    assert store.episodes("explore/1") == set(keys[:4]) and store.started_stages() == ["explore/1"]
+
+    resumed = Stages(run, ReplayStore(run.store_url), metrics)
+    found = resumed.stream("explore/1", 1, keys, play(crash_after=None), measure)
+    assert asked == [keys, keys[4:]]  # the second run played only what the first did not store
+    assert [f"{t.task.env}/{t.task.task_id}" for t in found] == keys
+    assert len(store.trajectories(stage="explore/1")) == 7 and store.completed_stages() == ["explore/1"]
+    record = read_metrics(metrics.path)[-1]
+    assert record["explore/episodes"] == 7 and record["explore/resumed_episodes"] == 4
+    assert resumed.stream("explore/1", 1, keys, play(crash_after=0), measure) == found  # complete: not run again
+    assert replace(found[0]) == found[0]
+    metrics.close()
+    store.close()

@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,29 +118,43 @@ class RolloutWorker:
         release_memory()
         return self.policy.version
 
-    def run(self, keys: Sequence[tuple[str, str]], source: Source, iteration: int) -> tuple[list[Trajectory], Any]:
-        """One episode per ``(env, task_id)``; returns trajectories in order and throughput stats."""
+    def stream(
+        self, keys: Sequence[tuple[str, str]], source: Source, iteration: int, batch_size: int = 8
+    ) -> Iterator[list[Trajectory] | Any]:
+        """One episode per ``(env, task_id)``: yields finished trajectories in batches of
+        ``batch_size`` as they end (the last batch smaller), then the throughput stats. Called as
+        a Ray streaming generator (``num_returns="streaming"``), so the driver stores episodes
+        while others still run."""
         from agentloop.envs import make_env
-        from agentloop.rollout import rollout
+        from agentloop.rollout import Rollout
 
         unknown = [k for k in keys if tuple(k) not in self.tasks]
         if unknown:
             raise KeyError(f"unknown tasks: {unknown[:5]}")
         tasks = [self.tasks[tuple(k)] for k in keys]
+        run = Rollout(
+            self.policy,
+            lambda env: make_env(env, self._env_tasks[env], self.env_configs[env]),
+            [t.task for t in tasks],
+            self.rollout_config,
+            source=source,
+            iteration=iteration,
+            progress=True,
+        )
+        batch: list[Trajectory] = []
         try:
-            return rollout(
-                self.policy,
-                lambda env: make_env(env, self._env_tasks[env], self.env_configs[env]),
-                [t.task for t in tasks],
-                self.rollout_config,
-                source=source,
-                iteration=iteration,
-                progress=True,
-            )
+            for _, trajectory in run:
+                batch.append(trajectory)
+                if len(batch) >= batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+            yield run.stats
         finally:
-            cache = getattr(self.policy, "prefix_cache", None)  # agentloop's engine (vLLM manages its own)
+            cache = getattr(self.policy, "prefix_cache", None)
             if cache is not None:
-                cache.clear()  # the next stage's episodes start afresh
+                cache.clear()
             release_memory()
 
     def sleep(self) -> None:

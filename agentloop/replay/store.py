@@ -42,6 +42,7 @@ from typing import Any, TypedDict, Unpack
 
 from sqlalchemy import ColumnElement, Connection, Engine, case, create_engine, delete, event, func, inspect, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from agentloop.replay.tables import SCHEMA_VERSION, MetaRow, PairRow, StageRow, TrajectoryRow
@@ -158,6 +159,42 @@ class ReplayStore:
             session.flush()
             return [row.id for row in rows]
 
+    def add_episodes(self, trajectories: Iterable[Trajectory], stage: str) -> list[int]:
+        """Stores finished episodes of a rollout stage that is not complete yet, as they stream in.
+
+        Each is keyed by its task (``"<env>/<task_id>"``), unique within the stage: a batch
+        holding an episode the stage has already is refused whole, so a stage resumed after
+        a crash cannot store an episode twice. :meth:`discard_incomplete` keeps these rows.
+
+        Returns:
+            The new rows' ids, in the order of ``trajectories``.
+
+        Raises:
+            ValueError: If ``stage`` is complete, or an episode's task is stored in it already.
+        """
+        trajectories = list(trajectories)
+        keys = [episode_key(t) for t in trajectories]
+        if len(set(keys)) < len(keys):
+            raise ValueError(f"{stage}: a batch holds the same episode twice")
+        try:
+            with Session(self._engine) as session, session.begin():
+                _require_open_stage(session, stage)
+                rows = [_to_row(t, stage, episode=k) for t, k in zip(trajectories, keys, strict=True)]
+                session.add_all(rows)
+                session.flush()
+                return [row.id for row in rows]
+        except IntegrityError as e:
+            taken = sorted(set(keys) & self.episodes(stage))
+            raise ValueError(f"{stage}: episodes stored already: {taken[:5]}") from e
+
+    def episodes(self, stage: str) -> set[str]:
+        """Keys (``"<env>/<task_id>"``) of the episodes :meth:`add_episodes` stored for ``stage``."""
+        with Session(self._engine) as session:
+            found = session.scalars(
+                select(TrajectoryRow.episode).where(TrajectoryRow.stage == stage, TrajectoryRow.episode.is_not(None))
+            )
+            return set(found)
+
     def commit_stage(
         self,
         stage: str,
@@ -213,18 +250,33 @@ class ReplayStore:
             return {name: float(value) for name, value in row.metrics.items()}
 
     def discard_incomplete(self) -> int:
-        """Deletes the trajectories of stages that never completed (call before resuming).
+        """Deletes the trajectories of stages that never completed (call before resuming),
+        except streamed episodes (:meth:`add_episodes`): a resumed stage keeps those and runs
+        only the episodes it lacks.
 
         Returns:
             The number of trajectories deleted.
         """
         with Session(self._engine) as session, session.begin():
             done = select(StageRow.name)
-            result = session.execute(delete(TrajectoryRow).where(TrajectoryRow.stage.not_in(done)))
+            result = session.execute(
+                delete(TrajectoryRow).where(TrajectoryRow.stage.not_in(done), TrajectoryRow.episode.is_(None))
+            )
             deleted = result.rowcount  # type: ignore[attr-defined]
         if deleted:
             logger.warning("discarded %d trajectories of incomplete stages", deleted)
         return deleted
+
+    def started_stages(self) -> list[str]:
+        """Stages not complete that hold streamed episodes (a crash or kill interrupted them)."""
+        with Session(self._engine) as session:
+            done = select(StageRow.name)
+            found = session.scalars(
+                select(TrajectoryRow.stage)
+                .where(TrajectoryRow.stage.not_in(done), TrajectoryRow.episode.is_not(None))
+                .distinct()
+            )
+            return sorted(found)
 
     def trajectories(self, *, limit: int | None = None, **filters: Unpack[TrajectoryFilter]) -> list[Trajectory]:
         """Stored trajectories matching every given filter, oldest first.
@@ -454,7 +506,12 @@ def _require_open_stage(session: Session, stage: str) -> None:
         raise ValueError(f"stage {stage!r} is already complete")
 
 
-def _to_row(t: Trajectory, stage: str) -> TrajectoryRow:
+def episode_key(t: Trajectory) -> str:
+    """The key of an episode within its stage: its task."""
+    return f"{t.task.env}/{t.task.task_id}"
+
+
+def _to_row(t: Trajectory, stage: str, episode: str | None = None) -> TrajectoryRow:
     return TrajectoryRow(
         env=t.task.env,
         task_id=t.task.task_id,
@@ -475,6 +532,7 @@ def _to_row(t: Trajectory, stage: str) -> TrajectoryRow:
         tamper_attempts=t.tamper_attempts,
         tokenizer=t.tokenizer,
         messages=[_message_row(m) for m in t.messages],
+        episode=episode,
     )
 
 

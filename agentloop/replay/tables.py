@@ -19,11 +19,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from agentloop.types import Source
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the table layout below; stored in ``meta`` under ``schema_version``.
 
 Alembic revision ``f"{SCHEMA_VERSION:04d}"`` of :mod:`agentloop.replay.migrations` brings a
-database to it (2: ``trajectories.tamper_attempts``).
+database to it (2: ``trajectories.tamper_attempts``; 3: ``trajectories.episode``, unique per stage).
 """
 
 SOURCES = typing.get_args(Source)
@@ -57,6 +57,7 @@ class TrajectoryRow(Base):
         Index("ix_trajectories_env_task", "env", "task_id"),
         Index("ix_trajectories_iteration_source", "iteration", "source"),
         Index("ix_trajectories_stage", "stage"),
+        Index("ux_trajectories_stage_episode", "stage", "episode", unique=True),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -79,6 +80,10 @@ class TrajectoryRow(Base):
     generated_tokens: Mapped[int]
     tamper_attempts: Mapped[int] = mapped_column(server_default=text("0"))
     """Added in schema 2; rows migrated from schema 1 hold 0."""
+    episode: Mapped[str | None] = mapped_column(String, nullable=True)
+    """``"<env>/<task_id>"`` for an episode a rollout stage streamed in (unique within its
+    stage: a stage resumed after a crash can never store an episode twice); NULL for rows
+    stored otherwise (experts, cut pair trajectories) and rows from before schema 3."""
     tokenizer: Mapped[str] = mapped_column(String)
     messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     """``[{"role": ..., "content": ..., "token_ids": [...]}, ...]`` in conversation order."""

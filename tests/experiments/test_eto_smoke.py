@@ -138,3 +138,73 @@ def test_lengths_fit_the_chosen_envs_and_a_length_that_cuts_most_episodes_fails(
         load_config(eto.ETOConfig, None, [*base, "envs=[{name: db}, {name: webshop}]", "sft.max_length=1024"])
     with pytest.raises(ConfigError, match=r"rollout.max_context_tokens=256 .*\(envs\[0\].name=db"):
         load_config(eto.ETOConfig, None, [*base, "rollout.max_context_tokens=256"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_driver_killed_mid_explore_resumes_with_only_the_missing_episodes(tmp_path, data_dir, tiny_model_dir):
+    import signal
+    import sqlite3
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [
+        f"run_dir={run_dir}",
+        f"policy.model={tiny_model_dir}",
+        "policy.dtype=float32",
+        "sft.dtype=float32",
+        "dpo.dtype=float32",
+        "sft.epochs=1",
+        "dpo.epochs=1",
+        "envs=[{name: db, train_tasks: 24, eval_tasks: 2}]",
+        "iterations=1",
+        "db.max_turns=3",
+        "rollout.sampling.max_new_tokens=16",
+        "rollout.concurrent_episodes=2",
+        "commit_every=2",
+    ]
+
+    def explored() -> dict[str, int]:
+        with sqlite3.connect(f"file:{run_dir / 'replay.db'}?mode=ro", uri=True, timeout=5) as db:
+            try:
+                rows = db.execute("SELECT episode, id FROM trajectories WHERE stage = 'explore/1'").fetchall()
+            except sqlite3.OperationalError:  # the store is still creating its tables
+                return {}
+        return dict(rows)
+
+    env = {**os.environ, "AGENTLOOP_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen(
+        [sys.executable, "experiments/eto.py", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its local Ray cluster dies with it
+    )
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            if (run_dir / "replay.db").exists() and len(explored()) >= 4:
+                os.killpg(driver.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        assert driver.wait(timeout=60) == -signal.SIGKILL, "the run ended before explore/1 could be interrupted"
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    before = explored()
+    with sqlite3.connect(run_dir / "replay.db") as db:
+        done = [name for (name,) in db.execute("SELECT name FROM stages")]
+    assert "explore/1" not in done and len(before) >= 4 and "explore/1" not in done
+
+    resumed = _run(["--resume", str(run_dir)], data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    after = explored()
+    with sqlite3.connect(run_dir / "replay.db") as db:
+        (demonstrated,) = db.execute("SELECT count(*) FROM trajectories WHERE stage = 'experts'").fetchone()
+    assert len(after) == demonstrated > len(before)  # every task with a demonstration explored once
+    assert all(after[key] == row for key, row in before.items())  # kept, not played again
+    record = next(
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"explore/1"' in line
+    )
+    assert record["explore/resumed_episodes"] == len(before) and record["explore/episodes"] == len(after)

@@ -212,15 +212,15 @@ def migration_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_revisions_are_numbered_by_schema_version() -> None:
     script = ScriptDirectory.from_config(migrations.config())
-    assert script.get_heads() == [migrations.revision(SCHEMA_VERSION)] == ["0002"]
+    assert script.get_heads() == [migrations.revision(SCHEMA_VERSION)] == ["0003"]
     chain = [(r.revision, r.down_revision) for r in script.walk_revisions()]
-    assert chain == [("0002", "0001"), ("0001", None)]
+    assert chain == [("0003", "0002"), ("0002", "0001"), ("0001", None)]
 
 
 def test_a_new_database_is_created_at_the_current_version_and_stamped(store_url: str) -> None:
     ReplayStore(store_url).close()
-    assert scalars(store_url, "SELECT version_num FROM alembic_version") == ["0002"]
-    assert scalars(store_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["2"]
+    assert scalars(store_url, "SELECT version_num FROM alembic_version") == ["0003"]
+    assert scalars(store_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["3"]
 
 
 def test_revision_0001_builds_schema_1(store_url: str, other_store_url: str) -> None:
@@ -240,7 +240,7 @@ def test_a_schema_1_database_is_migrated_keeping_every_row(schema_1_url: str, ca
     with caplog.at_level(logging.INFO):
         store = ReplayStore(schema_1_url)
     with store:
-        assert migration_lines(caplog) == [f"replay store {schema_1_url} migrated from schema 1 to 2"]
+        assert migration_lines(caplog) == [f"replay store {schema_1_url} migrated from schema 1 to 3"]
         assert store.trajectories() == [EXPERT, FAILED, SOLVED]
         assert [t.tamper_attempts for t in store.trajectories()] == [0, 0, 0]
         assert store.pairs() == [PAIR]
@@ -251,8 +251,13 @@ def test_a_schema_1_database_is_migrated_keeping_every_row(schema_1_url: str, ca
         assert store.trajectories(stage="explore/2") == [tampered]
         with pytest.raises(IntegrityError, match="ck_trajectories_tamper_attempts"):
             store.add([episode(INSERT, tamper=-1)], stage="explore/3")
-    assert scalars(schema_1_url, "SELECT version_num FROM alembic_version") == ["0002"]
-    assert scalars(schema_1_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["2"]
+        # Schema 3: streamed episodes are unique within their stage; the rows from before hold no key.
+        store.add_episodes([episode(SELECT, seed=5), episode(INSERT, seed=6)], stage="eval/1")
+        with pytest.raises(ValueError, match="stored already"):
+            store.add_episodes([episode(INSERT, seed=7)], stage="eval/1")
+        assert store.episodes("eval/1") == {"db/train-1", "db/train-2"} and store.episodes("explore/1") == set()
+    assert scalars(schema_1_url, "SELECT version_num FROM alembic_version") == ["0003"]
+    assert scalars(schema_1_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["3"]
 
 
 def test_a_migrated_database_has_the_layout_of_a_new_one(schema_1_url: str, other_store_url: str) -> None:
@@ -346,7 +351,7 @@ def schema_lock_held(url: str) -> Iterator[None]:
         engine.dispose()
 
 
-@pytest.mark.parametrize("version", ["3", "12"])
+@pytest.mark.parametrize("version", ["4", "12"])
 def test_a_newer_database_is_refused_untouched(store_url: str, version: str) -> None:
     ReplayStore(store_url).close()
     engine = create_engine(store_url)
@@ -355,7 +360,7 @@ def test_a_newer_database_is_refused_untouched(store_url: str, version: str) -> 
         connection.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": f"{int(version):04d}"})
     engine.dispose()
     before = layout(store_url)
-    with pytest.raises(SchemaVersionError, match=f"version {version}, newer than this code's 2"):
+    with pytest.raises(SchemaVersionError, match=f"version {version}, newer than this code's 3"):
         ReplayStore(store_url)
     assert layout(store_url) == before
     assert scalars(store_url, "SELECT value FROM meta") == [version]

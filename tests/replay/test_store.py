@@ -372,3 +372,21 @@ def test_sqlite_readers_proceed_while_a_writer_holds_the_lock(tmp_path: Path) ->
     finally:
         writer.close()
         store.close()
+
+
+def test_streamed_episodes_are_unique_per_stage_and_survive_an_unfinished_stage(store: ReplayStore) -> None:
+    store.add_episodes([episode(SELECT), episode(INSERT, seed=1)], stage="explore/1")
+    with pytest.raises(ValueError, match=r"explore/1: episodes stored already: \['db/train-2'\]"):
+        store.add_episodes([episode(DEV, seed=2), episode(INSERT, seed=3)], stage="explore/1")  # all or none
+    with pytest.raises(ValueError, match="same episode twice"):
+        store.add_episodes([episode(DEV), episode(DEV, seed=1)], stage="explore/1")
+    assert store.episodes("explore/1") == {"db/train-1", "db/train-2"}
+    store.add_episodes([episode(SELECT)], stage="eval/1")  # the same task in another stage is another episode
+    store.add([episode(KITCHEN)], stage="explore/1")  # not streamed: no key
+    assert store.started_stages() == ["eval/1", "explore/1"]
+    assert store.discard_incomplete() == 1  # the unkeyed row goes, the streamed episodes stay
+    assert len(store.trajectories(stage="explore/1")) == 2
+    store.commit_stage("explore/1", trajectories=[episode(DEV)], metrics={})
+    assert store.started_stages() == ["eval/1"]
+    with pytest.raises(ValueError, match="complete"):
+        store.add_episodes([episode(KITCHEN)], stage="explore/1")
