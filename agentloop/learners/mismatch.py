@@ -27,31 +27,41 @@ class TurnScores:
 def learner_scores(model, trajectories: Sequence[Trajectory]) -> list[list[TurnScores]]:
     """For each trajectory, the learner's scores of its assistant turns that carry recorded log-probs.
 
-    ``model`` is a causal LM (e.g. a PEFT model with the adapter unmerged), run on the whole
-    conversation's token ids, one trajectory per forward pass.
+    ``model`` is a causal LM (e.g. a PEFT model with the adapter unmerged: its LoRA layers sit
+    inside the base model's modules), run on the whole conversation's token ids, one
+    trajectory per forward pass; the output layer runs only where a scored token is predicted.
     """
     import torch
 
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head, softcap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
     device = next(model.parameters()).device
     out = []
     for t in trajectories:
         ids = [i for m in t.messages for i in m.token_ids]
-        with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
-        logprobs = logits.log_softmax(-1)
-        turns, start = [], 0
+        spans, start = [], 0
         for m in t.messages:
-            end = start + len(m.token_ids)
-            if m.role == "assistant" and m.logprobs:
-                targets = torch.tensor(m.token_ids, device=device)
-                rows = logprobs[start - 1 : end - 1]  # position p predicts token p + 1
-                turns.append(
-                    TurnScores(
-                        tuple(rows.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()),
-                        tuple((rows.argmax(-1) == targets).tolist()),
-                    )
-                )
-            start = end
+            if m.role == "assistant" and m.logprobs and start > 0:
+                spans.append((start, start + len(m.token_ids)))
+            start += len(m.token_ids)
+        if not spans:
+            out.append([])
+            continue
+        with torch.inference_mode():
+            hidden = base.get_decoder()(input_ids=torch.tensor([ids], device=device)).last_hidden_state[0]
+            rows = torch.cat([torch.arange(a - 1, b - 1) for a, b in spans]).to(device)  # p predicts p + 1
+            logits = head(hidden[rows]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            logprobs = logits.log_softmax(-1)
+        targets = torch.tensor([ids[p + 1] for p in rows.tolist()], device=device)
+        picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        best = (logprobs.argmax(-1) == targets).tolist()
+        turns, offset = [], 0
+        for a, b in spans:
+            n = b - a
+            turns.append(TurnScores(tuple(picked[offset : offset + n]), tuple(best[offset : offset + n])))
+            offset += n
         out.append(turns)
     return out
 
