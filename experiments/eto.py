@@ -323,7 +323,10 @@ def episode(task) -> str:
 
 
 def rollout_metrics(stats, prefix: str) -> dict[str, float]:
-    """Generation throughput of a rollout stage and how much prompt prefill the cache saved."""
+    """Generation throughput of a rollout stage and how much prompt prefill the cache saved
+    (none when a resumed stage had every episode stored already)."""
+    if stats is None:
+        return {}
     return {f"{prefix}/tokens_per_s": stats.tokens_per_s, f"{prefix}/prefix_reuse": stats.prefix_reuse}
 
 
