@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from agentloop.policy.base import Generation, GenerationStream, PolicyConfig, SamplingConfig
 from agentloop.policy.chat import ChatTokenizer
 from agentloop.policy.decode import DecodeEngine, PrefixCache, use_grouped_attention
-from agentloop.policy.model import resolve_model
+from agentloop.policy.model import check_adapter, pristine_weights, resolve_model
 
 if TYPE_CHECKING:
     import torch
@@ -52,14 +52,7 @@ class HFPolicy:
         self.model.eval()
         if self.model.config._attn_implementation == "sdpa":
             use_grouped_attention(self.model)  # same result, no per-head copy of the cache
-        # A copy of the weights adapters merge into, to merge the next adapter on the pristine
-        # base. The embedding matrix (tied to the output layer: most of this model) is left out:
-        # LoRA adapters that touch it are refused in load_adapter.
-        self._embedding_names = _embedding_module_names(self.model)
-        embedding = self.model.get_input_embeddings().weight.data_ptr()
-        self._base_state = {
-            k: v.detach().clone() for k, v in self.model.state_dict().items() if v.data_ptr() != embedding
-        }
+        self._base_state = pristine_weights(self.model)  # to merge the next adapter on the untouched base
 
     @property
     def asleep(self) -> bool:
@@ -84,16 +77,11 @@ class HFPolicy:
 
     def load_adapter(self, adapter: Path | None, version: int) -> None:
         """Acts with base + ``adapter`` (a PEFT LoRA directory) from now on; None = base model."""
-        from peft import PeftConfig
-
         if self.model is None:
             self.adapter = None
             self._wake()
         if adapter is not None:
-            peft_config = PeftConfig.from_pretrained(str(adapter))
-            touched = set(peft_config.modules_to_save or []) | set(_as_list(peft_config.target_modules))
-            if clash := sorted(touched & self._embedding_names):
-                raise ValueError(f"adapter {adapter} changes the embeddings ({clash}); only LoRA on other layers")
+            check_adapter(adapter, self.model)
         self.model.load_state_dict(self._base_state, strict=False)
         if self.prefix_cache is not None:
             self.prefix_cache.clear()  # keys and values of the old weights
@@ -164,19 +152,6 @@ class HFPolicy:
             logprobs=tuple(logprobs[: len(ids)]),
             version=self.version,
         )
-
-
-def _embedding_module_names(model) -> set[str]:
-    """Short and full names of the input and output embedding modules."""
-    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
-    names = {name for name, module in model.named_modules() if id(module) in wanted}
-    return names | {name.rsplit(".", 1)[-1] for name in names}
-
-
-def _as_list(target_modules) -> list[str]:
-    if target_modules is None:
-        return []
-    return [target_modules] if isinstance(target_modules, str) else list(target_modules)
 
 
 class _Stream:

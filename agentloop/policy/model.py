@@ -80,3 +80,29 @@ def convert_gguf(target: Path) -> Path:
         out.rename(target)
     logger.info("saved %s", target)
     return target
+
+
+def pristine_weights(model) -> dict:
+    """Copies of the model's weights that a LoRA adapter may change, to merge one adapter after
+    another on the untouched base: all but the input embedding matrix (tied to the output layer,
+    most of a small model's parameters), which :func:`check_adapter` keeps adapters off."""
+    embedding = model.get_input_embeddings().weight.data_ptr()
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.data_ptr() != embedding}
+
+
+def check_adapter(adapter: Path, model) -> None:
+    """Refuses a PEFT adapter that changes the embeddings (their pristine copy is not kept).
+
+    Raises:
+        ValueError: Naming the adapter and the embedding modules it targets or saves.
+    """
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(adapter))
+    targets = config.target_modules
+    targets = [] if targets is None else [targets] if isinstance(targets, str) else list(targets)
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    names = {name for name, module in model.named_modules() if id(module) in wanted}
+    names |= {name.rsplit(".", 1)[-1] for name in names}
+    if clash := sorted((set(config.modules_to_save or []) | set(targets)) & names):
+        raise ValueError(f"adapter {adapter} changes the embeddings ({clash}); only LoRA on other layers")

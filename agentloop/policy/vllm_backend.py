@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Hashable, Sequence
 from ctypes.util import find_library
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 
 from agentloop.policy.base import Generation, GenerationStream, PolicyConfig, SamplingConfig
 from agentloop.policy.chat import ChatTokenizer
-from agentloop.policy.model import resolve_model
+from agentloop.policy.model import check_adapter, pristine_weights, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ class VLLMPolicy:
         self.version = 0
         self.adapter: Path | None = None
         self._work = Path(tempfile.mkdtemp(prefix="agentloop-vllm-"))
-        self._base: Any = None  # the base model on the host, kept pristine to merge adapters into
+        self._base: Any = None  # the base model on the host, to merge adapters into
+        self._pristine: dict = {}
         self._streams: list[_Stream] = []  # open streams: a publish restarts what they run
         self._owner: dict[str, _Stream] = {}  # running request id -> its stream
         self._requests = 0
@@ -132,6 +134,7 @@ class VLLMPolicy:
         open streams that were running restart from their prompts under the new weights, so
         each completion comes from one version.
         """
+        started = time.perf_counter()
         weights = self._path if adapter is None else self._merge(adapter, version)
         self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(weights)})
         self.engine.reset_prefix_cache(reset_running_requests=True)
@@ -142,22 +145,26 @@ class VLLMPolicy:
         for old in self._work.glob("v*"):
             if old != weights:
                 shutil.rmtree(old, ignore_errors=True)
-        logger.info("policy v%d: %s", version, adapter or "base model")
+        logger.info("policy v%d live in %.1f s: %s", version, time.perf_counter() - started, adapter or "base model")
 
     def _merge(self, adapter: Path, version: int) -> Path:
-        """The base weights with ``adapter`` merged, as a checkpoint directory vLLM reloads."""
+        """The base weights with ``adapter`` merged, as a checkpoint directory vLLM reloads.
+
+        The base model stays on the host with a pristine copy of the weights adapters change,
+        so a new version costs a merge and a save, not a checkpoint load."""
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
         if self._base is None:
             self._base = AutoModelForCausalLM.from_pretrained(self._path, dtype=getattr(torch, self.config.dtype))
-        merged = PeftModel.from_pretrained(self._base, str(adapter)).merge_and_unload()
+            self._pristine = pristine_weights(self._base)
+        check_adapter(adapter, self._base)
+        self._base.load_state_dict(self._pristine, strict=False)
+        self._base = PeftModel.from_pretrained(self._base, str(adapter)).merge_and_unload()
         out = self._work / f"v{version}"
         shutil.rmtree(out, ignore_errors=True)
-        merged.save_pretrained(out)
-        # merge_and_unload changed the base's modules in place: reload pristine weights next time.
-        self._base = None
+        self._base.save_pretrained(out)
         return out
 
     # -- generation -----------------------------------------------------------------------

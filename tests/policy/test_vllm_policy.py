@@ -155,3 +155,15 @@ def test_rollout_plays_the_same_episodes_on_both_backends(served, reference, dat
         for x, y in zip(a.messages, b.messages, strict=True):
             assert x.policy_version == y.policy_version
             assert all(abs(p - q) < 1e-4 for p, q in zip(x.logprobs, y.logprobs, strict=True))
+
+
+def test_an_adapter_that_changes_the_embeddings_is_refused_and_the_version_stays(served, model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"])).save_pretrained(tmp_path / "a")
+    before = served.version
+    with pytest.raises(ValueError, match="changes the embeddings"):
+        served.load_adapter(tmp_path / "a", before + 1)
+    assert served.version == before
