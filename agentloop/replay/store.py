@@ -185,6 +185,8 @@ class ReplayStore:
                 return [row.id for row in rows]
         except IntegrityError as e:
             taken = sorted(set(keys) & self.episodes(stage))
+            if not taken:  # another constraint (a check on a field): not a duplicate
+                raise
             raise ValueError(f"{stage}: episodes stored already: {taken[:5]}") from e
 
     def episodes(self, stage: str) -> set[str]:

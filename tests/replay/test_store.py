@@ -378,6 +378,8 @@ def test_streamed_episodes_are_unique_per_stage_and_survive_an_unfinished_stage(
     store.add_episodes([episode(SELECT), episode(INSERT, seed=1)], stage="explore/1")
     with pytest.raises(ValueError, match=r"explore/1: episodes stored already: \['db/train-2'\]"):
         store.add_episodes([episode(DEV, seed=2), episode(INSERT, seed=3)], stage="explore/1")  # all or none
+    with pytest.raises(IntegrityError, match="ck_trajectories_tamper_attempts"):  # not mistaken for a duplicate
+        store.add_episodes([episode(KITCHEN, tamper=-1)], stage="explore/1")
     with pytest.raises(ValueError, match="same episode twice"):
         store.add_episodes([episode(DEV), episode(DEV, seed=1)], stage="explore/1")
     assert store.episodes("explore/1") == {"db/train-1", "db/train-2"}
