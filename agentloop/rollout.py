@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from agentloop.config import ConfigError
 from agentloop.envs.contract import EnvContractError, reset_task, step_outcome
@@ -32,12 +32,54 @@ class RolloutConfig:
     max_context_tokens: int = 2048
     """An episode whose next prompt plus a full turn would exceed this is truncated (0: an
     experiment fits it to its envs before running; :func:`rollout` needs it set)."""
+    actors: int = 1
+    """Rollout actors of a fleet (:mod:`agentloop.actors.fleet`): a stage's episodes go to
+    whichever has room. Each runs its own engine with ``concurrent_episodes`` in flight."""
+    num_cpus: float = 1.0
+    """CPUs Ray reserves for each rollout actor. Its threads use its node's cores, shared
+    evenly among the rollout actors placed there (top-level ``threads`` sets a count)."""
+    num_gpus: float = -1.0
+    """GPUs (or a fraction of one) per rollout actor; -1 = auto: a GPU each when the learner
+    has one too, half of one each (the learner sharing the first) when there is one per rollout
+    actor, none on a CPU cluster (:func:`agentloop.actors.fleet.gpu_shares`)."""
 
     def validate(self) -> None:
         if self.concurrent_episodes < 1:
             raise ConfigError(f"concurrent_episodes must be >= 1, got {self.concurrent_episodes}")
+        if self.actors < 1:
+            raise ConfigError(f"actors must be >= 1, got {self.actors}")
+        if self.num_cpus < 0:
+            raise ConfigError(f"num_cpus must be >= 0, got {self.num_cpus}")
+        if self.num_gpus < 0 and self.num_gpus != -1:
+            raise ConfigError(f"num_gpus must be >= 0, or -1 (auto), got {self.num_gpus}")
         if self.max_context_tokens < 0 or 0 < self.max_context_tokens <= self.sampling.max_new_tokens:
             raise ConfigError("max_context_tokens must exceed sampling.max_new_tokens (or be 0: fit the envs)")
+
+
+class TaskFeed(Protocol):
+    """Where a rollout takes its tasks from while it runs (a fleet's dealer, :mod:`agentloop.actors.fleet`)."""
+
+    def take(self, n: int) -> list[Task]:
+        """Up to ``n`` more tasks; an empty list when none is left now.
+
+        Called once per generation step, between steps (``n`` may be 0), so a feed may also
+        change the policy there, as the rollout worker's does when a new version is published.
+        """
+        ...
+
+
+class _ListFeed:
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        self.tasks = deque(tasks)
+
+    def take(self, n: int) -> list[Task]:
+        return [self.tasks.popleft() for _ in range(min(n, len(self.tasks)))]
+
+
+LOOKAHEAD = 8
+"""Most tasks a rollout takes from a feed beyond its free episode slots (a quarter of
+``concurrent_episodes`` at most, so work is still dealt where there is room), so
+environments can load them ahead (ALFWorld)."""
 
 
 @dataclass
@@ -65,6 +107,10 @@ class RolloutStats:
     """Prompt tokens over all turns (what a backend without a prefix cache prefills)."""
     reused_prompt_tokens: int = 0
     """Of those, the tokens the policy's prefix cache served (0 without one)."""
+    actors_lost: int = 0
+    """Rollout actors of a fleet that died during the call."""
+    replayed_episodes: int = 0
+    """Episodes a dead actor had taken and not returned, played again by another actor."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,25 +133,29 @@ def rollout(
     progress: bool = False,
 ) -> tuple[list[Trajectory], RolloutStats]:
     """Runs one episode per task and returns the trajectories in task order (see :class:`Rollout`)."""
-    run = Rollout(policy, make_env, tasks, config, source=source, iteration=iteration, progress=progress)
+    run = Rollout(policy, make_env, list(tasks), config, source=source, iteration=iteration, progress=progress)
     done = dict(run)
     return [done[i] for i in range(len(tasks))], run.stats
 
 
 class Rollout:
-    """One episode per task over one stream of generation requests; iterating it plays them and
-    yields ``(task index, trajectory)`` as each episode ends, so a caller can store episodes as
-    they finish. ``stats`` is set once iteration is over.
+    """Plays episodes over one stream of generation requests; iterating it yields
+    ``(index, trajectory)`` as each episode ends (``index``: the task's position in the order
+    tasks were taken), so a caller can store episodes as they finish. ``stats`` is set once
+    iteration is over.
 
     Args:
         policy: Generates the assistant turns.
         make_env: Builds a fresh environment for an env name (``task.env``); environments are
             built when no idle one of that name is left and reused, so at most
             ``concurrent_episodes`` of each name exist, and tasks of several envs share one stream.
-            An environment with a ``prepare(task_ids)`` method (ALFWorld's) is told, once per
-            env name, all the task ids of that env in the order their episodes will start, so
-            it can load them ahead.
-        tasks: The tasks to attempt (their ``task_id`` selects the task on reset).
+            An environment with a ``prepare(task_ids)`` method (ALFWorld's) is told the task ids
+            of its env that are waiting, in the order their episodes will start, so it can load
+            them ahead; it is told again whenever more arrive.
+        tasks: The tasks to attempt (their ``task_id`` selects the task on reset): a list, or a
+            :class:`TaskFeed` that hands them out while the rollout runs, asked for as many as
+            there are free episode slots plus :data:`LOOKAHEAD`. The rollout ends when the feed
+            has none left and every episode has ended.
         config: Concurrency, context budget and sampling.
         source: Recorded on every trajectory (``explore`` or ``eval``).
         iteration: Loop iteration recorded on every trajectory.
@@ -116,7 +166,7 @@ class Rollout:
         self,
         policy: Policy,
         make_env: Callable[[str], Any],
-        tasks: Sequence[Task],
+        tasks: Sequence[Task] | TaskFeed,
         config: RolloutConfig,
         *,
         source: Source,
@@ -125,37 +175,49 @@ class Rollout:
     ) -> None:
         if config.max_context_tokens < 1:
             raise ValueError("rollout needs max_context_tokens set (0 means an experiment fits it to its envs first)")
-        self.policy, self.make_env, self.tasks, self.config = policy, make_env, list(tasks), config
+        if isinstance(tasks, Sequence):  # known up front: all of them wait in the queue from the start
+            self.feed, self.lookahead, total = _ListFeed(tasks), len(tasks), len(tasks)
+        else:
+            self.feed, self.lookahead, total = tasks, min(LOOKAHEAD, config.concurrent_episodes // 4), None
+        self.policy, self.make_env, self.config, self.total = policy, make_env, config, total
         self.source, self.iteration, self.progress = source, iteration, progress
         self.stats: RolloutStats | None = None
 
     def __iter__(self) -> Iterator[tuple[int, Trajectory]]:
         from tqdm import tqdm
 
-        policy, config, tasks = self.policy, self.config, self.tasks
+        policy, config = self.policy, self.config
         started = time.perf_counter()
         cache = getattr(policy, "prefix_cache", None)
         reused_before = cache.reused_tokens if cache is not None else 0
-        prompt_tokens = generated = 0
-        queue = deque(enumerate(tasks))
+        prompt_tokens = generated = taken = played = 0
+        queue: deque[tuple[int, Task]] = deque()  # taken, not started
         idle: dict[str, list[Any]] = {}  # built environments not in an episode, by env name
         built: list[Any] = []
-        prepared: set[str] = set()
         active: dict[int, _Episode] = {}
         stream = open_stream(policy, config.sampling)
-        bar = tqdm(total=len(tasks), desc=f"{self.source} episodes", disable=not self.progress, leave=False)
+        bar = tqdm(total=self.total, desc=f"{self.source} episodes", disable=not self.progress, leave=False)
         try:
-            while queue or active:
+            while True:
+                room = config.concurrent_episodes - len(active) + self.lookahead - len(queue)
+                fresh = self.feed.take(max(room, 0))
+                queue.extend(enumerate(fresh, start=taken))
+                taken += len(fresh)
+                for name in dict.fromkeys(t.env for t in fresh):  # the env's games, in the order they will start
+                    free = idle.setdefault(name, [])
+                    if not free:
+                        free.append(self.make_env(name))
+                        built.append(free[-1])
+                    upcoming = [t.task_id for _, t in queue if t.env == name]
+                    getattr(free[-1].unwrapped, "prepare", lambda ids: None)(upcoming)
+                if not queue and not active:
+                    break
                 while queue and len(active) < config.concurrent_episodes:
                     index, task = queue.popleft()
                     free = idle.setdefault(task.env, [])
                     if not free:
                         free.append(self.make_env(task.env))
                         built.append(free[-1])
-                        if task.env not in prepared:  # the env's games, in the order they will start
-                            prepared.add(task.env)
-                            upcoming = [task.task_id, *(t.task_id for _, t in queue if t.env == task.env)]
-                            getattr(free[-1].unwrapped, "prepare", lambda ids: None)(upcoming)
                     active[index] = _start(policy, free.pop(), task)
                     stream.add(index, active[index].prompt)
                     prompt_tokens += len(active[index].prompt)
@@ -172,6 +234,7 @@ class Rollout:
                     idle[episode.task.env].append(episode.env)
                     del active[index]
                     generated += trajectory.generated_tokens
+                    played += 1
                     bar.update(1)
                     yield index, trajectory
         finally:
@@ -180,7 +243,7 @@ class Rollout:
             for env in built:
                 env.close()
         self.stats = RolloutStats(
-            episodes=len(tasks),
+            episodes=played,
             generated_tokens=generated,
             seconds=time.perf_counter() - started,
             prompt_tokens=prompt_tokens,

@@ -81,7 +81,9 @@ class ETOConfig:
     iterations: int = 2
     seed: int = 0
     threads: int = 0
-    """torch threads of each actor; 0 = all cores of its node (the loop runs one actor at a time)."""
+    """torch threads of each actor; 0 = all cores of its node for the learner, and for a rollout
+    actor its share of them when several rollout actors run on one node (the loop runs the
+    learner and the rollout in turns)."""
     commit_every: int = 8
     """Episodes of a rollout stage stored per transaction as they finish: an interrupted stage
     resumes with only the episodes it lacks."""
@@ -177,6 +179,9 @@ FREE_SETTINGS = (
     "ray_address",
     "iterations",
     "rollout.concurrent_episodes",
+    "rollout.actors",
+    "rollout.num_cpus",
+    "rollout.num_gpus",
     "policy.batch_size",
     "policy.prefix_cache_tokens",
 )
@@ -219,22 +224,20 @@ def main(argv: list[str] | None = None) -> None:
     # A job from `ray job submit` finds its cluster in RAY_ADDRESS; otherwise start a local one
     # (never silently join a cluster some earlier `ray start` left behind).
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    # A local cluster skips Ray's dashboard (about 0.9 GB); agentloop's metrics go to TensorBoard.
-    local = {"include_dashboard": False} if address == "local" else {}
+    # A local cluster skips Ray's dashboard (about 0.9 GB); agentloop's metrics go to TensorBoard. It
+    # declares enough CPUs for every actor's reservation: the learner and the rollout take turns.
+    local = {"include_dashboard": False, "num_cpus": local_cpus(config)} if address == "local" else {}
     ray.init(address=address, log_to_driver=True, **local)
-    actor, learner = start_workers(config, [t for tasks in train.values() for t in tasks] + held_out)
-    policy = PolicySync(actor)
+    fleet, learner = start_workers(config, [t for tasks in train.values() for t in tasks] + held_out)
+    adapters = {0: None}  # policy version -> its adapter's files (None: the base model)
 
     def play(source: str, version: int, iteration: int):
-        """Plays episodes on the rollout actor with policy ``version``; yields batches of finished
+        """Plays episodes on the rollout fleet with policy ``version``; yields batches of finished
         trajectories as they end (stored at once by ``stages.stream``), then the throughput stats."""
 
         def run(todo: list[str]):
-            policy.ensure(version)
-            keys = [tuple(k.split("/", 1)) for k in todo]
-            batches = actor.stream.options(num_returns="streaming").remote(keys, source, iteration, config.commit_every)
-            for ref in batches:
-                yield ray.get(ref)
+            fleet.ensure(version, adapters[version])
+            yield from fleet.play(todo, source, iteration, config.commit_every)
 
         return run
 
@@ -267,10 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     evaluate("eval/base", version=0, iteration=0)
 
     def sft():
-        policy.sleep()  # the rollout worker's model leaves memory while the learner's is in it
+        fleet.sleep()  # the rollout workers' models leave memory while the learner's is in it
         return ray.get(learner.sft.remote(experts))
 
-    policy.adapters[1] = stages.train("sft", 1, sft)
+    adapters[1] = stages.train("sft", 1, sft)
     evaluate("eval/sft", version=1, iteration=0, baseline="eval/base")
 
     def explored(trajectories, stats):
@@ -279,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     def dpo(it: int, pairs):
         earlier = [p for p in store.pairs() if p.iteration < it]
         batch = mix_replay(pairs, earlier, config.dpo.replay_fraction, random.Random(config.seed + it))
-        policy.sleep()
-        files, metrics = ray.get(learner.dpo.remote(policy.adapters[it], batch))
+        fleet.sleep()
+        files, metrics = ray.get(learner.dpo.remote(adapters[it], batch))
         return files, {**metrics, "dpo/pairs_built": len(pairs), "dpo/pairs_replayed": len(batch) - len(pairs)}
 
     # 3. ETO rounds: explore -> pairs -> DPO (reference = the policy at the start of the round).
@@ -288,33 +291,22 @@ def main(argv: list[str] | None = None) -> None:
         # The policy after round it - 1 (version it) explores every training task with a demonstration.
         found = stages.stream(f"explore/{it}", it, explore_ids, play("explore", it, it), explored)
         pairs = build_pairs(experts, found, iteration=it)
-        policy.adapters[it + 1] = stages.train(f"dpo/{it}", it, partial(dpo, it, pairs), pairs=pairs)
+        adapters[it + 1] = stages.train(f"dpo/{it}", it, partial(dpo, it, pairs), pairs=pairs)
         evaluate(f"eval/{it}", version=it + 1, iteration=it, baseline="eval/sft")
 
     metrics.close()
     plot_learning_curve(run.path / "metrics.jsonl", run.path / "learning_curve.png")
     print(f"learning curve: {run.path / 'learning_curve.png'}")
-    ray.get([actor.close.remote(), learner.close.remote()])  # their temp dirs (adapters) go too
+    fleet.close()  # the actors' temp dirs (adapters) go too
+    ray.get(learner.close.remote())
     ray.shutdown()
 
 
-class PolicySync:
-    """Keeps the rollout actor on the policy version a stage needs (adapters by value)."""
+def local_cpus(config) -> int:
+    """CPUs a local Ray cluster declares: this machine's cores, or enough for every actor's reservation."""
+    import math
 
-    def __init__(self, actor) -> None:
-        self.actor, self.adapters, self.loaded = actor, {0: None}, 0
-
-    def ensure(self, version: int) -> None:
-        import ray
-
-        if version != self.loaded:
-            self.loaded = ray.get(self.actor.load_adapter.remote(self.adapters[version], version))
-
-    def sleep(self) -> None:
-        """Frees the rollout worker's model until its next rollout (it reloads the same version)."""
-        import ray
-
-        ray.get(self.actor.sleep.remote())
+    return max(len(os.sched_getaffinity(0)), math.ceil(config.rollout.actors * config.rollout.num_cpus) + 1)
 
 
 def episode(task) -> str:
@@ -327,7 +319,12 @@ def rollout_metrics(stats, prefix: str) -> dict[str, float]:
     (none when a resumed stage had every episode stored already)."""
     if stats is None:
         return {}
-    return {f"{prefix}/tokens_per_s": stats.tokens_per_s, f"{prefix}/prefix_reuse": stats.prefix_reuse}
+    return {
+        f"{prefix}/tokens_per_s": stats.tokens_per_s,
+        f"{prefix}/prefix_reuse": stats.prefix_reuse,
+        f"{prefix}/actors_lost": float(stats.actors_lost),
+        f"{prefix}/replayed_episodes": float(stats.replayed_episodes),
+    }
 
 
 def sample_ids(ids: list[str], n: int, seed: int) -> list[str]:

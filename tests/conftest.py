@@ -1,10 +1,12 @@
-"""Shared fixtures: the task data directory and a tiny random model on disk."""
+"""Shared fixtures: the task data directory, a tiny random model on disk, a PostgreSQL server."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,3 +36,32 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from assets import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A PostgreSQL server for the whole session; skipped where absent, required when ``CI=true``."""
+    from postgres import PostgresServer, PostgresUnavailable, find_bindir
+
+    bindir = find_bindir()
+    try:
+        if bindir is None:
+            raise PostgresUnavailable("PostgreSQL server programs (initdb, pg_ctl, postgres) not found")
+        server = PostgresServer(bindir)
+        _start(server)
+    except PostgresUnavailable as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{e}; CI must provide a PostgreSQL server")
+        pytest.skip(str(e))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _start(server: Any) -> None:
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise

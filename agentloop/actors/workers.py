@@ -80,7 +80,12 @@ def release_memory() -> None:
 
 
 class RolloutWorker:
-    """Runs episodes of one or more environments with the current policy, in one generation stream."""
+    """Runs episodes of one or more environments with the current policy, in one generation stream.
+
+    Built in two steps, so a fleet can first see where Ray placed its actors: the constructor
+    only keeps its arguments; :meth:`start` takes this actor's share of its node's cores and
+    builds the policy.
+    """
 
     def __init__(
         self,
@@ -91,51 +96,72 @@ class RolloutWorker:
         threads: int = 0,
     ) -> None:
         """``env_configs`` maps each env name to its config; ``tasks`` are env task objects of those envs."""
-        from agentloop.policy import make_policy
-
         logging.basicConfig(level=logging.INFO)
-        logger.info("rollout worker: %d torch threads", set_threads(threads))
-        self.policy = make_policy(policy_config)
-        limit = getattr(self.policy, "max_model_len", None)
-        if limit is not None and rollout_config.max_context_tokens > limit:
-            raise ConfigError(
-                f"rollout.max_context_tokens={rollout_config.max_context_tokens} exceeds what the "
-                f"{policy_config.backend} engine serves for {policy_config.model} ({limit} tokens; "
-                "policy.vllm.max_model_len)"
-            )
-        self.rollout_config = rollout_config
+        self.policy_config, self.rollout_config, self.threads = policy_config, rollout_config, threads
         self.env_configs = dict(env_configs)
         self.tasks = {(t.task.env, t.task.task_id): t for t in tasks}
         self._env_tasks: dict[str, list[Any]] = {}  # what each env is built over
         for task in tasks:
             self._env_tasks.setdefault(task.task.env, []).append(task)
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="agentloop-adapter-"))
+        self.policy: Any = None
+
+    def node(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def start(self, share: int = 0, of: int = 1) -> list[int]:
+        """Keeps to share ``share`` of ``of`` equal slices of the cores this process may use (its
+        node's, when ``of`` rollout actors share the node), then builds the policy; returns the cores.
+
+        torch's threads (``threads``, 0 = one per core kept) and vLLM's OpenMP threads stay on them.
+        """
+        from agentloop.policy import make_policy
+
+        cores = sorted(os.sched_getaffinity(0))
+        if of > 1 and len(cores) >= of:
+            size = len(cores) // of
+            cores = cores[share * size : (share + 1) * size]
+            os.sched_setaffinity(0, cores)
+        logger.info("rollout worker on cores %s: %d torch threads", cores, set_threads(self.threads))
+        self.policy = make_policy(self.policy_config)
+        limit = getattr(self.policy, "max_model_len", None)
+        if limit is not None and self.rollout_config.max_context_tokens > limit:
+            raise ConfigError(
+                f"rollout.max_context_tokens={self.rollout_config.max_context_tokens} exceeds what the "
+                f"{self.policy_config.backend} engine serves for {self.policy_config.model} ({limit} tokens; "
+                "policy.vllm.max_model_len)"
+            )
+        return cores
 
     def load_adapter(self, files: Files | None, version: int) -> int:
         """Acts with the adapter given by value (None = base model); returns the version."""
         path = None if files is None else unpack_dir(files, self._adapter_dir / f"v{version}")
         self.policy.load_adapter(path, version)
+        for old in self._adapter_dir.glob("v*"):
+            if path is None or old != path:
+                shutil.rmtree(old, ignore_errors=True)
         release_memory()
         return self.policy.version
 
-    def stream(
-        self, keys: Sequence[tuple[str, str]], source: Source, iteration: int, batch_size: int = 8
-    ) -> Iterator[list[Trajectory] | Any]:
-        """One episode per ``(env, task_id)``: yields finished trajectories in batches of
-        ``batch_size`` as they end (the last batch smaller), then the throughput stats. Called as
+    def serve(self, dealer: Any, name: str, source: Source, iteration: int, batch_size: int = 8) -> Iterator[Any]:
+        """Plays the episodes ``dealer`` (a :class:`~agentloop.actors.fleet.Dealer` actor) hands
+        out, taking more as episodes end, until it has none left: yields finished trajectories in
+        batches of ``batch_size`` (the last batch smaller), then the throughput stats. Called as
         a Ray streaming generator (``num_returns="streaming"``), so the driver stores episodes
-        while others still run."""
+        while others still run.
+
+        Between generation steps it also asks the dealer which policy version to serve, and
+        loads a newly published one there (running requests restart under it)."""
         from agentloop.envs import make_env
         from agentloop.rollout import Rollout
 
-        unknown = [k for k in keys if tuple(k) not in self.tasks]
-        if unknown:
-            raise KeyError(f"unknown tasks: {unknown[:5]}")
-        tasks = [self.tasks[tuple(k)] for k in keys]
         run = Rollout(
             self.policy,
             lambda env: make_env(env, self._env_tasks[env], self.env_configs[env]),
-            [t.task for t in tasks],
+            _DealerFeed(self, dealer, name),
             self.rollout_config,
             source=source,
             iteration=iteration,
@@ -163,8 +189,29 @@ class RolloutWorker:
         release_memory()
 
     def close(self) -> None:
-        getattr(self.policy, "close", lambda: None)()
+        if self.policy is not None:
+            getattr(self.policy, "close", lambda: None)()
         shutil.rmtree(self._adapter_dir, ignore_errors=True)
+
+
+class _DealerFeed:
+    """A rollout's tasks from a dealer actor; also where a worker picks up a published policy version."""
+
+    def __init__(self, worker: RolloutWorker, dealer: Any, name: str) -> None:
+        self.worker, self.dealer, self.name = worker, dealer, name
+
+    def take(self, n: int) -> list[Any]:
+        import ray
+
+        keys, version = ray.get(self.dealer.take.remote(self.name, n))
+        if version is not None and version != self.worker.policy.version:
+            published, files = ray.get(self.dealer.adapter.remote())
+            self.worker.load_adapter(files, published)
+        pairs = [tuple(k.split("/", 1)) for k in keys]  # "<env>/<task_id>", as the replay store keys episodes
+        unknown = [k for k, pair in zip(keys, pairs, strict=True) if pair not in self.worker.tasks]
+        if unknown:
+            raise KeyError(f"unknown tasks: {unknown[:5]}")
+        return [self.worker.tasks[pair].task for pair in pairs]
 
 
 class LearnerWorker:
@@ -212,24 +259,27 @@ class LearnerWorker:
 
 
 def start_workers(config: Any, tasks: Sequence[Any]) -> tuple[Any, Any]:
-    """Starts the rollout and learner actors; they ask for GPUs when the cluster has them.
+    """Starts the rollout fleet (``rollout.actors`` actors) and the learner actor.
 
-    With two or more GPUs each actor gets one; with one GPU they share it (0.5 each: the loop
-    runs them one at a time); with none both run on CPU. On a 2-core machine each actor
-    reserves one CPU so both fit, and each sets its own torch thread count.
+    GPUs: see :func:`agentloop.actors.fleet.gpu_shares` (a GPU each when there are enough,
+    else the learner shares one with the rollout, which it uses in turns). The learner
+    reserves one CPU; torch in each actor sets its own thread count (``threads``).
     """
     import ray
 
-    total = ray.cluster_resources().get("GPU", 0)
-    gpus = 1 if total >= 2 else 0.5 if total >= 1 else 0
-    env_configs = {spec.name: config.env_config(spec.name) for spec in config.envs}
-    options = {"num_cpus": 1, "num_gpus": gpus}
-    rollout_actor = ray.remote(**options)(RolloutWorker).remote(
-        config.policy, config.rollout, env_configs, tasks, config.threads
-    )
+    from agentloop.actors.fleet import Fleet, gpu_shares
+
+    fleet = Fleet(config, tasks)
+    _, learner_gpus = gpu_shares(ray.cluster_resources().get("GPU", 0), config.rollout.actors, config.rollout.num_gpus)
     learner_env = allocator_env()
-    learner_actor = ray.remote(**options, runtime_env={"env_vars": learner_env})(LearnerWorker).remote(
-        config.policy.model, config.sft, config.dpo, config.threads
+    learner = ray.remote(num_cpus=1, num_gpus=learner_gpus, runtime_env={"env_vars": learner_env})(
+        LearnerWorker
+    ).remote(config.policy.model, config.sft, config.dpo, config.threads)
+    logger.info(
+        "started %d rollout actor(s) (%s GPU each) and the learner (%s GPU; allocator %s)",
+        len(fleet.actors),
+        fleet.gpus,
+        learner_gpus,
+        learner_env,
     )
-    logger.info("started rollout and learner actors (%s GPU each; learner's allocator %s)", gpus, learner_env)
-    return rollout_actor, learner_actor
+    return fleet, learner

@@ -1,4 +1,5 @@
-"""End to end: ``experiments/eto.py`` on a tiny random model over all four envs, then resumed for one more round.
+"""End to end: ``experiments/eto.py`` on a tiny random model over all four envs, with two rollout
+actors on each backend, then resumed for one more round.
 
 The Operating System env joins where its sandbox can run (root and bubblewrap, as in CI).
 """
@@ -41,6 +42,7 @@ def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir, bac
         f"policy.model={tiny_model_dir}",
         f"policy.backend={backend}",
         "policy.vllm.enforce_eager=true",
+        "rollout.actors=2",
         "policy.dtype=float32",
         "sft.dtype=float32",
         "dpo.dtype=float32",

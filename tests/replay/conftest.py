@@ -1,43 +1,14 @@
-"""Fixtures for the replay tests: a throwaway PostgreSQL server and a fresh store URL per test."""
+"""Fixtures for the replay tests: a fresh store URL per test (on SQLite, and on the session's PostgreSQL server)."""
 
 from __future__ import annotations
 
 import itertools
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from postgres import PostgresServer, PostgresUnavailable, find_bindir
+from postgres import PostgresServer
 
 _database_numbers = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A PostgreSQL server for the whole session; skipped where absent, required when ``CI=true``."""
-    bindir = find_bindir()
-    try:
-        if bindir is None:
-            raise PostgresUnavailable("PostgreSQL server programs (initdb, pg_ctl, postgres) not found")
-        server = PostgresServer(bindir)
-        _start(server)
-    except PostgresUnavailable as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{e}; CI must provide a PostgreSQL server")
-        pytest.skip(str(e))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def _start(server: PostgresServer) -> None:
-    try:
-        server.start()
-    except BaseException:
-        server.stop()
-        raise
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])

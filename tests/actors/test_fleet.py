@@ -1,0 +1,149 @@
+"""The rollout fleet on real Ray actors: dynamic dealing, an actor killed mid-stage, a version
+published mid-stage, on both backends (a tiny random model, fp32)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BACKENDS = ["transformers", pytest.param("vllm", marks=pytest.mark.slow)]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _config(data_dir: Path, model: Path, backend: str, *overrides: str):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import eto
+
+    from agentloop.config import load_config
+
+    config = load_config(
+        eto.ETOConfig,
+        None,
+        [
+            f"data_dir={data_dir}",
+            f"policy.model={model}",
+            f"policy.backend={backend}",
+            "policy.dtype=float32",
+            "policy.vllm.enforce_eager=true",
+            "policy.batch_size=4",
+            "rollout.actors=2",
+            "rollout.concurrent_episodes=3",
+            "rollout.sampling.max_new_tokens=8",
+            "db.max_turns=3",
+            *overrides,
+        ],
+    )
+    config.fit_lengths()
+    return config
+
+
+def _key(t) -> str:
+    return f"{t.task.env}/{t.task.task_id}"
+
+
+def _adapter(model_dir: Path, out: Path, seed: int) -> Path:
+    """A random LoRA adapter on every linear layer (far from zero, so each version acts differently)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_actor_killed_mid_stage_loses_nothing_and_is_replaced(cluster, data_dir, tiny_model_dir, db_tasks, backend):
+    import ray
+
+    from agentloop.actors.fleet import Fleet
+    from agentloop.rollout import RolloutStats
+
+    fleet = Fleet(_config(data_dir, tiny_model_dir, backend), db_tasks)
+    try:
+        fleet.ensure(0, None)
+        keys = [_key(t) for t in db_tasks]
+        got, stats, victim = [], None, None
+        for item in fleet.play(keys, "eval", 0, batch_size=1):
+            if isinstance(item, RolloutStats):
+                stats = item
+                continue
+            got += item
+            if victim is None:  # both actors have episodes in flight: kill one of them
+                victim = next(iter(fleet.actors))
+                ray.kill(fleet.actors[victim], no_restart=True)
+        assert Counter(_key(t) for t in got) == Counter(keys)  # every episode once: none lost, none twice
+        assert stats.actors_lost == 1 and stats.replayed_episodes >= 1 and stats.episodes == len(keys)
+        assert list(fleet.actors) == ["rollout-2"]
+
+        fleet.ensure(0, None)  # the next stage starts with a new actor in the dead one's place
+        assert list(fleet.actors) == ["rollout-2", "rollout-3"]
+        again = [t for item in fleet.play(keys[:4], "eval", 0) if isinstance(item, list) for t in item]
+        assert sorted(_key(t) for t in again) == sorted(keys[:4])
+    finally:
+        fleet.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_version_published_mid_stage_reaches_every_actor_and_each_turn_records_the_version_that_made_it(
+    cluster, data_dir, tiny_model_dir, db_tasks, tmp_path, backend
+):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from agentloop.actors.fleet import Fleet
+    from agentloop.actors.transfer import pack_dir
+    from agentloop.learners.mismatch import learner_scores
+    from agentloop.rollout import RolloutStats
+
+    adapters = {v: _adapter(tiny_model_dir, tmp_path / f"v{v}", seed=v) for v in (1, 2)}
+    fleet = Fleet(_config(data_dir, tiny_model_dir, backend), db_tasks)
+    try:
+        fleet.ensure(1, pack_dir(adapters[1]))
+        got, published = [], False
+        for item in fleet.play([_key(t) for t in db_tasks], "explore", 1, batch_size=1):
+            if isinstance(item, RolloutStats):
+                continue
+            got += item
+            if not published:
+                fleet.publish(2, pack_dir(adapters[2]))
+                published = True
+    finally:
+        fleet.close()
+
+    turns = [(t, m) for t in got for m in t.messages if m.role == "assistant"]
+    versions = Counter(m.policy_version for _, m in turns)
+    assert versions[1] > 0 and versions[2] > 0, versions  # the new version went live mid-stage
+    assert {t.policy_version for t in got} == {1, 2}  # an episode with turns of both counts as the older
+
+    # Every turn's recorded log-probs are those of the adapter its version names, not the other's.
+    torch.manual_seed(0)
+    scores = {}
+    for version, path in adapters.items():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        scores[version] = learner_scores(PeftModel.from_pretrained(base, str(path)).eval(), got)
+    for i, t in enumerate(got):
+        recorded = [m for m in t.messages if m.role == "assistant" and m.logprobs]
+        for j, m in enumerate(recorded):
+            own = scores[m.policy_version][i][j]
+            other = scores[3 - m.policy_version][i][j]
+            assert max(abs(a - b) for a, b in zip(m.logprobs, own.logprobs, strict=True)) < 1e-3
+            assert all(own.argmax)  # greedy: each token was the argmax of its own version
+            assert max(abs(a - b) for a, b in zip(m.logprobs, other.logprobs, strict=True)) > 0.05
