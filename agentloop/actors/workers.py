@@ -131,7 +131,7 @@ class RolloutWorker:
         if limit is not None and self.rollout_config.max_context_tokens > limit:
             raise ConfigError(
                 f"rollout.max_context_tokens={self.rollout_config.max_context_tokens} exceeds what the "
-                f"{self.policy_config.backend} engine serves for {self.policy_config.model} ({limit} tokens; "
+                f"{type(self.policy).__name__} engine serves for {self.policy_config.model} ({limit} tokens; "
                 "policy.vllm.max_model_len)"
             )
         return cores

