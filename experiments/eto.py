@@ -87,6 +87,10 @@ class ETOConfig:
     commit_every: int = 8
     """Episodes of a rollout stage stored per transaction as they finish: an interrupted stage
     resumes with only the episodes it lacks."""
+    mismatch_episodes: int = 16
+    """Episodes of each rollout stage (a seeded sample) that the learner scores again, for the
+    ``*/mismatch/*`` metrics: how far the serving engine's log-probs are from the learner's on
+    the same tokens (0 = off)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rollout: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(
@@ -112,8 +116,8 @@ class ETOConfig:
             raise ConfigError(f"data_dir {self.data_dir!r} is not a directory (set AGENTLOOP_DATA_DIR)")
         if self.commit_every < 1:
             raise ConfigError(f"commit_every must be >= 1, got {self.commit_every}")
-        if min(self.iterations, self.threads) < 0:
-            raise ConfigError("iterations and threads must be >= 0")
+        if min(self.iterations, self.threads, self.mismatch_episodes) < 0:
+            raise ConfigError("iterations, threads and mismatch_episodes must be >= 0")
         names = [spec.name for spec in self.envs]
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"envs: need at least one environment, each once; got {names}")
@@ -175,6 +179,7 @@ A resumed run refuses to change a setting that a completed stage read."""
 FREE_SETTINGS = (
     "data_dir",
     "commit_every",
+    "mismatch_episodes",
     "threads",
     "ray_address",
     "iterations",
@@ -241,11 +246,20 @@ def main(argv: list[str] | None = None) -> None:
 
         return run
 
+    def mismatch(trajectories, version: int, prefix: str) -> dict[str, float]:
+        """The learner scores a sample of a stage's episodes under the policy that played them."""
+        if not config.mismatch_episodes:
+            return {}
+        sample = random.Random(config.seed).sample(trajectories, min(config.mismatch_episodes, len(trajectories)))
+        found = ray.get(learner.mismatch.remote(adapters[version], sample))
+        return {f"{prefix}/mismatch/{k}": v for k, v in found.items()}
+
     def evaluate(stage: str, version: int, iteration: int, baseline: str = "") -> None:
         """Runs the held-out tasks; with a baseline stage, also a paired test against it on the same tasks."""
 
         def measure(trajectories, stats):
             metrics = {**trajectory_metrics(trajectories, "eval"), **rollout_metrics(stats, "eval")}
+            metrics |= mismatch(trajectories, version, "eval")
             if baseline:
                 before = store.trajectories(stage=baseline)
                 metrics |= paired_comparison(before, trajectories, f"eval/vs_{baseline.split('/')[-1]}")
@@ -276,8 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     adapters[1] = stages.train("sft", 1, sft)
     evaluate("eval/sft", version=1, iteration=0, baseline="eval/base")
 
-    def explored(trajectories, stats):
-        return {**trajectory_metrics(trajectories, "explore"), **rollout_metrics(stats, "explore")}
+    def explored(version: int, trajectories, stats):
+        metrics = {**trajectory_metrics(trajectories, "explore"), **rollout_metrics(stats, "explore")}
+        return metrics | mismatch(trajectories, version, "explore")
 
     def dpo(it: int, pairs):
         earlier = [p for p in store.pairs() if p.iteration < it]
@@ -289,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     # 3. ETO rounds: explore -> pairs -> DPO (reference = the policy at the start of the round).
     for it in range(1, config.iterations + 1):
         # The policy after round it - 1 (version it) explores every training task with a demonstration.
-        found = stages.stream(f"explore/{it}", it, explore_ids, play("explore", it, it), explored)
+        found = stages.stream(f"explore/{it}", it, explore_ids, play("explore", it, it), partial(explored, it))
         pairs = build_pairs(experts, found, iteration=it)
         adapters[it + 1] = stages.train(f"dpo/{it}", it, partial(dpo, it, pairs), pairs=pairs)
         evaluate(f"eval/{it}", version=it + 1, iteration=it, baseline="eval/sft")

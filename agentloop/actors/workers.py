@@ -249,6 +249,26 @@ class LearnerWorker:
             release_memory()
         return pack_dir(out), metrics
 
+    def mismatch(self, adapter: Files | None, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+        """How far the serving engine's recorded log-probs are from this learner's, on the same tokens:
+        the base model in the DPO learner's dtype with ``adapter`` unmerged (None = the base model).
+        See :mod:`agentloop.learners.mismatch`."""
+        import torch
+        from peft import PeftModel
+
+        from agentloop.learners.common import load_base
+        from agentloop.learners.mismatch import learner_scores, mismatch_metrics
+
+        model = load_base(self.base_model, self.dpo_config.dtype)
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(unpack_dir(adapter, self._fresh("scored"))))
+        try:
+            with torch.inference_mode():
+                return mismatch_metrics(trajectories, learner_scores(model.eval(), trajectories))
+        finally:
+            del model
+            release_memory()
+
     def _fresh(self, name: str) -> Path:
         path = self._work / name
         shutil.rmtree(path, ignore_errors=True)

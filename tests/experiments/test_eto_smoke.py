@@ -61,6 +61,11 @@ def test_eto_runs_end_to_end_and_resumes(tmp_path, data_dir, tiny_model_dir, bac
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["eval/env/db/episodes"] == 4 and records[-1]["eval/env/webshop/episodes"] == 2
     assert records[-1]["eval/env/alfworld/episodes"] == 2 and "eval/vs_sft/p_value" in records[-1]
+    # The learner re-scored a sample of each rollout stage: the same fp32 model serving and learning.
+    for record in records[1:]:
+        family = record["stage"].split("/")[0]
+        if family in ("eval", "explore"):
+            assert record[f"{family}/mismatch/tokens"] > 0 and record[f"{family}/mismatch/mean_abs_dlogp"] < 1e-2
     names = ("db", "webshop", "alfworld", "os") if OS_SANDBOX else ("db", "webshop", "alfworld")
     assert records[-1].get("eval/env/os/episodes") == (2 if OS_SANDBOX else None)
     experts = {env: records[0][f"experts/env/{env}/successes"] for env in names}
