@@ -177,7 +177,7 @@ def generate_batches(policy, prompts, sampling, batch_size: int) -> list[list[in
             )
         head.requires_grad = flag
         for row, i in enumerate(chunk):
-            out[i] = list(policy._completion(rows[row, width:].tolist()).token_ids)
+            out[i] = list(policy._completion(rows[row, width:].tolist(), []).token_ids)
     return [out[i] for i in range(len(prompts))]
 
 

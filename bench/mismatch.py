@@ -1,7 +1,10 @@
-"""Train/rollout mismatch: what each backend recorded while sampling against what the learner computes.
+"""The backends side by side: throughput on the same episodes, and train/rollout mismatch.
 
 Each backend serves the same adapter (merged into bf16 weights, as the rollout serves it) and
-plays the same held-out DB episodes greedily, recording every generated token's log-prob.
+plays the same held-out DB episodes greedily: ``vllm``, ``transformers`` (agentloop's decode
+engine) and ``generate`` (transformers' own ``generate`` on left-padded batches, one call per
+round of turns: the baseline without continuous batching or a prefix cache). The first two
+record every generated token's log-prob while sampling.
 The learner's model (base weights with the adapter unmerged, through PEFT, in bf16 as the
 learner trains and in fp32 as a reference) then scores the same tokens. Printed per backend
 and learner dtype: mean, p99 and max |Δ log p| per token, how often the learner's argmax is
@@ -10,7 +13,7 @@ and the ratio of each mean |Δ| to the transformers backend's against the same l
 
 Usage:
   python bench/mismatch.py --adapter runs/eto-.../adapters/dpo-2 --tasks 30
-  python bench/mismatch.py --adapter runs/eto-.../adapters/sft --backends transformers,vllm
+  python bench/mismatch.py --adapter runs/eto-.../adapters/sft --backends generate,transformers,vllm
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ def main() -> None:
     played = {}
     for backend in args.backends.split(","):
         started = time.perf_counter()
-        policy = make_policy(PolicyConfig(model=args.model, backend=backend))
+        engine = "transformers" if backend == "generate" else backend  # generate drives the same model
+        policy = make_policy(PolicyConfig(model=args.model, backend=engine))
         policy.load_adapter(args.adapter, 1)
         trajectories, stats = rollout(
-            policy,
+            _Generate(policy) if backend == "generate" else policy,
             lambda env: envs.make_env(env, tasks, SQLEnvConfig()),
             [t.task for t in tasks],
             rollout_config,
@@ -83,6 +87,7 @@ def main() -> None:
             rows.append((backend, dtype, mismatch_metrics(trajectories, learner_scores(learner, trajectories))))
         del learner, base
 
+    rows = [row for row in rows if row[2]]  # generate records no log-probs
     baseline = {dtype: m["mean_abs_dlogp"] for backend, dtype, m in rows if backend == "transformers"}
     print(
         f"\n{'backend':<13}{'learner':<10}{'tokens':>7}{'mean':>9}{'p99':>9}{'max':>9}{'argmax':>8}{'turn':>8}{'ratio':>7}"
@@ -93,6 +98,19 @@ def main() -> None:
             f"{backend:<13}{dtype:<10}{m['tokens']:>7.0f}{m['mean_abs_dlogp']:>9.4f}{m['p99_abs_dlogp']:>9.4f}"
             f"{m['max_abs_dlogp']:>9.4f}{m['argmax_differs']:>8.2%}{m['turn_sum_abs_dlogp']:>8.3f}{ratio:>7.2f}"
         )
+
+
+class _Generate:
+    """An agentloop policy's model behind transformers' ``generate``: one padded call per round of turns."""
+
+    def __init__(self, policy) -> None:
+        self.policy, self.chat, self.version = policy, policy.chat, policy.version
+
+    def generate(self, prompts, sampling):
+        from generation_throughput import generate_batches
+
+        batch = generate_batches(self.policy, prompts, sampling, self.policy.config.batch_size)
+        return [self.policy._completion(ids, []) for ids in batch]
 
 
 if __name__ == "__main__":

@@ -298,6 +298,10 @@ class Fleet:
         ray.get([a.sleep.remote() for a in self.actors.values()])
 
     def close(self) -> None:
+        """Stops every actor (their engines, their temporary adapter files) and the dealer."""
         import ray
 
         ray.get([a.close.remote() for a in self.actors.values()])
+        for actor in [*self.actors.values(), self.dealer]:
+            ray.kill(actor)
+        self.actors = {}

@@ -1,0 +1,47 @@
+"""The dealer and GPU shares as plain Python: what the fleet relies on."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from agentloop.actors.fleet import Dealer, gpu_shares
+from agentloop.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_dealer_hands_out_in_order_and_puts_a_dead_workers_unfinished_episodes_first_in_line():
+    dealer = Dealer()
+    dealer.deal([f"db/{i}" for i in range(6)])
+    assert dealer.take("a", 2) == (["db/0", "db/1"], None)
+    assert dealer.take("b", 3) == (["db/2", "db/3", "db/4"], None)
+    assert dealer.give_back("b", finished=["db/3"]) == ["db/2", "db/4"]
+    assert dealer.take("a", 9)[0] == ["db/2", "db/4", "db/5"]
+    assert dealer.give_back("b", finished=[]) == []  # nothing taken since
+    dealer.publish(3, {"adapter_config.json": b"{}"})
+    assert dealer.take("a", 0) == ([], 3) and dealer.adapter() == (3, {"adapter_config.json": b"{}"})
+
+
+def test_gpu_shares():
+    assert gpu_shares(0, 2, -1) == (0.0, 0.0)  # a CPU cluster
+    assert gpu_shares(5, 4, -1) == (1.0, 1.0)  # a GPU for each rollout actor and the learner
+    assert gpu_shares(1, 1, -1) == (0.5, 0.5)  # one GPU: rollout and learner take turns on it
+    assert gpu_shares(2, 2, -1) == (0.5, 0.5)
+    assert gpu_shares(8, 4, 0.5) == (0.5, 1.0)
+    with pytest.raises(ConfigError, match="rollout.num_gpus"):
+        gpu_shares(1, 2, -1)
+
+
+def test_the_example_cluster_config_loads_and_validates(data_dir):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import eto
+
+    from agentloop.config import load_config
+
+    config = load_config(eto.ETOConfig, REPO / "configs" / "eto-cluster.yaml", [f"data_dir={data_dir}"])
+    assert (config.rollout.actors, config.rollout.num_gpus, config.policy.backend) == (4, 1.0, "auto")
+    assert config.store_url.startswith("postgresql")
+    assert gpu_shares(5, config.rollout.actors, config.rollout.num_gpus) == (1.0, 1.0)
