@@ -32,6 +32,12 @@ class RolloutConfig:
     max_context_tokens: int = 2048
     """An episode whose next prompt plus a full turn would exceed this is truncated (0: an
     experiment fits it to its envs before running; :func:`rollout` needs it set)."""
+    env_threads: int = 8
+    """Threads that run environment resets and steps beside generation, so an episode waiting
+    on its environment (a slow OS command, a sandbox start) never holds the others back. 0 runs
+    them in the generation loop between steps: then the order in which turns join the batch,
+    and so a greedy run's every token, is the same on every rerun; with threads it depends on
+    timing (bf16 kernels round differently in another batch)."""
     actors: int = 1
     """Rollout actors of a fleet (:mod:`agentloop.actors.fleet`): a stage's episodes go to
     whichever has room. Each runs its own engine with ``concurrent_episodes`` in flight."""
@@ -46,6 +52,8 @@ class RolloutConfig:
     def validate(self) -> None:
         if self.concurrent_episodes < 1:
             raise ConfigError(f"concurrent_episodes must be >= 1, got {self.concurrent_episodes}")
+        if self.env_threads < 0:
+            raise ConfigError(f"env_threads must be >= 0, got {self.env_threads}")
         if self.actors < 1:
             raise ConfigError(f"actors must be >= 1, got {self.actors}")
         if self.num_cpus < 0:
@@ -184,6 +192,8 @@ class Rollout:
         self.stats: RolloutStats | None = None
 
     def __iter__(self) -> Iterator[tuple[int, Trajectory]]:
+        from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
         from tqdm import tqdm
 
         policy, config = self.policy, self.config
@@ -194,7 +204,21 @@ class Rollout:
         queue: deque[tuple[int, Task]] = deque()  # taken, not started
         idle: dict[str, list[Any]] = {}  # built environments not in an episode, by env name
         built: list[Any] = []
-        active: dict[int, _Episode] = {}
+        active: dict[int, _Episode | None] = {}  # None: its reset is under way
+        resets: dict[Future, int] = {}  # environment work under way, and whose episode it is
+        steps: dict[Future, int] = {}
+        pool = ThreadPoolExecutor(config.env_threads, "env") if config.env_threads else None
+
+        def env_work(fn: Callable[..., Any], *args: Any) -> Future:
+            if pool is not None:
+                return pool.submit(fn, *args)
+            future: Future = Future()  # no threads: done here, between generation steps
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - raised again by result()
+                future.set_exception(e)
+            return future
+
         stream = open_stream(policy, config.sampling)
         bar = tqdm(total=self.total, desc=f"{self.source} episodes", disable=not self.progress, leave=False)
         try:
@@ -218,12 +242,21 @@ class Rollout:
                     if not free:
                         free.append(self.make_env(task.env))
                         built.append(free[-1])
-                    active[index] = _start(policy, free.pop(), task)
-                    stream.add(index, active[index].prompt)
-                    prompt_tokens += len(active[index].prompt)
-                for index, generation in stream.step():
-                    episode = active[index]
-                    outcome = _advance(policy, episode, generation, config)
+                    active[index] = None
+                    resets[env_work(_start, policy, free.pop(), task)] = index
+                if stream.busy:
+                    for index, generation in stream.step():
+                        steps[env_work(_advance, policy, active[index], generation, config)] = index
+                if pool is not None and not stream.busy and (resets or steps):
+                    wait([*resets, *steps], return_when=FIRST_COMPLETED)  # nothing to generate meanwhile
+                for future in [f for f in resets if f.done()]:
+                    index = resets.pop(future)
+                    episode = active[index] = future.result()
+                    stream.add(index, episode.prompt)
+                    prompt_tokens += len(episode.prompt)
+                for future in [f for f in steps if f.done()]:
+                    index = steps.pop(future)
+                    episode, outcome = active[index], future.result()
                     if outcome is None:  # the episode goes on: its next turn joins the stream
                         stream.add(index, episode.prompt)
                         prompt_tokens += len(episode.prompt)
@@ -239,6 +272,8 @@ class Rollout:
                     yield index, trajectory
         finally:
             bar.close()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             getattr(stream, "close", lambda: None)()
             for env in built:
                 env.close()

@@ -12,6 +12,7 @@ the agent loop only gets a turn's prompt once the environment has answered the t
 
 Usage:
   python bench/agent_loop_ratio.py --adapter runs/eto-.../adapters/sft --tasks 60
+  python bench/agent_loop_ratio.py --adapter runs/eto-.../adapters/sft --split train --tasks 250
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--tasks", type=int, default=60)
+    parser.add_argument("--split", default="dev", help="dev: the 60 held-out tasks; train: as many as an explore stage")
     parser.add_argument("--concurrent", type=int, default=48)
     args = parser.parse_args()
 
@@ -42,7 +44,7 @@ def main() -> None:
     from agentloop.rollout import RolloutConfig, rollout
 
     data_dir = args.data_dir or Path(os.environ.get("AGENTLOOP_DATA_DIR", "data"))
-    tasks = envs.load_tasks("db", data_dir, "dev")[: args.tasks]
+    tasks = envs.load_tasks("db", data_dir, args.split)[: args.tasks]
     sampling = SamplingConfig(max_new_tokens=128)
     policy = VLLMPolicy(PolicyConfig(model=args.model, backend="vllm"))
     policy.load_adapter(args.adapter, 1)

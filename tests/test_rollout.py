@@ -13,7 +13,7 @@ from agentloop.envs.db.experts import gold_actions
 from agentloop.envs.experts import replay_actions
 from agentloop.policy.base import Generation, SamplingConfig
 from agentloop.policy.chat import ChatTokenizer
-from agentloop.rollout import RolloutConfig, rollout
+from agentloop.rollout import Rollout, RolloutConfig, rollout
 
 
 class ScriptedPolicy:
@@ -60,7 +60,7 @@ def test_rollout_replays_experts_and_keeps_tokens(setup):
         policy,
         lambda env: make_env(env, all_tasks, config),
         [t.task for t in tasks],
-        RolloutConfig(concurrent_episodes=2),
+        RolloutConfig(concurrent_episodes=2, env_threads=0),  # steps between generation calls: a fixed order
         source="eval",
         iteration=3,
     )
@@ -182,3 +182,47 @@ def test_continuous_batching_plays_the_same_episodes_as_lockstep_turns(setup, ti
     assert stats.prompt_tokens == reference_stats.prompt_tokens
     assert stats.prefix_reuse > 0.5  # later turns prefilled only their new tokens
     assert len(policies["continuous"].prefix_cache) == 0  # ended episodes leave nothing behind
+
+
+class _SlowStep:
+    """The DB env, but one task's steps take ``delay`` seconds (a slow command in a sandbox)."""
+
+    def __init__(self, env, slow_task: str, delay: float) -> None:
+        self.env, self.slow_task, self.delay, self.task = env, slow_task, delay, None
+        self.unwrapped = env.unwrapped
+
+    def reset(self, **kwargs):
+        self.task = kwargs["options"]["task_id"]
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        import time
+
+        if self.task == self.slow_task:
+            time.sleep(self.delay)
+        return self.env.step(action)
+
+    def close(self):
+        self.env.close()
+
+
+@pytest.mark.parametrize("threads", [0, 4])
+def test_an_episode_waiting_on_its_environment_holds_the_others_back_only_without_env_threads(setup, threads):
+    chat, all_tasks = setup
+    tasks = all_tasks[:5]
+    answer = ['Action: Answer\nFinal Answer: ["1"]']
+    policy = ScriptedPolicy(chat, {t.task.instruction: answer for t in tasks})
+    slow = tasks[0].task.task_id
+    run = Rollout(
+        policy,
+        lambda env: _SlowStep(make_env(env, all_tasks, SQLEnvConfig()), slow, delay=1.0),
+        [t.task for t in tasks],
+        RolloutConfig(concurrent_episodes=5, env_threads=threads),
+        source="eval",
+        iteration=0,
+    )
+    order = [t.task.task_id for _, t in run]
+    if threads:  # the others end while the slow step runs
+        assert order[-1] == slow and sorted(order) == sorted(t.task.task_id for t in tasks)
+    else:  # every episode waits for the slow one's step, which comes first
+        assert order == [t.task.task_id for t in tasks]

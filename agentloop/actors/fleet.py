@@ -46,13 +46,20 @@ class Dealer:
         self.taken: dict[str, list[str]] = defaultdict(list)
         self.version: int | None = None
         self.files: Files | None = None
+        self.deal_number = 0
 
-    def deal(self, keys: Sequence[str]) -> None:
-        """A new stage: ``keys`` wait to be taken, in order."""
+    def deal(self, keys: Sequence[str]) -> int:
+        """A new stage: ``keys`` wait to be taken, in order. Returns the deal's number, which
+        takers give back, so a rollout left over from an abandoned deal gets nothing more."""
         self.pending, self.taken = deque(keys), defaultdict(list)
+        self.deal_number += 1
+        return self.deal_number
 
-    def take(self, worker: str, n: int) -> tuple[list[str], int | None]:
-        """Up to ``n`` waiting episodes for ``worker``, and the policy version to serve."""
+    def take(self, worker: str, n: int, deal: int | None = None) -> tuple[list[str], int | None]:
+        """Up to ``n`` waiting episodes of deal ``deal`` (None: the current one) for ``worker``,
+        and the policy version to serve."""
+        if deal is not None and deal != self.deal_number:
+            return [], self.version
         keys = [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
         self.taken[worker] += keys
         return keys, self.version
@@ -226,7 +233,7 @@ class Fleet:
         if not self.actors:
             raise ActorsLost("no rollout actor is alive")
         started = time.perf_counter()
-        ray.get(self.dealer.deal.remote(list(keys)))
+        deal = ray.get(self.dealer.deal.remote(list(keys)))
         out: queue.Queue = queue.Queue()
         running: set[str] = set()
         finished: dict[str, list[str]] = defaultdict(list)
@@ -236,7 +243,7 @@ class Fleet:
         def pump(name: str, actor: Any) -> None:
             try:
                 for ref in actor.serve.options(num_returns="streaming").remote(
-                    self.dealer, name, source, iteration, batch_size
+                    self.dealer, name, source, iteration, batch_size, deal
                 ):
                     out.put((name, ray.get(ref)))
                 out.put((name, _DONE))

@@ -146,7 +146,9 @@ class RolloutWorker:
         release_memory()
         return self.policy.version
 
-    def serve(self, dealer: Any, name: str, source: Source, iteration: int, batch_size: int = 8) -> Iterator[Any]:
+    def serve(
+        self, dealer: Any, name: str, source: Source, iteration: int, batch_size: int = 8, deal: int | None = None
+    ) -> Iterator[Any]:
         """Plays the episodes ``dealer`` (a :class:`~agentloop.actors.fleet.Dealer` actor) hands
         out, taking more as episodes end, until it has none left: yields finished trajectories in
         batches of ``batch_size`` (the last batch smaller), then the throughput stats. Called as
@@ -154,14 +156,15 @@ class RolloutWorker:
         while others still run.
 
         Between generation steps it also asks the dealer which policy version to serve, and
-        loads a newly published one there (running requests restart under it)."""
+        loads a newly published one there (running requests restart under it). ``deal`` is the
+        dealer's deal this call plays: once the dealer has moved on to another, it takes no more."""
         from agentloop.envs import make_env
         from agentloop.rollout import Rollout
 
         run = Rollout(
             self.policy,
             lambda env: make_env(env, self._env_tasks[env], self.env_configs[env]),
-            _DealerFeed(self, dealer, name),
+            _DealerFeed(self, dealer, name, deal),
             self.rollout_config,
             source=source,
             iteration=iteration,
@@ -197,13 +200,13 @@ class RolloutWorker:
 class _DealerFeed:
     """A rollout's tasks from a dealer actor; also where a worker picks up a published policy version."""
 
-    def __init__(self, worker: RolloutWorker, dealer: Any, name: str) -> None:
-        self.worker, self.dealer, self.name = worker, dealer, name
+    def __init__(self, worker: RolloutWorker, dealer: Any, name: str, deal: int | None) -> None:
+        self.worker, self.dealer, self.name, self.deal = worker, dealer, name, deal
 
     def take(self, n: int) -> list[Any]:
         import ray
 
-        keys, version = ray.get(self.dealer.take.remote(self.name, n))
+        keys, version = ray.get(self.dealer.take.remote(self.name, n, self.deal))
         if version is not None and version != self.worker.policy.version:
             published, files = ray.get(self.dealer.adapter.remote())
             self.worker.load_adapter(files, published)

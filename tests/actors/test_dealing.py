@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_the_dealer_hands_out_in_order_and_puts_a_dead_workers_unfinished_episodes_first_in_line():
     dealer = Dealer()
-    dealer.deal([f"db/{i}" for i in range(6)])
+    assert dealer.deal([f"db/{i}" for i in range(6)]) == 1
     assert dealer.take("a", 2) == (["db/0", "db/1"], None)
     assert dealer.take("b", 3) == (["db/2", "db/3", "db/4"], None)
     assert dealer.give_back("b", finished=["db/3"]) == ["db/2", "db/4"]
@@ -23,6 +23,14 @@ def test_the_dealer_hands_out_in_order_and_puts_a_dead_workers_unfinished_episod
     assert dealer.give_back("b", finished=[]) == []  # nothing taken since
     dealer.publish(3, {"adapter_config.json": b"{}"})
     assert dealer.take("a", 0) == ([], 3) and dealer.adapter() == (3, {"adapter_config.json": b"{}"})
+
+
+def test_a_rollout_left_over_from_an_earlier_deal_takes_nothing_of_the_next():
+    dealer = Dealer()
+    first = dealer.deal(["db/0", "db/1"])
+    second = dealer.deal(["db/2", "db/3"])
+    assert dealer.take("a", 5, first) == ([], None)
+    assert dealer.take("a", 5, second) == (["db/2", "db/3"], None)
 
 
 def test_gpu_shares():

@@ -75,7 +75,10 @@ def test_an_actor_killed_mid_stage_loses_nothing_and_is_replaced(cluster, data_d
     from agentloop.actors.fleet import Fleet
     from agentloop.rollout import RolloutStats
 
-    fleet = Fleet(_config(data_dir, tiny_model_dir, backend), db_tasks)
+    # Episodes long enough (5 turns of 24 tokens, 2 at a time per actor) that the victim still
+    # plays some when the first one comes back.
+    longer = ["rollout.concurrent_episodes=2", "rollout.sampling.max_new_tokens=24", "db.max_turns=5"]
+    fleet = Fleet(_config(data_dir, tiny_model_dir, backend, *longer), db_tasks)
     try:
         fleet.ensure(0, None)
         keys = [_key(t) for t in db_tasks]
