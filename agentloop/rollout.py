@@ -46,8 +46,8 @@ class RolloutConfig:
     evenly among the rollout actors placed there (top-level ``threads`` sets a count)."""
     num_gpus: float = -1.0
     """GPUs (or a fraction of one) per rollout actor; -1 = auto: a GPU each when the learner
-    has one too, half of one each (the learner sharing the first) when there is one per rollout
-    actor, none on a CPU cluster (:func:`agentloop.actors.fleet.gpu_shares`)."""
+    has one too, half of the only GPU for a single rollout actor and the learner, none on a CPU
+    cluster (:func:`agentloop.actors.fleet.gpu_shares`)."""
 
     def validate(self) -> None:
         if self.concurrent_episodes < 1:
@@ -206,6 +206,7 @@ class Rollout:
         built: list[Any] = []
         active: dict[int, _Episode | None] = {}  # None: its reset is under way
         resets: dict[Future, int] = {}  # environment work under way, and whose episode it is
+        active_tasks: dict[int, Task] = {}
         steps: dict[Future, int] = {}
         pool = ThreadPoolExecutor(config.env_threads, "env") if config.env_threads else None
 
@@ -232,7 +233,9 @@ class Rollout:
                     if not free:
                         free.append(self.make_env(name))
                         built.append(free[-1])
-                    upcoming = [t.task_id for _, t in queue if t.env == name]
+                    # resets under way may not have asked for their game yet: they come first
+                    starting = [active_tasks[i] for f, i in resets.items() if not f.done()]
+                    upcoming = [t.task_id for t in [*starting, *(t for _, t in queue)] if t.env == name]
                     getattr(free[-1].unwrapped, "prepare", lambda ids: None)(upcoming)
                 if not queue and not active:
                     break
@@ -243,6 +246,7 @@ class Rollout:
                         free.append(self.make_env(task.env))
                         built.append(free[-1])
                     active[index] = None
+                    active_tasks[index] = task
                     resets[env_work(_start, policy, free.pop(), task)] = index
                 if stream.busy:
                     for index, generation in stream.step():
@@ -265,7 +269,7 @@ class Rollout:
                     if cache is not None:  # no next turn will resume from this episode's last one
                         cache.pop(trajectory.token_ids, reuse=False)
                     idle[episode.task.env].append(episode.env)
-                    del active[index]
+                    del active[index], active_tasks[index]
                     generated += trajectory.generated_tokens
                     played += 1
                     bar.update(1)

@@ -184,6 +184,7 @@ FREE_SETTINGS = (
     "ray_address",
     "iterations",
     "rollout.concurrent_episodes",
+    "rollout.env_threads",
     "rollout.actors",
     "rollout.num_cpus",
     "rollout.num_gpus",
@@ -251,7 +252,11 @@ def main(argv: list[str] | None = None) -> None:
         if not config.mismatch_episodes:
             return {}
         sample = random.Random(config.seed).sample(trajectories, min(config.mismatch_episodes, len(trajectories)))
-        found = ray.get(learner.mismatch.remote(adapters[version], sample))
+        try:
+            found = ray.get(learner.mismatch.remote(adapters[version], sample))
+        except ray.exceptions.RayTaskError as e:  # a measurement must not keep the stage from committing
+            logging.getLogger("eto").warning("%s/mismatch not measured: %s", prefix, e)
+            return {}
         return {f"{prefix}/mismatch/{k}": v for k, v in found.items()}
 
     def evaluate(stage: str, version: int, iteration: int, baseline: str = "") -> None:

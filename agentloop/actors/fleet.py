@@ -47,6 +47,7 @@ class Dealer:
         self.version: int | None = None
         self.files: Files | None = None
         self.deal_number = 0
+        self.retired: set[str] = set()  # workers given up for dead: they take nothing more
 
     def deal(self, keys: Sequence[str]) -> int:
         """A new stage: ``keys`` wait to be taken, in order. Returns the deal's number, which
@@ -58,14 +59,17 @@ class Dealer:
     def take(self, worker: str, n: int, deal: int | None = None) -> tuple[list[str], int | None]:
         """Up to ``n`` waiting episodes of deal ``deal`` (None: the current one) for ``worker``,
         and the policy version to serve."""
-        if deal is not None and deal != self.deal_number:
+        if (deal is not None and deal != self.deal_number) or worker in self.retired:
             return [], self.version
         keys = [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
         self.taken[worker] += keys
         return keys, self.version
 
     def give_back(self, worker: str, finished: Sequence[str]) -> list[str]:
-        """Puts the episodes ``worker`` took but did not finish first in line again; returns them."""
+        """Retires ``worker`` (given up for dead, it may still be running for a moment: it takes
+        nothing more) and puts the episodes it took but did not finish first in line again;
+        returns them."""
+        self.retired.add(worker)
         done = set(finished)
         lost = [k for k in self.taken.pop(worker, []) if k not in done]
         self.pending.extendleft(reversed(lost))
@@ -86,23 +90,35 @@ def gpu_shares(total: float, actors: int, per_actor: float) -> tuple[float, floa
     """GPUs each rollout actor and the learner ask for, given the cluster's ``total``.
 
     ``per_actor`` -1 (auto): with a GPU for every rollout actor and one for the learner, each
-    gets its own; with fewer, but at least one per rollout actor, each rollout actor takes half
-    a GPU and the learner half of one of them (the loop runs them in turns); without GPUs, none.
-    The learner gets a whole GPU when one is left over after the rollout actors, else half.
+    gets its own; with one GPU and one rollout actor, they share it, half each (the loop runs
+    them in turns); without GPUs, none. An explicit ``per_actor`` leaves the learner a whole GPU
+    when one is free after the rollout actors, else half of one when half is free.
+
+    Raises:
+        ConfigError: When the GPUs cannot be shared out that way (naming ``rollout.num_gpus``).
     """
     if per_actor < 0:
         if total >= actors + 1:
             return 1.0, 1.0
-        if total >= actors:
+        if total >= 1 and actors == 1:
             return 0.5, 0.5
         if total > 0:
             raise ConfigError(
                 f"rollout.num_gpus: the cluster has {total:g} GPUs for rollout.actors={actors} and the learner; "
-                "set how much of a GPU each rollout actor takes"
+                "set how much of a GPU each rollout actor takes (the learner needs half of one left over)"
             )
         return 0.0, 0.0
     left = total - actors * per_actor
-    return per_actor, 1.0 if left >= 1 else 0.5 if total >= 1 else 0.0
+    if total == 0 and per_actor == 0:
+        return 0.0, 0.0
+    if left >= 1:
+        return per_actor, 1.0
+    if left >= 0.5:
+        return per_actor, 0.5
+    raise ConfigError(
+        f"rollout.num_gpus={per_actor:g} for rollout.actors={actors} leaves {max(left, 0):g} of the cluster's "
+        f"{total:g} GPUs: the learner needs at least half a GPU"
+    )
 
 
 class ActorsLost(RuntimeError):
@@ -118,6 +134,14 @@ def _lost() -> tuple[type[BaseException], ...]:
     from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError
 
     return RayActorError, ObjectLostError, NodeDiedError
+
+
+def _died(error: BaseException) -> bool:
+    """Whether ``error`` says an actor is gone, not that code running in it raised (a
+    ``RayTaskError`` also looks like the error it wraps)."""
+    from ray.exceptions import RayTaskError
+
+    return isinstance(error, _lost()) and not isinstance(error, RayTaskError)
 
 
 class Fleet:
@@ -144,6 +168,7 @@ class Fleet:
         self.actors: dict[str, Any] = {}
         self._placed: dict[str, tuple[str, tuple[int, int]]] = {}  # actor -> its node, its share of the cores
         self._vacated: defaultdict[str, list[tuple[int, int]]] = defaultdict(list)  # shares of dead actors
+        self._loaded: dict[str, int] = {}  # actor -> the version it serves
         self._serial = 0
         self._add(rollout.actors)
 
@@ -196,15 +221,9 @@ class Fleet:
             if missing > 0:
                 logger.warning("starting %d rollout actor(s) in place of those that died", missing)
                 self._add(missing)
-            loads = {name: a.load_adapter.remote(self.files_ref, version) for name, a in self.actors.items()}
-            dead = []
-            for name, ref in loads.items():
-                try:
-                    ray.get(ref)
-                except _lost():
-                    dead.append(name)
-            for name in dead:
-                self._drop(name)
+            stale = {name: a for name, a in self.actors.items() if self._loaded.get(name) != version}
+            dead = self._each(stale, "load_adapter", self.files_ref, version)
+            self._loaded.update({name: version for name in stale if name not in dead})
             if not dead:
                 break
         else:
@@ -237,8 +256,7 @@ class Fleet:
         out: queue.Queue = queue.Queue()
         running: set[str] = set()
         finished: dict[str, list[str]] = defaultdict(list)
-        stats: list[RolloutStats] = []
-        lost_actors = replayed = delivered = generated = 0
+        counts: dict[str, Any] = {"delivered": 0, "generated": 0, "lost_actors": 0, "replayed": 0, "stats": []}
 
         def pump(name: str, actor: Any) -> None:
             try:
@@ -256,24 +274,45 @@ class Fleet:
 
         for name in self.actors:
             launch(name)
+        try:
+            yield from self._collect(out, running, launch, finished, counts)
+        finally:
+            if running:  # left early (an error, or the caller stopped): the actors play nothing more
+                ray.get(self.dealer.deal.remote([]))
+        yield RolloutStats(  # prompt counts only from actors that lived to report them
+            episodes=counts["delivered"],
+            generated_tokens=counts["generated"],
+            seconds=time.perf_counter() - started,
+            prompt_tokens=sum(s.prompt_tokens for s in counts["stats"]),
+            reused_prompt_tokens=sum(s.reused_prompt_tokens for s in counts["stats"]),
+            actors_lost=counts["lost_actors"],
+            replayed_episodes=counts["replayed"],
+        )
+
+    def _collect(self, out, running, launch, finished, counts) -> Iterator[list[Trajectory]]:
+        """What the actors' streams bring, until every one has ended; a dead actor's episodes are dealt again."""
+        import ray
+
         while running:
             name, item = out.get()
             if isinstance(item, list):
                 finished[name] += [f"{t.task.env}/{t.task.task_id}" for t in item]
-                delivered, generated = delivered + len(item), generated + sum(t.generated_tokens for t in item)
+                counts["delivered"] += len(item)
+                counts["generated"] += sum(t.generated_tokens for t in item)
                 yield item
             elif isinstance(item, RolloutStats):
-                stats.append(item)
+                counts["stats"].append(item)
             elif item is _DONE:
                 running.discard(name)
                 if name in self.actors and ray.get(self.dealer.waiting.remote()):
                     launch(name)  # episodes an actor that died left behind
-            elif isinstance(item, _lost()):  # the actor, or the node it ran on, died
+            elif _died(item):  # the actor, or the node it ran on, died
                 running.discard(name)
                 ray.kill(self.actors[name], no_restart=True)  # (a no-op if it is dead already)
                 self._drop(name)
                 lost = ray.get(self.dealer.give_back.remote(name, finished[name]))
-                lost_actors, replayed = lost_actors + 1, replayed + len(lost)
+                counts["lost_actors"] += 1
+                counts["replayed"] += len(lost)
                 logger.warning("%s died mid-stage; %d of its episodes go to the other actors", name, len(lost))
                 if not self.actors:
                     raise ActorsLost(f"every rollout actor died; {len(lost)} episodes unplayed") from item
@@ -282,33 +321,41 @@ class Fleet:
                         launch(other)
             else:
                 raise item
-        yield RolloutStats(  # prompt counts only from actors that lived to report them
-            episodes=delivered,
-            generated_tokens=generated,
-            seconds=time.perf_counter() - started,
-            prompt_tokens=sum(s.prompt_tokens for s in stats),
-            reused_prompt_tokens=sum(s.reused_prompt_tokens for s in stats),
-            actors_lost=lost_actors,
-            replayed_episodes=replayed,
-        )
 
     def _drop(self, name: str) -> None:
         """Forgets a dead actor; its share of its node's cores goes to its replacement."""
         del self.actors[name]
+        self._loaded.pop(name, None)
         node, share = self._placed.pop(name)
         self._vacated[node].append(share)
 
-    def sleep(self) -> None:
-        """Frees each actor's model until its next rollout (it reloads the same version)."""
+    def _each(self, actors: dict[str, Any], method: str, *args: Any) -> list[str]:
+        """Calls ``method`` on each of ``actors`` and waits; drops those found dead, and returns their names."""
         import ray
 
-        ray.get([a.sleep.remote() for a in self.actors.values()])
+        calls = {name: getattr(actor, method).remote(*args) for name, actor in actors.items()}
+        dead = []
+        for name, ref in calls.items():
+            try:
+                ray.get(ref)
+            except BaseException as e:
+                if not _died(e):
+                    raise
+                logger.warning("%s is gone (%s); it will be replaced before the next rollout", name, type(e).__name__)
+                dead.append(name)
+        for name in dead:
+            self._drop(name)
+        return dead
+
+    def sleep(self) -> None:
+        """Frees each actor's model until its next rollout (it reloads the same version)."""
+        self._each(dict(self.actors), "sleep")
 
     def close(self) -> None:
         """Stops every actor (their engines, their temporary adapter files) and the dealer."""
         import ray
 
-        ray.get([a.close.remote() for a in self.actors.values()])
+        self._each(dict(self.actors), "close")
         for actor in [*self.actors.values(), self.dealer]:
             ray.kill(actor)
         self.actors = {}

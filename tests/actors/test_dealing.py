@@ -19,6 +19,7 @@ def test_the_dealer_hands_out_in_order_and_puts_a_dead_workers_unfinished_episod
     assert dealer.take("a", 2) == (["db/0", "db/1"], None)
     assert dealer.take("b", 3) == (["db/2", "db/3", "db/4"], None)
     assert dealer.give_back("b", finished=["db/3"]) == ["db/2", "db/4"]
+    assert dealer.take("b", 9)[0] == []  # given up for dead: b takes nothing more, even if still running
     assert dealer.take("a", 9)[0] == ["db/2", "db/4", "db/5"]
     assert dealer.give_back("b", finished=[]) == []  # nothing taken since
     dealer.publish(3, {"adapter_config.json": b"{}"})
@@ -37,10 +38,11 @@ def test_gpu_shares():
     assert gpu_shares(0, 2, -1) == (0.0, 0.0)  # a CPU cluster
     assert gpu_shares(5, 4, -1) == (1.0, 1.0)  # a GPU for each rollout actor and the learner
     assert gpu_shares(1, 1, -1) == (0.5, 0.5)  # one GPU: rollout and learner take turns on it
-    assert gpu_shares(2, 2, -1) == (0.5, 0.5)
     assert gpu_shares(8, 4, 0.5) == (0.5, 1.0)
-    with pytest.raises(ConfigError, match="rollout.num_gpus"):
-        gpu_shares(1, 2, -1)
+    assert gpu_shares(2, 3, 0.5) == (0.5, 0.5)  # the learner shares a GPU with one rollout actor
+    for total, actors, each in ((1, 2, -1), (2, 2, -1), (4, 4, 1), (2, 4, 0.5)):  # nothing left for the learner
+        with pytest.raises(ConfigError, match="rollout.num_gpus"):
+            gpu_shares(total, actors, each)
 
 
 def test_the_example_cluster_config_loads_and_validates(data_dir):

@@ -103,6 +103,24 @@ def test_an_actor_killed_mid_stage_loses_nothing_and_is_replaced(cluster, data_d
         fleet.close()
 
 
+def test_a_stage_left_early_leaves_nothing_running_that_takes_the_next_ones_episodes(
+    cluster, data_dir, tiny_model_dir, db_tasks
+):
+    from agentloop.actors.fleet import Fleet
+
+    fleet = Fleet(_config(data_dir, tiny_model_dir, "transformers"), db_tasks)
+    try:
+        fleet.ensure(0, None)
+        keys = [_key(t) for t in db_tasks]
+        left = fleet.play(keys, "eval", 0, batch_size=1)
+        next(left)
+        left.close()  # as when the driver's store fails mid-stage
+        again = [t for item in fleet.play(keys, "eval", 0) if isinstance(item, list) for t in item]
+        assert Counter(_key(t) for t in again) == Counter(keys)
+    finally:
+        fleet.close()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_version_published_mid_stage_reaches_every_actor_and_each_turn_records_the_version_that_made_it(
     cluster, data_dir, tiny_model_dir, db_tasks, tmp_path, backend

@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -105,12 +106,22 @@ def _inside(mountpoint: Path, root: str, path: str) -> Path:
     return mountpoint / relative.lstrip("/")
 
 
-@functools.cache
+_PROBE_LOCK = threading.Lock()
+
+
 def hierarchies() -> dict[str, Hierarchy]:
     """The hierarchies this process can make groups in (probed once: a group is made and removed).
 
-    Logs once what is not enforced for each controller that has none.
+    Logs once what is not enforced for each controller that has none. Safe to call from the
+    rollout's environment threads: the first callers wait for one probe (concurrent probes of
+    the same group name would see each other's group and give up the controller).
     """
+    with _PROBE_LOCK:
+        return _probe()
+
+
+@functools.cache
+def _probe() -> dict[str, Hierarchy]:
     try:
         layout = find_hierarchies(Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text())
     except OSError:
