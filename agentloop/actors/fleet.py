@@ -161,7 +161,7 @@ class Fleet:
         rollout = config.rollout
         self.gpus, _ = gpu_shares(ray.cluster_resources().get("GPU", 0), rollout.actors, rollout.num_gpus)
         # The dealer lives on the driver's node: losing another node must not lose the stage's queue.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.dealer = ray.remote(num_cpus=0, scheduling_strategy=here)(Dealer).remote()
         self.version: int = 0
         self.files_ref: Any = None  # the current adapter, put once in Ray's object store
