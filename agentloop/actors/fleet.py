@@ -78,6 +78,10 @@ class Dealer:
     def waiting(self) -> int:
         return len(self.pending)
 
+    def taken_by(self, worker: str) -> list[str]:
+        """The episodes ``worker`` has taken in this deal (finished or not)."""
+        return list(self.taken.get(worker, []))
+
     def publish(self, version: int, files: Files | None) -> None:
         """From now on actors serve ``version``: base model plus the adapter ``files`` (None = base)."""
         self.version, self.files = version, files
