@@ -19,13 +19,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import yaml
 
 from agentloop.actors.transfer import Files, pack_dir, unpack_dir
 from agentloop.config import ConfigError, to_dict
-from agentloop.types import Pair, Trajectory
+from agentloop.types import Experience, Pair, Trajectory
 
 logger = logging.getLogger(__name__)
 C = TypeVar("C")
@@ -146,6 +146,26 @@ def _plain(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
+class Remembers(Protocol):
+    """What a rollout stage's stored episodes feed: long-term memory (:mod:`agentloop.memory`)."""
+
+    def distill(self, trajectories: list[Trajectory], stage: str) -> list[Experience]:
+        """The experiences to keep of a batch of finished episodes."""
+        ...
+
+    def add(self, experiences: list[Experience]) -> None:
+        """Remembers experiences once they are stored."""
+        ...
+
+
+def _chains(trajectories: Iterable[Trajectory]) -> dict[str, list[Trajectory]]:
+    """Stored trials by their task's key (``"<env>/<task_id>"``), each chain in trial order."""
+    chains: dict[str, list[Trajectory]] = {}
+    for t in trajectories:
+        chains.setdefault(f"{t.task.env}/{t.task.task_id}", []).append(t)
+    return {k: sorted(v, key=lambda t: t.trial) for k, v in chains.items()}
+
+
 class Stages:
     """Runs named stages once: completed ones are skipped on resume, the rest are timed."""
 
@@ -185,8 +205,11 @@ class Stages:
         stage: str,
         step: int,
         keys: Sequence[str],
-        play: Callable[[list[str]], Iterable[Any]],
+        play: Callable[[list[str], dict[str, list[Trajectory]]], Iterable[Any]],
         metrics_of: Callable[[list[Trajectory], Any], dict[str, float]],
+        *,
+        ends: Callable[[Trajectory], bool] | None = None,
+        memory: Remembers | None = None,
     ) -> list[Trajectory]:
         """A rollout stage whose episodes are stored as they finish, so an interrupted one resumes
         with only the episodes it lacks.
@@ -194,10 +217,16 @@ class Stages:
         Args:
             stage: The stage's name.
             step: Its step in the metrics log.
-            keys: The episodes the stage plays (``"<env>/<task_id>"``), in order.
+            keys: The episodes the stage plays (``"<env>/<task_id>"``), in order; with ``ends``,
+                each key is a chain of trials of its task.
             play: Plays the given keys; yields lists of finished trajectories as they end (each
-                list is stored at once), then one last item, the run's throughput stats.
-            metrics_of: The stage's metrics from all its trajectories (in ``keys`` order) and the stats.
+                list is stored at once), then one last item, the run's throughput stats. Its
+                second argument holds, for chains begun before an interruption, their stored trials.
+            metrics_of: The stage's metrics from all its trajectories (in ``keys`` order, a
+                chain's trials in order) and the stats.
+            ends: Whether a trial ends its chain (STE's trials); None: one episode per key.
+            memory: Distills each stored batch into experiences, stored in the same transaction,
+                then added to long-term memory.
 
         Returns:
             The stage's trajectories in ``keys`` order.
@@ -206,24 +235,42 @@ class Stages:
 
         if self.done(stage, step):
             return self.store.trajectories(stage=stage)
-        stored = self.store.episodes(stage)
-        todo = [k for k in keys if k not in stored]
-        if stored:
+        chains = _chains(self.store.trajectories(stage=stage) if ends else [])
+        if ends is None:
+            stored = self.store.episodes(stage)
+            todo, begun = [k for k in keys if k not in stored], {}
+        else:
+            stored = {k for k, trials in chains.items() if ends(trials[-1])}
+            todo = [k for k in keys if k not in stored]
+            begun = {k: chains[k] for k in todo if k in chains}
+        if stored or begun:
             logger.info(
-                "%s: %d of %d episodes stored before; playing the other %d", stage, len(stored), len(keys), len(todo)
+                "%s: %d of %d episodes stored before (%d more begun); playing the other %d",
+                stage,
+                len(stored),
+                len(keys),
+                len(begun),
+                len(todo),
             )
         started = time.perf_counter()
         stats = None
-        for item in play(todo) if todo else ():
+        for item in play(todo, begun) if todo else ():
             if isinstance(item, list):
-                self.store.add_episodes(item, stage)
+                experiences = memory.distill(item, stage) if memory is not None else []
+                self.store.add_episodes(item, stage, experiences)
+                if experiences:
+                    memory.add(experiences)
             else:
                 stats = item
-        found = {episode_key(t): t for t in self.store.trajectories(stage=stage)}
-        missing = [k for k in keys if k not in found]
+        if ends is None:
+            found = {episode_key(t): [t] for t in self.store.trajectories(stage=stage)}
+            missing = [k for k in keys if k not in found]
+        else:
+            found = _chains(self.store.trajectories(stage=stage))
+            missing = [k for k in keys if k not in found or not ends(found[k][-1])]
         if missing:
             raise RuntimeError(f"{stage}: {len(missing)} episodes were never returned, e.g. {missing[:3]}")
-        trajectories = [found[k] for k in keys]
+        trajectories = [t for k in keys for t in found[k]]
         metrics = metrics_of(trajectories, stats)
         family = stage.split("/")[0]
         metrics[f"timing/{family}"] = time.perf_counter() - started

@@ -11,13 +11,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from agentloop.config import ConfigError
 from agentloop.envs.contract import EnvContractError, reset_task, step_outcome
 from agentloop.policy.base import Generation, Policy, SamplingConfig, open_stream
-from agentloop.types import Message, Source, Task, Trajectory
+from agentloop.types import Attempt, Message, Source, Task, Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,16 @@ class RolloutConfig:
 
 
 class TaskFeed(Protocol):
-    """Where a rollout takes its tasks from while it runs (a fleet's dealer, :mod:`agentloop.actors.fleet`)."""
+    """Where a rollout takes its tasks from while it runs (a fleet's dealer, :mod:`agentloop.actors.fleet`;
+    STE's trials, :class:`agentloop.memory.Trials`).
 
-    def take(self, n: int) -> list[Task]:
-        """Up to ``n`` more tasks; an empty list when none is left now.
+    A feed may also have ``finished(trajectory)``: the rollout calls it as each episode ends,
+    before asking for more, so a feed can hand out a follow-up (the task's next trial).
+    """
+
+    def take(self, n: int) -> list[Task | Attempt]:
+        """Up to ``n`` more tasks (or attempts: a task with memory and its trial number); an
+        empty list when none is left now.
 
         Called once per generation step, between steps (``n`` may be 0), so a feed may also
         change the policy there, as the rollout worker's does when a new version is published.
@@ -93,11 +99,18 @@ environments can load them ahead (ALFWorld)."""
 @dataclass
 class _Episode:
     env: Any
-    task: Task
+    attempt: Attempt
     messages: list[Message]
     invalid: int = 0
     generated: int = 0
     tamper_attempts: int = 0
+    memory_tokens: int = 0
+    ended: Trajectory | None = None  # set while its reflection is generated
+    reflecting: list[int] | None = None  # the reflection's prompt
+
+    @property
+    def task(self) -> Task:
+        return self.attempt.task
 
     @property
     def prompt(self) -> list[int]:
@@ -119,6 +132,10 @@ class RolloutStats:
     """Rollout actors of a fleet that died during the call."""
     replayed_episodes: int = 0
     """Episodes a dead actor had taken and not returned, played again by another actor."""
+    memory_tokens: int = 0
+    """Prompt tokens that memory added to first turns (STE's trials)."""
+    reflection_tokens: int = 0
+    """Tokens generated for reflections (included in ``generated_tokens``)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -168,6 +185,9 @@ class Rollout:
         source: Recorded on every trajectory (``explore`` or ``eval``).
         iteration: Loop iteration recorded on every trajectory.
         progress: Show a progress bar.
+        reflect: After an episode ends, the question whose answer becomes its ``reflection``
+            (one more generated turn of the same conversation, not part of its messages; left
+            out when it would not fit the context). None: no reflection.
     """
 
     def __init__(
@@ -180,6 +200,7 @@ class Rollout:
         source: Source,
         iteration: int,
         progress: bool = False,
+        reflect: Callable[[Trajectory], str] | None = None,
     ) -> None:
         if config.max_context_tokens < 1:
             raise ValueError("rollout needs max_context_tokens set (0 means an experiment fits it to its envs first)")
@@ -188,7 +209,7 @@ class Rollout:
         else:
             self.feed, self.lookahead, total = tasks, min(LOOKAHEAD, config.concurrent_episodes // 4), None
         self.policy, self.make_env, self.config, self.total = policy, make_env, config, total
-        self.source, self.iteration, self.progress = source, iteration, progress
+        self.source, self.iteration, self.progress, self.reflect = source, iteration, progress, reflect
         self.stats: RolloutStats | None = None
 
     def __iter__(self) -> Iterator[tuple[int, Trajectory]]:
@@ -200,8 +221,8 @@ class Rollout:
         started = time.perf_counter()
         cache = getattr(policy, "prefix_cache", None)
         reused_before = cache.reused_tokens if cache is not None else 0
-        prompt_tokens = generated = taken = played = 0
-        queue: deque[tuple[int, Task]] = deque()  # taken, not started
+        prompt_tokens = generated = taken = played = memory_tokens = reflection_tokens = 0
+        queue: deque[tuple[int, Attempt]] = deque()  # taken, not started
         idle: dict[str, list[Any]] = {}  # built environments not in an episode, by env name
         built: list[Any] = []
         active: dict[int, _Episode | None] = {}  # None: its reset is under way
@@ -209,6 +230,7 @@ class Rollout:
         active_tasks: dict[int, Task] = {}
         steps: dict[Future, int] = {}
         pool = ThreadPoolExecutor(config.env_threads, "env") if config.env_threads else None
+        finished = getattr(self.feed, "finished", None)
 
         def env_work(fn: Callable[..., Any], *args: Any) -> Future:
             if pool is not None:
@@ -225,32 +247,45 @@ class Rollout:
         try:
             while True:
                 room = config.concurrent_episodes - len(active) + self.lookahead - len(queue)
-                fresh = self.feed.take(max(room, 0))
+                fresh = [item if isinstance(item, Attempt) else Attempt(item) for item in self.feed.take(max(room, 0))]
                 queue.extend(enumerate(fresh, start=taken))
                 taken += len(fresh)
-                for name in dict.fromkeys(t.env for t in fresh):  # the env's games, in the order they will start
+                for name in dict.fromkeys(a.task.env for a in fresh):  # the env's games, in the order they will start
                     free = idle.setdefault(name, [])
                     if not free:
                         free.append(self.make_env(name))
                         built.append(free[-1])
                     # resets under way may not have asked for their game yet: they come first
                     starting = [active_tasks[i] for f, i in resets.items() if not f.done()]
-                    upcoming = [t.task_id for t in [*starting, *(t for _, t in queue)] if t.env == name]
+                    upcoming = [t.task_id for t in [*starting, *(a.task for _, a in queue)] if t.env == name]
                     getattr(free[-1].unwrapped, "prepare", lambda ids: None)(upcoming)
                 if not queue and not active:
                     break
                 while queue and len(active) < config.concurrent_episodes:
-                    index, task = queue.popleft()
-                    free = idle.setdefault(task.env, [])
+                    index, attempt = queue.popleft()
+                    free = idle.setdefault(attempt.task.env, [])
                     if not free:
-                        free.append(self.make_env(task.env))
+                        free.append(self.make_env(attempt.task.env))
                         built.append(free[-1])
                     active[index] = None
-                    active_tasks[index] = task
-                    resets[env_work(_start, policy, free.pop(), task)] = index
+                    active_tasks[index] = attempt.task
+                    resets[env_work(_start, policy, free.pop(), attempt)] = index
+                ended: list[tuple[int, Trajectory]] = []  # (index, trajectory) of episodes over, reflection included
                 if stream.busy:
                     for index, generation in stream.step():
-                        steps[env_work(_advance, policy, active[index], generation, config)] = index
+                        episode = active[index]
+                        if episode.ended is not None:  # its reflection
+                            reflection_tokens += len(generation.token_ids)
+                            if cache is not None:
+                                cache.pop([*episode.reflecting, *generation.token_ids], reuse=False)
+                            trajectory = replace(
+                                episode.ended,
+                                reflection=generation.text.strip(),
+                                generated_tokens=episode.generated + len(generation.token_ids),
+                            )
+                            ended.append((index, trajectory))
+                        else:
+                            steps[env_work(_advance, policy, episode, generation, config)] = index
                 if pool is not None and not stream.busy and (resets or steps):
                     wait([*resets, *steps], return_when=FIRST_COMPLETED)  # nothing to generate meanwhile
                 for future in [f for f in resets if f.done()]:
@@ -258,6 +293,7 @@ class Rollout:
                     episode = active[index] = future.result()
                     stream.add(index, episode.prompt)
                     prompt_tokens += len(episode.prompt)
+                    memory_tokens += episode.memory_tokens
                 for future in [f for f in steps if f.done()]:
                     index = steps.pop(future)
                     episode, outcome = active[index], future.result()
@@ -266,13 +302,25 @@ class Rollout:
                         prompt_tokens += len(episode.prompt)
                         continue
                     trajectory = _trajectory(policy, episode, outcome, self.source, self.iteration)
+                    question = self.reflect(trajectory) if self.reflect is not None else ""
+                    prompt = trajectory.token_ids + policy.chat.user_segment(question, first=False) if question else []
+                    if prompt and len(prompt) + config.sampling.max_new_tokens <= config.max_context_tokens:
+                        episode.ended, episode.reflecting = trajectory, prompt
+                        stream.add(index, prompt)
+                        prompt_tokens += len(prompt)
+                        continue
                     if cache is not None:  # no next turn will resume from this episode's last one
                         cache.pop(trajectory.token_ids, reuse=False)
+                    ended.append((index, trajectory))
+                for index, trajectory in ended:
+                    episode = active.pop(index)
                     idle[episode.task.env].append(episode.env)
-                    del active[index], active_tasks[index]
+                    del active_tasks[index]
                     generated += trajectory.generated_tokens
                     played += 1
                     bar.update(1)
+                    if finished is not None:
+                        finished(trajectory)
                     yield index, trajectory
         finally:
             bar.close()
@@ -287,16 +335,21 @@ class Rollout:
             seconds=time.perf_counter() - started,
             prompt_tokens=prompt_tokens,
             reused_prompt_tokens=(cache.reused_tokens - reused_before) if cache is not None else 0,
+            memory_tokens=memory_tokens,
+            reflection_tokens=reflection_tokens,
         )
 
 
-def _start(policy: Policy, env: Any, task: Task) -> _Episode:
+def _start(policy: Policy, env: Any, attempt: Attempt) -> _Episode:
+    task = attempt.task
     observation, info = env.reset(options={"task_id": task.task_id})
     started = reset_task(info, task.env)
     if (started.env, started.task_id) != (task.env, task.task_id):
         raise EnvContractError(f"{task.env}: reset to task {task.task_id!r} started {started.task_id!r}")
-    first = Message("user", observation, tuple(policy.chat.user_segment(observation, first=True)))
-    return _Episode(env=env, task=task, messages=[first])
+    content = attempt.memory + observation  # memory, when any, comes before the task
+    first = Message("user", content, tuple(policy.chat.user_segment(content, first=True)))
+    added = len(first.token_ids) - len(policy.chat.user_segment(observation, first=True)) if attempt.memory else 0
+    return _Episode(env=env, attempt=attempt, messages=[first], memory_tokens=added)
 
 
 def _advance(
@@ -353,4 +406,6 @@ def _trajectory(
         iteration=iteration,
         generated_tokens=episode.generated,
         tamper_attempts=episode.tamper_attempts,
+        trial=episode.attempt.trial,
+        memory=episode.attempt.memory,
     )

@@ -93,6 +93,16 @@ class Trajectory:
     """Actions the environment recorded as attempts to change what its success check depends on
     (writing where checks live, shadowing the programs they run, ...); 0 for environments
     without such a channel."""
+    trial: int = 0
+    """Which attempt at its task this episode was within its stage (STE's trials: 0 for the first
+    or only one, 1 for the second, ...)."""
+    memory: str = ""
+    """Memory the policy was shown before the task's first observation (earlier trials of the
+    task, experience of similar ones); it starts the first message's ``content`` and tokens.
+    Empty when the episode ran without memory."""
+    reflection: str = ""
+    """What the policy (or a teacher) wrote about the episode once it ended, for later trials;
+    not part of ``messages``. Empty when nobody reflected."""
 
     @property
     def token_ids(self) -> list[int]:
@@ -103,6 +113,38 @@ class Trajectory:
     def assistant_mask(self) -> list[int]:
         """1 on tokens the policy produced, 0 on tokens the environment produced."""
         return [int(m.role == "assistant") for m in self.messages for _ in m.token_ids]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One episode a rollout is asked to play: a task, with the memory to show and which trial it is."""
+
+    task: Task
+    """The task attempted."""
+    trial: int = 0
+    """The attempt's number among the task's trials in its stage (0 = first or only)."""
+    memory: str = ""
+    """Text shown before the task's first observation (see :attr:`Trajectory.memory`)."""
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One trial distilled for long-term memory (STE): what was tried on a task and how it went."""
+
+    task: Task
+    """The task tried."""
+    success: bool
+    """Whether the trial solved it (the environment's verdict, or a judge's on an imagined task)."""
+    reward: float
+    """The trial's final reward."""
+    reflection: str
+    """What was written about the trial after it ended ("" when nobody reflected)."""
+    actions: tuple[str, ...]
+    """The trial's actions (assistant turns), in order."""
+    stage: str
+    """The loop stage whose trial it distills (``explore/1``, ...): memory is versioned with the run."""
+    trial: int = 0
+    """Which trial of the task in that stage."""
 
 
 @dataclass(frozen=True)

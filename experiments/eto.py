@@ -197,130 +197,176 @@ rounds, not what a stage computes."""
 
 
 def main(argv: list[str] | None = None) -> None:
-    import ray
+    from agentloop.learners.data import build_pairs
 
-    from agentloop.actors.workers import start_workers
-    from agentloop.learners.data import build_pairs, mix_replay
-    from agentloop.loop import Stages
-    from agentloop.metrics import (
-        MetricsLogger,
-        flatten_metrics,
-        paired_comparison,
-        plot_learning_curve,
-        trajectory_metrics,
-    )
-    from agentloop.replay import ReplayStore
+    config, run_dir, saved = parse_args(argv, ETOConfig, "eto")
+    run = Run(config, run_dir, saved, STAGE_READS, FREE_SETTINGS)
 
-    config, run, saved = parse_args(argv)
-    train, held_out = {}, []  # training tasks by env; held-out tasks of all envs
-    for spec in config.envs:
-        train_split, eval_split = spec.splits()
-        tasks = envs.load_tasks(spec.name, Path(config.data_dir), train_split)
-        keep = set(sample_ids([t.task.task_id for t in tasks], spec.train_tasks, config.seed))
-        train[spec.name] = [t for t in tasks if t.task.task_id in keep]
-        held_out += envs.load_tasks(spec.name, Path(config.data_dir), eval_split)[: spec.eval_tasks or None]
-    store = ReplayStore(config.store_url or run.store_url)
-    metrics = MetricsLogger(run.path)
-    stages = Stages(run, store, metrics)
-    if saved is not None:
-        # A stage with episodes stored already counts as done for what it read: its remaining
-        # episodes must be played with the same settings.
-        resume_checks(config, saved, run, stages.completed + store.started_stages())
-    print(f"run directory: {run.path}")
+    # 1. Expert demonstrations, replayed through the real environment; only successes kept.
+    experts = run.stages.rollout("experts", 0, run.make_experts)
+    explore_ids = [episode(t.task) for t in experts]  # every training task with a demonstration, as in ETO
 
-    # A job from `ray job submit` finds its cluster in RAY_ADDRESS; otherwise start a local one
-    # (never silently join a cluster some earlier `ray start` left behind).
-    address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    # A local cluster skips Ray's dashboard (about 0.9 GB); agentloop's metrics go to TensorBoard. It
-    # declares enough CPUs for every actor's reservation: the learner and the rollout take turns.
-    local = {"include_dashboard": False, "num_cpus": local_cpus(config)} if address == "local" else {}
-    ray.init(address=address, log_to_driver=True, **local)
-    fleet, learner = start_workers(config, [t for tasks in train.values() for t in tasks] + held_out)
-    adapters = {0: None}  # policy version -> its adapter's files (None: the base model)
+    # 2. The base model, then behaviour cloning on the experts.
+    run.evaluate("eval/base", version=0, iteration=0)
+    run.adapters[1] = run.stages.train("sft", 1, partial(run.sft, experts))
+    run.evaluate("eval/sft", version=1, iteration=0, baseline="eval/base")
 
-    def play(source: str, version: int, iteration: int):
+    # 3. ETO rounds: explore -> pairs -> DPO (reference = the policy at the start of the round).
+    for it in range(1, config.iterations + 1):
+        # The policy after round it - 1 (version it) explores every training task with a demonstration.
+        found = run.stages.stream(
+            f"explore/{it}", it, explore_ids, run.play("explore", it, it), partial(run.explored, it)
+        )
+        pairs = build_pairs(experts, found, iteration=it)
+        run.adapters[it + 1] = run.stages.train(f"dpo/{it}", it, partial(run.dpo, it, pairs), pairs=pairs)
+        run.evaluate(f"eval/{it}", version=it + 1, iteration=it, baseline="eval/sft")
+
+    run.finish()
+
+
+class Run:
+    """What an experiment drives: its tasks, replay store and stages, the rollout fleet and the learner,
+    and the adapter of every policy version. Started by the constructor (Ray included).
+
+    Args:
+        config: The experiment's resolved config (an :class:`ETOConfig` or an extension of it).
+        run_dir: The run directory.
+        saved: The saved config of a resumed run (None for a new one).
+        reads: For each stage family, the settings it reads (``STAGE_READS``).
+        free: Settings a resumed run may always change (``FREE_SETTINGS``).
+    """
+
+    def __init__(self, config, run_dir, saved, reads, free) -> None:
+        import ray
+
+        from agentloop.actors.workers import start_workers
+        from agentloop.loop import Stages
+        from agentloop.metrics import MetricsLogger
+        from agentloop.replay import ReplayStore
+
+        self.config, self.run_dir = config, run_dir
+        self.train, self.held_out = {}, []  # training tasks by env; held-out tasks of all envs
+        for spec in config.envs:
+            train_split, eval_split = spec.splits()
+            tasks = envs.load_tasks(spec.name, Path(config.data_dir), train_split)
+            keep = set(sample_ids([t.task.task_id for t in tasks], spec.train_tasks, config.seed))
+            self.train[spec.name] = [t for t in tasks if t.task.task_id in keep]
+            self.held_out += envs.load_tasks(spec.name, Path(config.data_dir), eval_split)[: spec.eval_tasks or None]
+        self.store = ReplayStore(config.store_url or run_dir.store_url)
+        self.metrics = MetricsLogger(run_dir.path)
+        self.stages = Stages(run_dir, self.store, self.metrics)
+        if saved is not None:
+            # A stage with episodes stored already counts as done for what it read: its remaining
+            # episodes must be played with the same settings.
+            resume_checks(config, saved, run_dir, self.stages.completed + self.store.started_stages(), reads, free)
+        print(f"run directory: {run_dir.path}")
+
+        # A job from `ray job submit` finds its cluster in RAY_ADDRESS; otherwise start a local one
+        # (never silently join a cluster some earlier `ray start` left behind).
+        address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        # A local cluster skips Ray's dashboard (about 0.9 GB); agentloop's metrics go to TensorBoard. It
+        # declares enough CPUs for every actor's reservation: the learner and the rollout take turns.
+        local = {"include_dashboard": False, "num_cpus": local_cpus(config)} if address == "local" else {}
+        ray.init(address=address, log_to_driver=True, **local)
+        every = [t for tasks in self.train.values() for t in tasks] + self.held_out
+        self.fleet, self.learner = start_workers(config, every)
+        self.adapters = {0: None}  # policy version -> its adapter's files (None: the base model)
+
+    def play(self, source: str, version: int, iteration: int, **trials):
         """Plays episodes on the rollout fleet with policy ``version``; yields batches of finished
-        trajectories as they end (stored at once by ``stages.stream``), then the throughput stats."""
+        trajectories as they end (stored at once by ``stages.stream``), then the throughput stats.
+        ``trials``: STE's trial settings for :meth:`agentloop.actors.fleet.Fleet.play`."""
 
-        def run(todo: list[str]):
-            fleet.ensure(version, adapters[version])
-            yield from fleet.play(todo, source, iteration, config.commit_every)
+        def run(todo: list[str], begun: dict):
+            self.fleet.ensure(version, self.adapters[version])
+            yield from self.fleet.play(todo, source, iteration, self.config.commit_every, begun=begun, **trials)
 
         return run
 
-    def mismatch(trajectories, version: int, prefix: str) -> dict[str, float]:
+    def mismatch(self, trajectories, version: int, prefix: str) -> dict[str, float]:
         """The learner scores a sample of a stage's episodes under the policy that played them."""
-        if not config.mismatch_episodes:
+        import ray
+
+        if not self.config.mismatch_episodes:
             return {}
-        sample = random.Random(config.seed).sample(trajectories, min(config.mismatch_episodes, len(trajectories)))
+        sample = random.Random(self.config.seed).sample(
+            trajectories, min(self.config.mismatch_episodes, len(trajectories))
+        )
         try:
-            found = ray.get(learner.mismatch.remote(adapters[version], sample))
+            found = ray.get(self.learner.mismatch.remote(self.adapters[version], sample))
         except ray.exceptions.RayTaskError as e:  # a measurement must not keep the stage from committing
             logging.getLogger("eto").warning("%s/mismatch not measured: %s", prefix, e)
             return {}
         return {f"{prefix}/mismatch/{k}": v for k, v in found.items()}
 
-    def evaluate(stage: str, version: int, iteration: int, baseline: str = "") -> None:
+    def evaluate(self, stage: str, version: int, iteration: int, baseline: str = "") -> list:
         """Runs the held-out tasks; with a baseline stage, also a paired test against it on the same tasks."""
+        from agentloop.metrics import paired_comparison, trajectory_metrics
 
         def measure(trajectories, stats):
             metrics = {**trajectory_metrics(trajectories, "eval"), **rollout_metrics(stats, "eval")}
-            metrics |= mismatch(trajectories, version, "eval")
+            metrics |= self.mismatch(trajectories, version, "eval")
             if baseline:
-                before = store.trajectories(stage=baseline)
+                before = self.store.trajectories(stage=baseline)
                 metrics |= paired_comparison(before, trajectories, f"eval/vs_{baseline.split('/')[-1]}")
             return metrics
 
-        stages.stream(stage, version, [episode(t.task) for t in held_out], play("eval", version, iteration), measure)
+        keys = [episode(t.task) for t in self.held_out]
+        return self.stages.stream(stage, version, keys, self.play("eval", version, iteration), measure)
 
-    # 1. Expert demonstrations, replayed through the real environment; only successes kept.
-    def make_experts():
+    def make_experts(self):
+        """Expert demonstrations of every training task, replayed through the real environment."""
+        from agentloop.metrics import flatten_metrics, trajectory_metrics
+
         demos, report = [], {}
-        for name, tasks in train.items():
+        for name, tasks in self.train.items():
+            config = self.config
             found, report[name] = envs.build_experts(
                 name, tasks, config.env_config(name), config.expert_config(name), seed=config.seed
             )
             demos += found
         return demos, {**trajectory_metrics(demos, "experts"), **flatten_metrics(report, "experts/report")}
 
-    experts = stages.rollout("experts", 0, make_experts)
-    explore_ids = [episode(t.task) for t in experts]  # every training task with a demonstration, as in ETO
+    def sft(self, trajectories, adapter=None, config=None):
+        """Behaviour cloning (from the base model, or continuing ``adapter``); the rollout sleeps meanwhile."""
+        import ray
 
-    # 2. The base model, then behaviour cloning on the experts.
-    evaluate("eval/base", version=0, iteration=0)
+        self.fleet.sleep()  # the rollout workers' models leave memory while the learner's is in it
+        return ray.get(self.learner.sft.remote(trajectories, adapter, config))
 
-    def sft():
-        fleet.sleep()  # the rollout workers' models leave memory while the learner's is in it
-        return ray.get(learner.sft.remote(experts))
+    def explored(self, version: int, trajectories, stats) -> dict[str, float]:
+        """The metrics of an exploration stage."""
+        from agentloop.metrics import trajectory_metrics
 
-    adapters[1] = stages.train("sft", 1, sft)
-    evaluate("eval/sft", version=1, iteration=0, baseline="eval/base")
-
-    def explored(version: int, trajectories, stats):
         metrics = {**trajectory_metrics(trajectories, "explore"), **rollout_metrics(stats, "explore")}
-        return metrics | mismatch(trajectories, version, "explore")
+        return metrics | self.mismatch(trajectories, version, "explore")
 
-    def dpo(it: int, pairs):
-        earlier = [p for p in store.pairs() if p.iteration < it]
-        batch = mix_replay(pairs, earlier, config.dpo.replay_fraction, random.Random(config.seed + it))
-        fleet.sleep()
-        files, metrics = ray.get(learner.dpo.remote(adapters[it], batch))
+    def dpo(self, it: int, pairs, start: int | None = None):
+        """A DPO round on ``pairs`` plus replay of earlier rounds' pairs (per env), from policy version
+        ``start`` (default ``it``, the policy that explored), which is also the reference."""
+        import ray
+
+        from agentloop.learners.data import mix_replay_per_env
+
+        earlier = [p for p in self.store.pairs() if p.iteration < it]
+        rng = random.Random(self.config.seed + it)
+        batch = mix_replay_per_env(pairs, earlier, self.config.dpo.replay_fraction, rng)
+        self.fleet.sleep()
+        files, metrics = ray.get(self.learner.dpo.remote(self.adapters[it if start is None else start], batch))
         return files, {**metrics, "dpo/pairs_built": len(pairs), "dpo/pairs_replayed": len(batch) - len(pairs)}
 
-    # 3. ETO rounds: explore -> pairs -> DPO (reference = the policy at the start of the round).
-    for it in range(1, config.iterations + 1):
-        # The policy after round it - 1 (version it) explores every training task with a demonstration.
-        found = stages.stream(f"explore/{it}", it, explore_ids, play("explore", it, it), partial(explored, it))
-        pairs = build_pairs(experts, found, iteration=it)
-        adapters[it + 1] = stages.train(f"dpo/{it}", it, partial(dpo, it, pairs), pairs=pairs)
-        evaluate(f"eval/{it}", version=it + 1, iteration=it, baseline="eval/sft")
+    def finish(self) -> None:
+        """Closes the metrics (and draws the learning curve), the actors and Ray."""
+        import ray
 
-    metrics.close()
-    plot_learning_curve(run.path / "metrics.jsonl", run.path / "learning_curve.png")
-    print(f"learning curve: {run.path / 'learning_curve.png'}")
-    fleet.close()  # the actors' temp dirs (adapters) go too
-    ray.get(learner.close.remote())
-    ray.shutdown()
+        from agentloop.metrics import plot_learning_curve
+
+        self.metrics.close()
+        plot_learning_curve(self.run_dir.path / "metrics.jsonl", self.run_dir.path / "learning_curve.png")
+        print(f"learning curve: {self.run_dir.path / 'learning_curve.png'}")
+        self.fleet.close()  # the actors' temp dirs (adapters) go too
+        ray.get(self.learner.close.remote())
+        ray.shutdown()
 
 
 def local_cpus(config) -> int:
@@ -356,12 +402,13 @@ def sample_ids(ids: list[str], n: int, seed: int) -> list[str]:
     return [i for i in ids if i in keep]
 
 
-def parse_args(argv: list[str] | None):
-    """Reads the config (YAML + overrides, or a run to resume) and opens the run directory."""
+def parse_args(argv: list[str] | None, config_class: type = ETOConfig, name: str = "eto", doc: str = __doc__):
+    """Reads the config (YAML + overrides, or a run to resume) and opens the run directory
+    (new runs: ``runs/<name>-<date>-<time>`` unless ``run_dir`` is set)."""
     from agentloop.loop import RunDir
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="YAML file mirroring ETOConfig")
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help=f"YAML file mirroring {config_class.__name__}")
     parser.add_argument("--resume", type=Path, help="run directory to continue after its last completed stage")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. sft.epochs=1")
     args = parser.parse_args(argv)
@@ -369,27 +416,27 @@ def parse_args(argv: list[str] | None):
     if args.resume:
         if args.config:
             raise ConfigError("--resume continues a run with its own config.yaml; give overrides, not --config")
-        run, saved, config = RunDir.resume(args.resume, ETOConfig, args.overrides)
+        run, saved, config = RunDir.resume(args.resume, config_class, args.overrides)
         for key in ("run_dir", "store_url"):  # where the run and its record of completed stages live
             if getattr(config, key) != getattr(saved, key):
                 raise ConfigError(f"{key}: a resumed run keeps its {key} ({getattr(saved, key)!r})")
         return config, run, saved
-    config = load_config(ETOConfig, args.config, args.overrides)
+    config = load_config(config_class, args.config, args.overrides)
     config.fit_lengths()
-    path = Path(config.run_dir or f"runs/eto-{time.strftime('%Y%m%d-%H%M%S')}")
+    path = Path(config.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return config, RunDir.create(path, config), None
 
 
-def resume_checks(config, saved, run, completed: list[str]) -> None:
+def resume_checks(config, saved, run, completed: list[str], reads=STAGE_READS, free=FREE_SETTINGS) -> None:
     """A resumed run may change only what its completed stages did not read (see ``STAGE_READS``)."""
     from agentloop.loop import check_resume
 
     sections = tuple(envs.config_sections())
     reads = {
         family: tuple(keys) + (sections if family in ("experts", "eval", "explore") else ())
-        for family, keys in STAGE_READS.items()
+        for family, keys in reads.items()
     }
-    changed = check_resume(saved, config, completed, reads, free=FREE_SETTINGS)
+    changed = check_resume(saved, config, completed, reads, free=free)
     if changed:
         print(f"resuming with changed settings (no completed stage read them): {', '.join(changed)}")
         run.save_config(config)

@@ -114,7 +114,7 @@ def test_a_streamed_stage_stores_batches_as_they_come_and_resumes_with_only_the_
     asked = []
 
     def play(crash_after: int | None):
-        def run(todo):
+        def run(todo, begun):
             asked.append(list(todo))
             for start in range(0, len(todo), 2):
                 if crash_after is not None and start >= crash_after:
@@ -143,5 +143,84 @@ def test_a_streamed_stage_stores_batches_as_they_come_and_resumes_with_only_the_
     assert record["explore/episodes"] == 7 and record["explore/resumed_episodes"] == 4
     assert resumed.stream("explore/1", 1, keys, play(crash_after=0), measure) == found  # complete: not run again
     assert replace(found[0]) == found[0]
+    metrics.close()
+    store.close()
+
+
+def test_a_stage_of_trial_chains_resumes_each_chain_after_its_last_stored_trial_with_its_memory(tmp_path):
+    from agentloop.memory import MemoryConfig, distill
+    from agentloop.types import Message, Task, Trajectory
+
+    trials = MemoryConfig(trials=3)
+    solved_at = {"db/a": 0, "db/b": 2, "db/c": 1, "db/d": None}  # d never: three trials
+
+    def trial(key: str, number: int) -> Trajectory:
+        env, task_id = key.split("/")
+        success = solved_at[key] == number
+        return Trajectory(
+            task=Task(env, task_id, "train", "k", f"do {task_id}"),
+            messages=(Message("user", "go"), Message("assistant", f"try {number}")),
+            tokenizer="t",
+            reward=float(success),
+            success=success,
+            terminated=True,
+            truncated=False,
+            num_turns=1,
+            invalid_actions=0,
+            source="explore",
+            policy_version=1,
+            iteration=1,
+            trial=number,
+            reflection=f"lesson {number}",
+        )
+
+    asked, remembered = [], []
+
+    class Memory:
+        def distill(self, batch, stage):
+            return [distill(t, stage) for t in batch]
+
+        def add(self, experiences):
+            remembered.extend(experiences)
+
+    def play(crash_after: int | None):
+        def run(todo, begun):
+            asked.append((list(todo), {k: [t.trial for t in v] for k, v in begun.items()}))
+            played = 0
+            for number in range(3):  # trials in rounds, each chain until it ends
+                for key in todo:
+                    done = begun.get(key, [])
+                    if len(done) > number or any(trials.last_trial(t) for t in done):
+                        continue
+                    if number and solved_at[key] is not None and solved_at[key] < number:
+                        continue
+                    if crash_after is not None and played >= crash_after:
+                        raise KeyboardInterrupt
+                    yield [trial(key, number)]
+                    played += 1
+            yield None
+
+        return run
+
+    run = RunDir.create(tmp_path / "run", Config())
+    store = ReplayStore(run.store_url)
+    metrics = MetricsLogger(run.path)
+    keys = list(solved_at)
+    with pytest.raises(KeyboardInterrupt):
+        Stages(run, store, metrics).stream(
+            "explore/1", 1, keys, play(5), lambda ts, s: {}, ends=trials.last_trial, memory=Memory()
+        )
+    # Stored: the four first trials, and b's second; a is over, b, c and d go on.
+    assert store.episodes("explore/1") == {"db/a", "db/b", "db/c", "db/d", "db/b#1"}
+    assert len(store.experiences()) == 5 and remembered == store.experiences()
+    found = Stages(run, store, metrics).stream(
+        "explore/1", 1, keys, play(None), lambda ts, s: {"explore/trials": float(len(ts))}, ends=trials.last_trial
+    )
+    assert asked[1] == (["db/b", "db/c", "db/d"], {"db/b": [0, 1], "db/c": [0], "db/d": [0]})
+    assert [(t.task.task_id, t.trial) for t in found] == [
+        ("a", 0), ("b", 0), ("b", 1), ("b", 2), ("c", 0), ("c", 1), ("d", 0), ("d", 1), ("d", 2)
+    ]  # fmt: skip
+    assert [t.reflection for t in found[1:4]] == ["lesson 0", "lesson 1", "lesson 2"]
+    assert read_metrics(metrics.path)[-1]["explore/trials"] == 9
     metrics.close()
     store.close()

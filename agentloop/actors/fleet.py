@@ -48,13 +48,24 @@ class Dealer:
         self.files: Files | None = None
         self.deal_number = 0
         self.retired: set[str] = set()  # workers given up for dead: they take nothing more
+        self.begun: dict[str, list[Trajectory]] = {}  # trials already played of chains dealt again
 
-    def deal(self, keys: Sequence[str]) -> int:
-        """A new stage: ``keys`` wait to be taken, in order. Returns the deal's number, which
-        takers give back, so a rollout left over from an abandoned deal gets nothing more."""
+    def deal(self, keys: Sequence[str], begun: dict[str, list[Trajectory]] | None = None) -> int:
+        """A new stage: ``keys`` wait to be taken, in order (with trials, ``begun`` holds the
+        trials played before of chains that go on). Returns the deal's number, which takers
+        give back, so a rollout left over from an abandoned deal gets nothing more."""
         self.pending, self.taken = deque(keys), defaultdict(list)
+        self.begun = dict(begun or {})
         self.deal_number += 1
         return self.deal_number
+
+    def earlier(self, keys: Sequence[str]) -> dict[str, list[Trajectory]]:
+        """The trials played before of those of ``keys`` whose chains were begun elsewhere."""
+        return {k: self.begun[k] for k in keys if k in self.begun}
+
+    def resume(self, begun: dict[str, list[Trajectory]]) -> None:
+        """Records the trials played so far of chains a dead actor left unfinished."""
+        self.begun.update(begun)
 
     def take(self, worker: str, n: int, deal: int | None = None) -> tuple[list[str], int | None]:
         """Up to ``n`` waiting episodes of deal ``deal`` (None: the current one) for ``worker``,
@@ -243,10 +254,25 @@ class Fleet:
         ray.get(self.dealer.publish.remote(version, self.files_ref))
 
     def play(
-        self, keys: Sequence[str], source: Source, iteration: int, batch_size: int = 8
+        self,
+        keys: Sequence[str],
+        source: Source,
+        iteration: int,
+        batch_size: int = 8,
+        *,
+        trials: Any = None,
+        begun: dict[str, list[Trajectory]] | None = None,
+        memory: Any = None,
+        stage: str = "",
     ) -> Iterator[list[Trajectory] | RolloutStats]:
         """Plays one episode per key (``"<env>/<task_id>"``) on the fleet; yields lists of finished
         trajectories as actors return them, then the stage's combined throughput stats.
+
+        With ``trials`` (a :class:`~agentloop.memory.MemoryConfig`), each key is a chain of
+        trials of its task played by one actor (STE): ``begun`` holds the trials played before
+        of chains to continue, ``memory`` is a long-term memory actor (or None) and ``stage``
+        the stage whose own trials it leaves to short-term memory. A chain an actor left
+        unfinished when it died goes on elsewhere from its last returned trial.
 
         Raises:
             ActorsLost: When every actor died before the episodes were played.
@@ -256,16 +282,17 @@ class Fleet:
         if not self.actors:
             raise ActorsLost("no rollout actor is alive")
         started = time.perf_counter()
-        deal = ray.get(self.dealer.deal.remote(list(keys)))
+        deal = ray.get(self.dealer.deal.remote(list(keys), begun))
         out: queue.Queue = queue.Queue()
         running: set[str] = set()
         finished: dict[str, list[str]] = defaultdict(list)
+        chains = {k: list(v) for k, v in (begun or {}).items()}  # trials so far of each chain
         counts: dict[str, Any] = {"delivered": 0, "generated": 0, "lost_actors": 0, "replayed": 0, "stats": []}
 
         def pump(name: str, actor: Any) -> None:
             try:
                 for ref in actor.serve.options(num_returns="streaming").remote(
-                    self.dealer, name, source, iteration, batch_size, deal
+                    self.dealer, name, source, iteration, batch_size, deal, trials, memory, stage
                 ):
                     out.put((name, ray.get(ref)))
                 out.put((name, _DONE))
@@ -279,7 +306,7 @@ class Fleet:
         for name in self.actors:
             launch(name)
         try:
-            yield from self._collect(out, running, launch, finished, counts)
+            yield from self._collect(out, running, launch, finished, counts, chains, trials)
         finally:
             if running:  # left early (an error, or the caller stopped): the actors play nothing more
                 ray.get(self.dealer.deal.remote([]))
@@ -291,16 +318,24 @@ class Fleet:
             reused_prompt_tokens=sum(s.reused_prompt_tokens for s in counts["stats"]),
             actors_lost=counts["lost_actors"],
             replayed_episodes=counts["replayed"],
+            memory_tokens=sum(s.memory_tokens for s in counts["stats"]),
+            reflection_tokens=sum(s.reflection_tokens for s in counts["stats"]),
         )
 
-    def _collect(self, out, running, launch, finished, counts) -> Iterator[list[Trajectory]]:
+    def _collect(self, out, running, launch, finished, counts, chains, trials) -> Iterator[list[Trajectory]]:
         """What the actors' streams bring, until every one has ended; a dead actor's episodes are dealt again."""
         import ray
 
         while running:
             name, item = out.get()
             if isinstance(item, list):
-                finished[name] += [f"{t.task.env}/{t.task.task_id}" for t in item]
+                for t in item:
+                    key = f"{t.task.env}/{t.task.task_id}"
+                    if trials is None or trials.last_trial(t):
+                        finished[name].append(key)
+                        chains.pop(key, None)
+                    else:
+                        chains.setdefault(key, []).append(t)
                 counts["delivered"] += len(item)
                 counts["generated"] += sum(t.generated_tokens for t in item)
                 yield item
@@ -315,6 +350,8 @@ class Fleet:
                 ray.kill(self.actors[name], no_restart=True)  # (a no-op if it is dead already)
                 self._drop(name)
                 lost = ray.get(self.dealer.give_back.remote(name, finished[name]))
+                if trials is not None:  # its chains go on from their last returned trial
+                    ray.get(self.dealer.resume.remote({k: chains[k] for k in lost if k in chains}))
                 counts["lost_actors"] += 1
                 counts["replayed"] += len(lost)
                 logger.warning("%s died mid-stage; %d of its episodes go to the other actors", name, len(lost))

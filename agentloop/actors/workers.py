@@ -147,7 +147,16 @@ class RolloutWorker:
         return self.policy.version
 
     def serve(
-        self, dealer: Any, name: str, source: Source, iteration: int, batch_size: int = 8, deal: int | None = None
+        self,
+        dealer: Any,
+        name: str,
+        source: Source,
+        iteration: int,
+        batch_size: int = 8,
+        deal: int | None = None,
+        trials: Any = None,
+        memory: Any = None,
+        stage: str = "",
     ) -> Iterator[Any]:
         """Plays the episodes ``dealer`` (a :class:`~agentloop.actors.fleet.Dealer` actor) hands
         out, taking more as episodes end, until it has none left: yields finished trajectories in
@@ -157,18 +166,28 @@ class RolloutWorker:
 
         Between generation steps it also asks the dealer which policy version to serve, and
         loads a newly published one there (running requests restart under it). ``deal`` is the
-        dealer's deal this call plays: once the dealer has moved on to another, it takes no more."""
+        dealer's deal this call plays: once the dealer has moved on to another, it takes no more.
+
+        With ``trials`` (a :class:`~agentloop.memory.MemoryConfig`) each task taken is played
+        as a chain of trials (:class:`~agentloop.memory.Trials`), shown what long-term
+        ``memory`` (a :class:`~agentloop.memory.LongTermMemory` actor, or None) recalls for it,
+        except its own trials of ``stage``."""
         from agentloop.envs import make_env
         from agentloop.rollout import Rollout
 
+        feed: Any = _DealerFeed(self, dealer, name, deal)
+        reflect = None
+        if trials is not None:
+            feed, reflect = self._trials(feed, dealer, trials, memory, stage)
         run = Rollout(
             self.policy,
             lambda env: make_env(env, self._env_tasks[env], self.env_configs[env]),
-            _DealerFeed(self, dealer, name, deal),
+            feed,
             self.rollout_config,
             source=source,
             iteration=iteration,
             progress=True,
+            reflect=reflect,
         )
         batch: list[Trajectory] = []
         try:
@@ -185,6 +204,24 @@ class RolloutWorker:
             if cache is not None:
                 cache.clear()
             release_memory()
+
+    def _trials(self, feed: Any, dealer: Any, trials: Any, memory: Any, stage: str) -> tuple[Any, Any]:
+        """The feed of STE's trials over ``feed``, and the reflection question (None: no reflection)."""
+        import ray
+
+        from agentloop.memory import Trials
+        from agentloop.memory.trials import chain_key, reflection_prompt
+
+        def recall(tasks):
+            return ray.get(memory.recall.remote(list(tasks), trials.long_term_k, stage))
+
+        def earlier(tasks):
+            return ray.get(dealer.earlier.remote([chain_key(t) for t in tasks]))
+
+        chained = Trials(
+            feed, trials, self.policy.chat.count, recall=recall if memory is not None else None, earlier=earlier
+        )
+        return chained, reflection_prompt if trials.reflect else None
 
     def sleep(self) -> None:
         """Frees the policy's weights and caches while the learner trains; the next use reloads them."""
@@ -229,13 +266,17 @@ class LearnerWorker:
         self.sft_config, self.dpo_config = sft_config, dpo_config
         self._work = Path(tempfile.mkdtemp(prefix="agentloop-learner-"))
 
-    def sft(self, trajectories: Sequence[Trajectory]) -> tuple[Files, dict[str, float]]:
-        """Behaviour cloning; returns the new adapter (by value) and metrics."""
+    def sft(
+        self, trajectories: Sequence[Trajectory], adapter: Files | None = None, config: Any = None
+    ) -> tuple[Files, dict[str, float]]:
+        """Behaviour cloning, from the base model or continuing ``adapter``, with the learner's SFT
+        settings or ``config``; returns the new adapter (by value) and metrics."""
         from agentloop.learners.sft import train_sft
 
+        start = None if adapter is None else unpack_dir(adapter, self._fresh("start"))
         out = self._fresh("sft")
         try:
-            metrics = train_sft(self.base_model, trajectories, self.sft_config, out)
+            metrics = train_sft(self.base_model, trajectories, config or self.sft_config, out, start)
         finally:
             release_memory()
         return pack_dir(out), metrics

@@ -105,6 +105,49 @@ def build_pairs(
     return pairs
 
 
+def strip_memory(trajectory: Trajectory, chat: ChatTokenizer) -> Trajectory:
+    """The trajectory as the policy would have seen it without memory (STE trains on query to solution).
+
+    The first message becomes the task's own observation, tokenized as a rollout without
+    memory tokenizes it; every other message keeps its tokens, so the learner still trains on
+    exactly what the policy produced. A trajectory without memory is returned unchanged.
+
+    Raises:
+        ValueError: If the first message does not start with the trajectory's memory.
+    """
+    if not trajectory.memory:
+        return trajectory
+    first, *rest = chat.tokenize(trajectory).messages
+    if not first.content.startswith(trajectory.memory):
+        raise ValueError(f"{trajectory.task.task_id}: the first message does not start with the episode's memory")
+    content = first.content[len(trajectory.memory) :]
+    bare = Message("user", content, tuple(chat.user_segment(content, first=True)))
+    return replace(trajectory, messages=(bare, *rest), memory="", tokenizer=chat.name)
+
+
+def trial_pairs(trials: Sequence[Trajectory], iteration: int, extra_turns: int = 5) -> list[Pair]:
+    """Preference pairs among the trials of each task (STE's exploration): success against failure.
+
+    Per task, the best trial (highest reward; the earliest among equals) is chosen against
+    every trial of lower reward, which is cut to the chosen one's turns plus ``extra_turns``
+    when it did not succeed (as :func:`build_pairs` cuts). Tasks whose trials all got the
+    same reward give no pair.
+    """
+    by_task: dict[tuple[str, str], list[Trajectory]] = {}
+    for t in trials:
+        by_task.setdefault((t.task.env, t.task.task_id), []).append(t)
+    pairs = []
+    for found in by_task.values():
+        best = max(sorted(found, key=lambda t: t.trial), key=lambda t: t.reward)
+        for other in sorted(found, key=lambda t: t.trial):
+            if other.reward >= best.reward:
+                continue
+            rejected = other if other.success else cut_trajectory(other, assistant_turns(best) + extra_turns)
+            pairs.append(Pair(task=best.task, chosen=best, rejected=rejected, iteration=iteration))
+    logger.info("built %d pairs from the trials of %d tasks", len(pairs), len(by_task))
+    return pairs
+
+
 def mix_replay(new: Sequence[T], old: Sequence[T], fraction: float, rng: random.Random) -> list[T]:
     """This round's training items plus a sample of earlier rounds' items (STE-style replay).
 
@@ -120,6 +163,19 @@ def mix_replay(new: Sequence[T], old: Sequence[T], fraction: float, rng: random.
         raise ValueError(f"replay fraction must be non-negative, got {fraction}")
     k = min(len(old), math.floor(fraction * len(old) + 0.5))
     return list(new) + rng.sample(list(old), k)
+
+
+def mix_replay_per_env(new: Sequence[T], old: Sequence[T], fraction: float, rng: random.Random) -> list[T]:
+    """:func:`mix_replay` within each environment: ``fraction`` of every env's earlier items
+    (by ``item.task.env``; trajectories and pairs both have it), so an env trained in earlier
+    rounds keeps its share however much data a newer env brings. Envs in sorted order."""
+    by_env: dict[str, list[T]] = {}
+    for item in old:
+        by_env.setdefault(item.task.env, []).append(item)  # type: ignore[attr-defined]
+    mixed = list(new)
+    for env in sorted(by_env):
+        mixed += mix_replay([], by_env[env], fraction, rng)
+    return mixed
 
 
 def fit_messages(messages: Sequence[Message], max_length: int) -> tuple[Message, ...]:
@@ -171,9 +227,11 @@ class DataReport:
 
 
 def sft_examples(
-    trajectories: Sequence[Trajectory], chat: ChatTokenizer, max_length: int
+    trajectories: Sequence[Trajectory], chat: ChatTokenizer, max_length: int, keep_memory: bool = False
 ) -> tuple[list[SFTExample], DataReport]:
     """Tokenized SFT examples, one per trajectory, with the assistant-only loss mask.
+
+    Memory an episode was shown is stripped first (:func:`strip_memory`) unless ``keep_memory``.
 
     Over-long conversations are cut at a turn boundary (the longest prefix of whole turns
     that fits, see :func:`fit_messages`); those with no assistant turn left are dropped. The
@@ -183,6 +241,7 @@ def sft_examples(
     examples, cut, lost, dropped = [], 0, 0, 0
     retokenized = chat.retokenized
     for trajectory in trajectories:
+        trajectory = trajectory if keep_memory else strip_memory(trajectory, chat)
         messages = chat.tokenize(trajectory).messages
         kept = fit_messages(messages, max_length)
         if not kept:
@@ -197,8 +256,13 @@ def sft_examples(
     return examples, report
 
 
-def dpo_examples(pairs: Sequence[Pair], chat: ChatTokenizer, max_length: int) -> tuple[list[DPOExample], DataReport]:
+def dpo_examples(
+    pairs: Sequence[Pair], chat: ChatTokenizer, max_length: int, keep_memory: bool = False
+) -> tuple[list[DPOExample], DataReport]:
     """Tokenized DPO examples: a shared prompt, then each side's remaining turns and assistant mask.
+
+    Memory either side was shown is stripped first (:func:`strip_memory`) unless ``keep_memory``,
+    so trials of one task share the task's prompt.
 
     The prompt is the tokens both sides share within the first message (in ETO the task
     instruction, identical on both sides); ``chosen_ids`` / ``rejected_ids`` are the rest of
@@ -211,7 +275,9 @@ def dpo_examples(pairs: Sequence[Pair], chat: ChatTokenizer, max_length: int) ->
     examples, cut, lost, dropped = [], 0, 0, 0
     retokenized = chat.retokenized
     for pair in pairs:
-        sides = [chat.tokenize(t).messages for t in (pair.chosen, pair.rejected)]
+        sides = [
+            chat.tokenize(t if keep_memory else strip_memory(t, chat)).messages for t in (pair.chosen, pair.rejected)
+        ]
         kept = [fit_messages(messages, max_length) for messages in sides]
         if not all(kept):
             dropped += 1

@@ -79,9 +79,12 @@ class DPOLearnerConfig:
     dtype: str = "bfloat16"
     """Weights and autocast dtype: bfloat16 or float32."""
     seed: int = 0
+    keep_memory: bool = False
+    """Train on the memory an episode was shown (STE's trials) as part of its prompt; by default
+    it is stripped, as STE fine-tunes on task to solution without the trial history."""
     """Seed for data order."""
     replay_fraction: float = 0.0
-    """Share of earlier rounds' pairs the loop mixes into a round (``data.mix_replay``); 0 = none."""
+    """Share of earlier rounds' pairs the loop mixes into a round, per env (``data.mix_replay_per_env``); 0 = none."""
 
     def validate(self) -> None:
         """Raises ``ConfigError`` on an out-of-range field."""
@@ -122,7 +125,7 @@ def build_dpo_trainer(
     from agentloop.policy.chat import ChatTokenizer
 
     tokenizer = common.load_tokenizer(base_model)
-    examples, report = dpo_examples(pairs, ChatTokenizer(tokenizer), config.max_length)
+    examples, report = dpo_examples(pairs, ChatTokenizer(tokenizer), config.max_length, config.keep_memory)
     tokens = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
     sizes = {
         "dpo/pairs": float(len(examples)),

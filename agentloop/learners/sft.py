@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agentloop.config import ConfigError
 from agentloop.learners import common
 from agentloop.learners.data import sft_examples
 from agentloop.types import Trajectory
@@ -68,12 +69,20 @@ class SFTLearnerConfig:
     dtype: str = "bfloat16"
     """Weights and autocast dtype: bfloat16 (AMX/AVX-512 bf16 is ~3x fp32 on CPU) or float32."""
     seed: int = 0
+    replay_fraction: float = 0.0
+    """For SFT rounds after the first (STE): the share of earlier rounds' SFT data (expert
+    demonstrations included) the loop mixes in, per env (``data.mix_replay_per_env``); 0 = none."""
+    keep_memory: bool = False
+    """Train on the memory an episode was shown (STE's trials) as part of its prompt; by default
+    it is stripped, as STE fine-tunes on task to solution without the trial history."""
     """Seed for LoRA initialisation and data order."""
 
     def validate(self) -> None:
         """Raises ``ConfigError`` on an out-of-range field."""
         common.check_training_fields(self)
         common.check_lora_fields(self)
+        if not 0 <= self.replay_fraction <= 1:
+            raise ConfigError(f"replay_fraction: must be in [0, 1], got {self.replay_fraction}")
 
 
 def build_sft_trainer(
@@ -91,7 +100,7 @@ def build_sft_trainer(
     from agentloop.policy.chat import ChatTokenizer
 
     tokenizer = common.load_tokenizer(base_model)
-    examples, report = sft_examples(trajectories, ChatTokenizer(tokenizer), config.max_length)
+    examples, report = sft_examples(trajectories, ChatTokenizer(tokenizer), config.max_length, config.keep_memory)
     if not examples:
         raise ValueError("no SFT example left: every trajectory was empty or had no assistant turn within max_length")
     if adapter is None:

@@ -91,6 +91,10 @@ class ChatTokenizer:
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def count(self, text: str) -> int:
+        """Tokens of ``text`` on its own (memory budgets)."""
+        return len(self._encode(text))
+
     def user_segment(self, content: str, *, first: bool) -> list[int]:
         """Tokens of a user turn, ending with the opening of the assistant's turn."""
         text = ("" if first else self.format.sep) + self.format.user_open + content + self.format.user_close

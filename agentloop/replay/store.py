@@ -45,8 +45,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from agentloop.replay.tables import SCHEMA_VERSION, MetaRow, PairRow, StageRow, TrajectoryRow
-from agentloop.types import Message, Pair, Source, Task, Trajectory
+from agentloop.replay.tables import SCHEMA_VERSION, ExperienceRow, MetaRow, PairRow, StageRow, TrajectoryRow
+from agentloop.types import Experience, Message, Pair, Source, Task, Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ GROUP_COLUMNS = (
     "policy_version",
     "iteration",
     "stage",
+    "trial",
     "success",
     "terminated",
     "truncated",
@@ -86,6 +87,7 @@ class TrajectoryFilter(TypedDict, total=False):
     stage: str | None
     success: bool | None
     policy_version: int | None
+    trial: int | None
 
 
 @dataclass(frozen=True)
@@ -159,29 +161,40 @@ class ReplayStore:
             session.flush()
             return [row.id for row in rows]
 
-    def add_episodes(self, trajectories: Iterable[Trajectory], stage: str) -> list[int]:
-        """Stores finished episodes of a rollout stage that is not complete yet, as they stream in.
+    def add_episodes(
+        self, trajectories: Iterable[Trajectory], stage: str, experiences: Iterable[Experience] = ()
+    ) -> list[int]:
+        """Stores finished episodes of a rollout stage that is not complete yet, as they stream in,
+        with the experiences distilled from them (long-term memory), all in one transaction.
 
-        Each is keyed by its task (``"<env>/<task_id>"``), unique within the stage: a batch
-        holding an episode the stage has already is refused whole, so a stage resumed after
-        a crash cannot store an episode twice. :meth:`discard_incomplete` keeps these rows.
+        Each episode is keyed by its task and trial (:func:`episode_key`), unique within the
+        stage: a batch holding an episode the stage has already is refused whole, so a stage
+        resumed after a crash cannot store an episode twice. :meth:`discard_incomplete` keeps
+        these rows. Each experience belongs to an episode of the batch (same task and trial).
 
         Returns:
             The new rows' ids, in the order of ``trajectories``.
 
         Raises:
-            ValueError: If ``stage`` is complete, or an episode's task is stored in it already.
+            ValueError: If ``stage`` is complete, an episode is stored in it already, or an
+                experience matches no episode of the batch.
         """
         trajectories = list(trajectories)
         keys = [episode_key(t) for t in trajectories]
         if len(set(keys)) < len(keys):
             raise ValueError(f"{stage}: a batch holds the same episode twice")
+        experiences = list(experiences)
+        position = dict(zip(keys, range(len(keys)), strict=True))
+        unmatched = [e.task.task_id for e in experiences if _experience_key(e) not in position]
+        if unmatched:
+            raise ValueError(f"{stage}: experiences of episodes not in the batch: {unmatched[:5]}")
         try:
             with Session(self._engine) as session, session.begin():
                 _require_open_stage(session, stage)
                 rows = [_to_row(t, stage, episode=k) for t, k in zip(trajectories, keys, strict=True)]
                 session.add_all(rows)
                 session.flush()
+                session.add_all(_experience_row(e, rows[position[_experience_key(e)]].id) for e in experiences)
                 return [row.id for row in rows]
         except IntegrityError as e:
             taken = sorted(set(keys) & self.episodes(stage))
@@ -189,8 +202,20 @@ class ReplayStore:
                 raise
             raise ValueError(f"{stage}: episodes stored already: {taken[:5]}") from e
 
+    def experiences(self, *, before: int | None = None) -> list[Experience]:
+        """The stored experiences, oldest first: long-term memory as the run has kept it.
+
+        Args:
+            before: Only those whose id is below this (the memory as it was); None = all.
+        """
+        stmt = select(ExperienceRow).order_by(ExperienceRow.id)
+        if before is not None:
+            stmt = stmt.where(ExperienceRow.id < before)
+        with Session(self._engine) as session:
+            return [_experience(row) for row in session.scalars(stmt)]
+
     def episodes(self, stage: str) -> set[str]:
-        """Keys (``"<env>/<task_id>"``) of the episodes :meth:`add_episodes` stored for ``stage``."""
+        """Keys (:func:`episode_key`) of the episodes :meth:`add_episodes` stored for ``stage``."""
         with Session(self._engine) as session:
             found = session.scalars(
                 select(TrajectoryRow.episode).where(TrajectoryRow.stage == stage, TrajectoryRow.episode.is_not(None))
@@ -509,8 +534,47 @@ def _require_open_stage(session: Session, stage: str) -> None:
 
 
 def episode_key(t: Trajectory) -> str:
-    """The key of an episode within its stage: its task."""
-    return f"{t.task.env}/{t.task.task_id}"
+    """The key of an episode within its stage: its task (``"<env>/<task_id>"``), and for a
+    later trial of the task its number (``"<env>/<task_id>#<trial>"``)."""
+    return trial_key(t.task, t.trial)
+
+
+def trial_key(task: Task, trial: int = 0) -> str:
+    """The episode key of ``task``'s trial ``trial`` (see :func:`episode_key`)."""
+    return f"{task.env}/{task.task_id}" + (f"#{trial}" if trial else "")
+
+
+def _experience_key(e: Experience) -> str:
+    return trial_key(e.task, e.trial)
+
+
+def _experience_row(e: Experience, trajectory_id: int) -> ExperienceRow:
+    return ExperienceRow(
+        trajectory_id=trajectory_id,
+        stage=e.stage,
+        env=e.task.env,
+        task_id=e.task.task_id,
+        split=e.task.split,
+        kind=e.task.kind,
+        instruction=e.task.instruction,
+        trial=e.trial,
+        success=e.success,
+        reward=e.reward,
+        reflection=e.reflection,
+        actions=list(e.actions),
+    )
+
+
+def _experience(row: ExperienceRow) -> Experience:
+    return Experience(
+        task=Task(env=row.env, task_id=row.task_id, split=row.split, kind=row.kind, instruction=row.instruction),
+        success=row.success,
+        reward=row.reward,
+        reflection=row.reflection,
+        actions=tuple(row.actions),
+        stage=row.stage,
+        trial=row.trial,
+    )
 
 
 def _to_row(t: Trajectory, stage: str, episode: str | None = None) -> TrajectoryRow:
@@ -532,6 +596,9 @@ def _to_row(t: Trajectory, stage: str, episode: str | None = None) -> Trajectory
         invalid_actions=t.invalid_actions,
         generated_tokens=t.generated_tokens,
         tamper_attempts=t.tamper_attempts,
+        trial=t.trial,
+        memory=t.memory,
+        reflection=t.reflection,
         tokenizer=t.tokenizer,
         messages=[_message_row(m) for m in t.messages],
         episode=episode,
@@ -570,6 +637,9 @@ def _from_row(row: TrajectoryRow) -> Trajectory:
         iteration=row.iteration,
         generated_tokens=row.generated_tokens,
         tamper_attempts=row.tamper_attempts,
+        trial=row.trial,
+        memory=row.memory,
+        reflection=row.reflection,
     )
 
 

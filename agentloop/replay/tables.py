@@ -1,7 +1,8 @@
 """The replay store's tables, as SQLAlchemy 2 typed ORM models.
 
-Four tables: ``trajectories`` (one row per episode, its conversation as JSON),
-``pairs`` (DPO pairs that point at two trajectory rows), ``stages`` (one row per completed
+Five tables: ``trajectories`` (one row per episode, its conversation as JSON),
+``pairs`` (DPO pairs that point at two trajectory rows), ``experiences`` (trials distilled
+for long-term memory, each pointing at its trajectory row), ``stages`` (one row per completed
 loop stage, the resume record) and ``meta`` (the schema version). Any change here bumps
 :data:`SCHEMA_VERSION` and adds the Alembic revision that migrates a database of the previous
 version (:mod:`agentloop.replay.migrations`): the store migrates older databases when it opens
@@ -14,16 +15,17 @@ import typing
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, Double, ForeignKey, Index, String, Text, text
+from sqlalchemy import JSON, Boolean, CheckConstraint, DateTime, Double, ForeignKey, Index, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from agentloop.types import Source
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the table layout below; stored in ``meta`` under ``schema_version``.
 
 Alembic revision ``f"{SCHEMA_VERSION:04d}"`` of :mod:`agentloop.replay.migrations` brings a
-database to it (2: ``trajectories.tamper_attempts``; 3: ``trajectories.episode``, unique per stage).
+database to it (2: ``trajectories.tamper_attempts``; 3: ``trajectories.episode``, unique per
+stage; 4: ``trajectories.trial``, ``memory`` and ``reflection``, and the ``experiences`` table).
 """
 
 SOURCES = typing.get_args(Source)
@@ -54,6 +56,7 @@ class TrajectoryRow(Base):
         CheckConstraint(f"source IN ({', '.join(repr(s) for s in SOURCES)})", name="ck_trajectories_source"),
         CheckConstraint("num_turns >= 0 AND invalid_actions >= 0", name="ck_trajectories_turns"),
         CheckConstraint("tamper_attempts >= 0", name="ck_trajectories_tamper_attempts"),
+        CheckConstraint("trial >= 0", name="ck_trajectories_trial"),
         Index("ix_trajectories_env_task", "env", "task_id"),
         Index("ix_trajectories_iteration_source", "iteration", "source"),
         Index("ix_trajectories_stage", "stage"),
@@ -80,10 +83,17 @@ class TrajectoryRow(Base):
     generated_tokens: Mapped[int]
     tamper_attempts: Mapped[int] = mapped_column(server_default=text("0"))
     """Added in schema 2; rows migrated from schema 1 hold 0."""
+    trial: Mapped[int] = mapped_column(server_default=text("0"))
+    """Which trial of its task the episode was in its stage (added in schema 4; 0 before)."""
+    memory: Mapped[str] = mapped_column(Text, server_default="")
+    """Memory shown before the first observation (added in schema 4; empty before)."""
+    reflection: Mapped[str] = mapped_column(Text, server_default="")
+    """What was written about the episode after it ended (added in schema 4; empty before)."""
     episode: Mapped[str | None] = mapped_column(String, nullable=True)
-    """``"<env>/<task_id>"`` for an episode a rollout stage streamed in (unique within its
-    stage: a stage resumed after a crash can never store an episode twice); NULL for rows
-    stored otherwise (experts, cut pair trajectories) and rows from before schema 3."""
+    """``"<env>/<task_id>"`` (``"<env>/<task_id>#<trial>"`` for a later trial) for an episode a
+    rollout stage streamed in (unique within its stage: a stage resumed after a crash can never
+    store an episode twice); NULL for rows stored otherwise (experts, cut pair trajectories) and
+    rows from before schema 3."""
     tokenizer: Mapped[str] = mapped_column(String)
     messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     """``[{"role": ..., "content": ..., "token_ids": [...]}, ...]`` in conversation order."""
@@ -116,6 +126,32 @@ class PairRow(Base):
     """``terminated`` of the pair's rejected trajectory (a cut one did not end by itself)."""
     rejected_truncated: Mapped[bool]
     """``truncated`` of the pair's rejected trajectory (a cut one ran out of turns)."""
+
+
+class ExperienceRow(Base):
+    """One stored :class:`agentloop.types.Experience`: a trial distilled for long-term memory.
+
+    Written in the same transaction as the trajectory it distills, so memory rebuilt from the
+    store after a crash holds exactly the trials that were kept.
+    """
+
+    __tablename__ = "experiences"
+    __table_args__ = (Index("ix_experiences_stage", "stage"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    trajectory_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
+    """The trial it distills."""
+    stage: Mapped[str] = mapped_column(String)
+    env: Mapped[str] = mapped_column(String)
+    task_id: Mapped[str] = mapped_column(String)
+    split: Mapped[str] = mapped_column(String)
+    kind: Mapped[str] = mapped_column(String)
+    instruction: Mapped[str] = mapped_column(Text)
+    trial: Mapped[int]
+    success: Mapped[bool] = mapped_column(Boolean)
+    reward: Mapped[float] = mapped_column(Double)
+    reflection: Mapped[str] = mapped_column(Text)
+    actions: Mapped[list[str]] = mapped_column(JSON)
 
 
 class StageRow(Base):

@@ -53,7 +53,7 @@ def test_a_node_lost_mid_stage_loses_no_episode_and_the_store_holds_each_once(
     keys = [_key(t) for t in db_tasks]
     killed = []
 
-    def play(todo):
+    def play(todo, begun):
         fleet.ensure(0, None)
         for item in fleet.play(todo, "eval", 0, batch_size=1):
             yield item

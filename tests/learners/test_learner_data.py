@@ -15,7 +15,9 @@ from agentloop.learners.data import (
     dpo_examples,
     fit_messages,
     mix_replay,
+    mix_replay_per_env,
     sft_examples,
+    trial_pairs,
 )
 from agentloop.types import Message, Task, Trajectory
 
@@ -143,6 +145,37 @@ def test_mix_replay_adds_the_rounded_fraction_of_old_items(fraction: float, old_
 def test_mix_replay_refuses_a_negative_fraction() -> None:
     with pytest.raises(ValueError):
         mix_replay([], [1], -0.1, random.Random(0))
+
+
+def test_mix_replay_per_env_replays_the_fraction_of_each_envs_earlier_items() -> None:
+    old = [make_trajectory(f"d{i}", 1, 1.0, True) for i in range(30)]
+    old += [replace(t, task=replace(t.task, env="os")) for t in old[:10]]
+    new = [make_trajectory("n", 1, 1.0, True)]
+    mixed = mix_replay_per_env(new, old, 0.1, random.Random(0))
+    assert mixed[0] is new[0]
+    assert [t.task.env for t in mixed[1:]] == ["db"] * 3 + ["os"]  # 10% of 30 and of 10, envs in order
+    assert len(mix_replay_per_env(new, old[:20], 0.1, random.Random(0))) == 1 + 2
+
+
+def trial(task_id: str, number: int, turns: int, reward: float) -> Trajectory:
+    return replace(make_trajectory(task_id, turns, reward, reward == 1.0), trial=number)
+
+
+def test_trial_pairs_put_a_tasks_best_trial_against_each_worse_one() -> None:
+    a = [trial("a", 0, 10, 0.0), trial("a", 1, 2, 0.5), trial("a", 2, 3, 1.0)]
+    b = [trial("b", 0, 2, 1.0)]  # solved at once: nothing to contrast
+    c = [trial("c", 0, 1, 0.0), trial("c", 1, 1, 0.0)]  # never solved, equal rewards: no pair
+    d = [trial("d", 0, 2, 0.5), trial("d", 1, 2, 0.5), trial("d", 2, 2, 0.0)]  # the earliest best is chosen
+    pairs = trial_pairs(a + b + c + d, iteration=3)
+    assert [(p.task.task_id, p.chosen.trial, p.rejected.trial) for p in pairs] == [
+        ("a", 2, 0),
+        ("a", 2, 1),
+        ("d", 0, 2),
+    ]
+    assert all(p.iteration == 3 for p in pairs)
+    # A failure is cut to the chosen trial's turns + 5 (3 + 5 = 8 of its 10), as ETO cuts.
+    assert pairs[0].rejected.num_turns == 8 and pairs[0].rejected.truncated
+    assert pairs[1].rejected == a[1]  # short enough: whole
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from test_store import INSERT, REPO, SELECT, cut, episode
 from agentloop.replay import ReplayStore, SchemaVersionError, migrations
 from agentloop.replay.store import SCHEMA_LOCK
 from agentloop.replay.tables import SCHEMA_VERSION
-from agentloop.types import Pair, Trajectory
+from agentloop.types import Experience, Pair, Trajectory
 
 SCHEMA_1 = """
 CREATE TABLE meta ("key" VARCHAR NOT NULL, value VARCHAR NOT NULL, PRIMARY KEY ("key"));
@@ -212,15 +212,15 @@ def migration_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_revisions_are_numbered_by_schema_version() -> None:
     script = ScriptDirectory.from_config(migrations.config())
-    assert script.get_heads() == [migrations.revision(SCHEMA_VERSION)] == ["0003"]
+    assert script.get_heads() == [migrations.revision(SCHEMA_VERSION)] == ["0004"]
     chain = [(r.revision, r.down_revision) for r in script.walk_revisions()]
-    assert chain == [("0003", "0002"), ("0002", "0001"), ("0001", None)]
+    assert chain == [("0004", "0003"), ("0003", "0002"), ("0002", "0001"), ("0001", None)]
 
 
 def test_a_new_database_is_created_at_the_current_version_and_stamped(store_url: str) -> None:
     ReplayStore(store_url).close()
-    assert scalars(store_url, "SELECT version_num FROM alembic_version") == ["0003"]
-    assert scalars(store_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["3"]
+    assert scalars(store_url, "SELECT version_num FROM alembic_version") == ["0004"]
+    assert scalars(store_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["4"]
 
 
 def test_revision_0001_builds_schema_1(store_url: str, other_store_url: str) -> None:
@@ -240,7 +240,7 @@ def test_a_schema_1_database_is_migrated_keeping_every_row(schema_1_url: str, ca
     with caplog.at_level(logging.INFO):
         store = ReplayStore(schema_1_url)
     with store:
-        assert migration_lines(caplog) == [f"replay store {schema_1_url} migrated from schema 1 to 3"]
+        assert migration_lines(caplog) == [f"replay store {schema_1_url} migrated from schema 1 to 4"]
         assert store.trajectories() == [EXPERT, FAILED, SOLVED]
         assert [t.tamper_attempts for t in store.trajectories()] == [0, 0, 0]
         assert store.pairs() == [PAIR]
@@ -256,8 +256,15 @@ def test_a_schema_1_database_is_migrated_keeping_every_row(schema_1_url: str, ca
         with pytest.raises(ValueError, match="stored already"):
             store.add_episodes([episode(INSERT, seed=7)], stage="eval/1")
         assert store.episodes("eval/1") == {"db/train-1", "db/train-2"} and store.episodes("explore/1") == set()
-    assert scalars(schema_1_url, "SELECT version_num FROM alembic_version") == ["0003"]
-    assert scalars(schema_1_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["3"]
+        # Schema 4: the rows from before are first trials without memory; trials and experiences store.
+        assert {(t.trial, t.memory, t.reflection) for t in store.trajectories()} == {(0, "", "")}
+        later = replace(episode(SELECT, seed=8), trial=2, memory="earlier: ...", reflection="try a WHERE")
+        lesson = Experience(later.task, False, 0.0, "try a WHERE", ("Action: ...",), stage="explore/4", trial=2)
+        store.add_episodes([later], stage="explore/4", experiences=[lesson])
+        assert store.trajectories(stage="explore/4") == [later] and store.experiences() == [lesson]
+        assert store.episodes("explore/4") == {"db/train-1#2"}
+    assert scalars(schema_1_url, "SELECT version_num FROM alembic_version") == ["0004"]
+    assert scalars(schema_1_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["4"]
 
 
 def test_a_migrated_database_has_the_layout_of_a_new_one(schema_1_url: str, other_store_url: str) -> None:
@@ -351,7 +358,7 @@ def schema_lock_held(url: str) -> Iterator[None]:
         engine.dispose()
 
 
-@pytest.mark.parametrize("version", ["4", "12"])
+@pytest.mark.parametrize("version", ["5", "12"])
 def test_a_newer_database_is_refused_untouched(store_url: str, version: str) -> None:
     ReplayStore(store_url).close()
     engine = create_engine(store_url)
@@ -360,7 +367,7 @@ def test_a_newer_database_is_refused_untouched(store_url: str, version: str) -> 
         connection.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": f"{int(version):04d}"})
     engine.dispose()
     before = layout(store_url)
-    with pytest.raises(SchemaVersionError, match=f"version {version}, newer than this code's 3"):
+    with pytest.raises(SchemaVersionError, match=f"version {version}, newer than this code's 4"):
         ReplayStore(store_url)
     assert layout(store_url) == before
     assert scalars(store_url, "SELECT value FROM meta") == [version]

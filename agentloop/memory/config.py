@@ -1,0 +1,46 @@
+"""Settings of STE's exploration memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agentloop.config import ConfigError
+from agentloop.types import Trajectory
+
+
+@dataclass
+class MemoryConfig:
+    """How many trials a task gets, what each one is shown, and who reflects."""
+
+    trials: int = 3
+    """Attempts per task in an exploration stage (1 = ETO's single pass)."""
+    stop_on_success: bool = True
+    """A task's trials end at its first success (else every task gets ``trials`` attempts)."""
+    short_term_tokens: int = 512
+    """Budget of the earlier trials shown to a later one (0 = no short-term memory); the
+    oldest material is dropped first."""
+    long_term_tokens: int = 256
+    """Budget of the retrieved experiences shown at the start of a trial (0 = no long-term memory)."""
+    long_term_k: int = 3
+    """Experiences retrieved per trial, most similar first."""
+    reflect: bool = True
+    """After each trial the policy writes a short reflection (one more turn of the same
+    conversation, within the rollout's ``max_new_tokens``), kept for later trials and long-term
+    memory; it is never trained on."""
+
+    def validate(self) -> None:
+        if self.trials < 1:
+            raise ConfigError(f"trials must be >= 1, got {self.trials}")
+        if min(self.short_term_tokens, self.long_term_tokens, self.long_term_k) < 0:
+            raise ConfigError("short_term_tokens, long_term_tokens and long_term_k must be >= 0")
+        if self.long_term_tokens and not self.long_term_k:
+            raise ConfigError("long_term_k must be >= 1 when long_term_tokens is set")
+
+    @property
+    def memory_tokens(self) -> int:
+        """Most tokens memory adds to a trial's first prompt."""
+        return self.short_term_tokens + self.long_term_tokens
+
+    def last_trial(self, trajectory: Trajectory) -> bool:
+        """Whether ``trajectory`` ends its task's chain of trials."""
+        return trajectory.trial + 1 >= self.trials or (self.stop_on_success and trajectory.success)

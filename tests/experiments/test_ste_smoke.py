@@ -1,0 +1,76 @@
+"""End to end: ``experiments/ste.py`` on a tiny random model (trials with both memories and
+reflections, then SFT/DPO rounds), interrupted and resumed for one more round."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AGENTLOOP_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run(
+        [sys.executable, "experiments/ste.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_model_dir):
+    from agentloop.replay import ReplayStore
+
+    run_dir = tmp_path / "run"
+    tiny = [
+        f"run_dir={run_dir}",
+        f"policy.model={tiny_model_dir}",
+        "policy.backend=transformers",
+        "policy.dtype=float32",
+        "sft.dtype=float32",
+        "round_sft.dtype=float32",
+        "dpo.dtype=float32",
+        "sft.epochs=1",
+        "dpo.epochs=1",
+        "envs=[{name: db, train_tasks: 5, eval_tasks: 3}, {name: webshop, train_tasks: 2, eval_tasks: 2}]",
+        "iterations=1",
+        "db.max_turns=2",
+        "webshop.max_steps=3",
+        "rollout.sampling.max_new_tokens=12",
+        "memory.trials=2",
+        "mismatch_episodes=2",
+    ]
+    first = _run(tiny, data_dir)
+    assert first.returncode == 0, first.stderr[-4000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stages = [r["stage"] for r in records]
+    # A random model solves nothing: no successes to imitate, so the round is DPO on ETO's pairs only.
+    assert stages == ["experts", "eval/base", "sft", "eval/sft", "explore/1", "dpo/1", "eval/1"]
+    explore = records[4]
+    tasks = records[0]["experts/successes"]
+    assert explore["explore/episodes"] == tasks and explore["explore/first_trial/episodes"] == tasks
+    assert explore["explore/trials"] == 2 * tasks and explore["explore/reflections"] == 2 * tasks
+    assert explore["explore/memory_trials"] >= tasks and explore["explore/memory_tokens"] > 0
+    store = ReplayStore(f"sqlite:///{run_dir / 'replay.db'}")
+    trials = store.trajectories(stage="explore/1")
+    assert sorted(t.trial for t in trials) == [0] * int(tasks) + [1] * int(tasks)
+    assert all(t.memory.count("Attempt 1:") == 1 for t in trials if t.trial == 1)
+    assert len(store.experiences()) == 2 * tasks  # every trial distilled into long-term memory
+    assert all(t.memory == "" for t in store.trajectories(stage="eval/1"))  # evaluation has no memory
+    store.close()
+
+    second = _run(["--resume", str(run_dir), "iterations=2"], data_dir)
+    assert second.returncode == 0, second.stderr[-4000:]
+    stages = [json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert stages[7:] == ["explore/2", "dpo/2", "eval/2"]
+    store = ReplayStore(f"sqlite:///{run_dir / 'replay.db'}")
+    later = store.trajectories(stage="explore/2")
+    # Round 2 recalls round 1's experiences from the store: its first trials are shown them.
+    assert any(t.memory.startswith("Experience from similar tasks:") for t in later if t.trial == 0)
+    assert len(store.experiences()) == 4 * tasks
+    store.close()

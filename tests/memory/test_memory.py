@@ -1,0 +1,167 @@
+"""Short- and long-term memory: what a trial is shown, within its budgets, and retrieval."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from agentloop.memory import LongTermMemory, MemoryConfig, Trials, distill, render_experiences, render_trials
+from agentloop.memory.short_term import FOOTER, HEADER
+from agentloop.types import Experience, Message, Task, Trajectory
+
+
+def words(text: str) -> int:
+    """A stand-in tokenizer: one token per word."""
+    return len(text.split())
+
+
+def task(i: int, instruction: str = "", env: str = "db") -> Task:
+    return Task(env, f"t-{i}", "train", "SELECT", instruction or f"question number {i}")
+
+
+def trial(t: Task, number: int, actions: list[str], success: bool = False, reflection: str = "") -> Trajectory:
+    messages = [Message("user", "the task")]
+    for action in actions:
+        messages += [Message("assistant", action), Message("user", f"result of {action}")]
+    return Trajectory(
+        task=t,
+        messages=tuple(messages[:-1]),
+        tokenizer="",
+        reward=float(success),
+        success=success,
+        terminated=True,
+        truncated=False,
+        num_turns=len(actions),
+        invalid_actions=0,
+        source="explore",
+        policy_version=1,
+        iteration=1,
+        trial=number,
+        reflection=reflection,
+    )
+
+
+def test_earlier_trials_are_shown_oldest_first_with_outcomes_actions_results_and_reflections():
+    t = task(0)
+    first = trial(t, 0, ["SELECT a", "SELECT b"], reflection="Column a is wrong.")
+    second = trial(t, 1, ["SELECT c"])
+    text = render_trials([first, second], budget=1000, count=words)
+    assert text == (
+        f"{HEADER}\n"
+        "Attempt 1: not solved (reward 0.00).\n"
+        "Action: SELECT a\nResult: result of SELECT a\nAction: SELECT b\n"
+        "Reflection: Column a is wrong.\n"
+        "Attempt 2: not solved (reward 0.00).\nAction: SELECT c\n"
+        f"{FOOTER}\n\n"
+    )
+
+
+def test_the_budget_drops_the_oldest_material_first():
+    t = task(0)
+    trials = [trial(t, i, [f"SELECT x{i} FROM y WHERE z = {i}"] * 3, reflection=f"lesson {i}") for i in range(3)]
+    whole = render_trials(trials, budget=10_000, count=words)
+    for budget in range(words(whole), 0, -1):
+        text = render_trials(trials, budget, count=words)
+        assert words(text) <= budget
+        if text:
+            assert "Attempt 3:" in text  # the newest trial's heading stays, and its newest lines
+            assert "lesson 2" in text or text.splitlines()[1].startswith("Attempt 3:")
+            kept = [n for n in (1, 2, 3) if f"Attempt {n}:" in text]
+            assert kept == list(range(kept[0], 4))  # older trials go before newer ones
+    # Just under the whole: the oldest line after the oldest kept trial's heading goes first.
+    cut = render_trials(trials, words(whole) - 1, count=words)
+    assert cut.splitlines()[1:3] == [
+        "Attempt 1: not solved (reward 0.00).",
+        "Result: result of SELECT x0 FROM y WHERE z = 0",
+    ]
+    assert whole.count("SELECT x0") == 5 and cut.count("SELECT x0") == 4
+    assert render_trials(trials, budget=0, count=words) == "" == render_trials([], 100, words)
+
+
+def test_experiences_render_most_similar_first_within_the_budget():
+    found = [
+        Experience(
+            task(1, "how many rows"), True, 1.0, "Count with COUNT(*).", ("SELECT COUNT(*) FROM t",), "explore/1"
+        ),
+        Experience(task(2, "list the names"), False, 0.0, "", ("SELECT x",), "explore/1"),
+    ]
+    text = render_experiences(found, budget=1000, count=words)
+    assert text.splitlines()[1] == (
+        "- Task: how many rows Solved: yes. Final action: SELECT COUNT(*) FROM t Lesson: Count with COUNT(*)."
+    )
+    assert text.splitlines()[2] == "- Task: list the names Solved: no. Last action: SELECT x"
+    one = render_experiences(found, budget=words(text) - 1, count=words)
+    assert "how many rows" in one and "list the names" not in one
+    assert render_experiences(found, budget=3, count=words) == ""
+
+
+@pytest.fixture(scope="module")
+def memory():
+    return LongTermMemory()  # the real all-MiniLM-L6-v2, offline
+
+
+def test_long_term_memory_recalls_the_most_similar_tasks_and_skips_the_stages_own_trials(memory):
+    questions = [
+        "How many players scored more than 20 goals in the 1998 season?",
+        "What is the capital city of the country with the largest population?",
+        "Change the price of the red bicycle to 250 dollars.",
+        "Insert a new employee named Ada with salary 5000.",
+        "Which team won the championship in 2004?",
+    ]
+    experiences = [Experience(task(i, q), False, 0.0, "", (), "explore/1") for i, q in enumerate(questions)]
+    memory.add(experiences)
+    memory.add([replace(experiences[3], stage="explore/2", trial=1)])
+    assert len(memory) == 6
+    probe = [
+        task(9, "Add an employee called Grace whose salary is 7000."),
+        task(8, "Set the cost of the blue bike to 99."),
+    ]
+    recalled = memory.recall(probe, k=2)
+    assert recalled[0][0].task.task_id == "t-3" and recalled[1][0].task == experiences[2].task
+    # The stage's own trials of the same task are short-term memory already: left out here.
+    own = memory.recall([experiences[3].task], k=3, skip_stage="explore/2")[0]
+    assert own[0] == experiences[3] and all(e.stage != "explore/2" for e in own)
+    assert memory.recall([experiences[3].task], k=1)[0][0].task == experiences[3].task
+    assert LongTermMemory(embed=memory.embed).recall(probe, k=2) == [[], []]  # empty memory
+
+
+def test_a_trials_feed_chains_each_tasks_trials_and_stops_at_success():
+    tasks = [task(0), task(1), task(2)]
+    feed = Trials(tasks, MemoryConfig(trials=3, long_term_tokens=0), count=words)
+    first = feed.take(2)
+    assert [(a.task, a.trial, a.memory) for a in first] == [(tasks[0], 0, ""), (tasks[1], 0, "")]
+    assert feed.finished(trial(tasks[0], 0, ["SELECT a"], reflection="Wrong column."))
+    assert not feed.finished(trial(tasks[1], 0, ["SELECT b"], success=True))  # solved: its chain ends
+    later = feed.take(5)
+    assert [(a.task, a.trial) for a in later] == [(tasks[0], 1), (tasks[2], 0)]  # next trials come first
+    assert "Attempt 1: not solved" in later[0].memory and "Wrong column." in later[0].memory
+    assert feed.finished(trial(tasks[0], 1, ["SELECT c"]))
+    third = feed.take(5)
+    assert [(a.task, a.trial) for a in third] == [(tasks[0], 2)] and "Attempt 2" in third[0].memory
+    assert not feed.finished(trial(tasks[0], 2, ["SELECT d"]))  # the last trial
+    assert feed.take(5) == []
+
+
+def test_a_trials_feed_continues_chains_begun_elsewhere_and_shows_long_term_memory():
+    tasks = [task(0), task(1)]
+    begun = {"db/t-1": [trial(tasks[1], 1, ["SELECT y"]), trial(tasks[1], 0, ["SELECT x"])]}
+    lesson = Experience(task(7, "a similar question"), True, 1.0, "Use WHERE.", ("SELECT z",), "explore/1")
+    feed = Trials(
+        tasks,
+        MemoryConfig(trials=3),
+        count=words,
+        recall=lambda asked: [[lesson] for _ in asked],
+        earlier=lambda asked: {k: v for k, v in begun.items() if k in {f"db/{t.task_id}" for t in asked}},
+    )
+    fresh, resumed = feed.take(2)
+    assert fresh.trial == 0 and fresh.memory.startswith("Experience from similar tasks:\n- Task: a similar question")
+    assert resumed.trial == 2 and resumed.memory.index("Use WHERE.") < resumed.memory.index("Attempt 1: not solved")
+    assert resumed.memory.index("SELECT x") < resumed.memory.index("SELECT y")
+    assert MemoryConfig(trials=3, stop_on_success=False).last_trial(trial(tasks[0], 0, [], success=True)) is False
+
+
+def test_distill_keeps_task_outcome_reflection_and_actions():
+    t = trial(task(3), 2, ["SELECT a", "Action: Answer"], success=True, reflection="Done.")
+    e = distill(t, "explore/4")
+    assert e == Experience(t.task, True, 1.0, "Done.", ("SELECT a", "Action: Answer"), "explore/4", trial=2)

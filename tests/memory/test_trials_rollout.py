@@ -1,0 +1,136 @@
+"""STE's trials through a real rollout on the Database environment, and the training data they make.
+
+A scripted policy stands in for a model: it answers wrong on a task's first trial, reflects when
+asked, and gives the gold answer once its prompt shows an earlier attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from transformers import AutoTokenizer
+
+from agentloop.envs import load_tasks, make_env
+from agentloop.envs.db import SQLEnvConfig
+from agentloop.envs.db.experts import gold_actions
+from agentloop.envs.experts import replay_actions
+from agentloop.learners.data import dpo_examples, sft_examples, strip_memory, trial_pairs
+from agentloop.memory import MemoryConfig, Trials
+from agentloop.memory.trials import reflection_prompt
+from agentloop.policy.base import Generation, SamplingConfig
+from agentloop.policy.chat import ChatTokenizer
+from agentloop.rollout import Rollout, RolloutConfig
+
+WRONG = 'Action: Answer\nFinal Answer: ["surely not this"]'
+REFLECTION = "I answered without looking at the table; query it first."
+
+
+class LearnsFromMemory:
+    """Wrong until its prompt shows an earlier attempt; then the gold actions. Reflects when asked."""
+
+    def __init__(self, chat: ChatTokenizer, gold: dict[str, list[str]]) -> None:
+        self.chat, self.gold, self.version = chat, gold, 3
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Generation]:
+        out = []
+        for prompt in prompts:
+            text = self.chat.tokenizer.decode(prompt)
+            if "The attempt is over" in text.rsplit("<start_of_turn>user", 1)[-1]:
+                action = REFLECTION
+            else:
+                actions = next(a for question, a in self.gold.items() if question in text)
+                turn = (sum(t == self.chat.stop_id for t in prompt) - 1) // 2
+                script = actions if "Attempt 1:" in text else [WRONG]
+                action = script[turn] if turn < len(script) else "no idea"
+            out.append(Generation(tuple(self.chat.assistant_segment(action)), action, True))
+        return out
+
+
+@pytest.fixture(scope="module")
+def played(data_dir, tiny_model_dir):
+    chat = ChatTokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    every = load_tasks("db", data_dir, "dev")[:40]
+    config = SQLEnvConfig()
+    env = make_env("db", every, config)
+    gold = {t.task.instruction: gold_actions(t, config) for t in every}
+    tasks = [
+        t
+        for t in every
+        if gold[t.task.instruction] and replay_actions(env, t.task.task_id, gold[t.task.instruction]).success
+    ][:4]
+    policy = LearnsFromMemory(chat, {t.task.instruction: gold[t.task.instruction] for t in tasks})
+    feed = Trials([t.task for t in tasks], MemoryConfig(trials=3, long_term_tokens=0), chat.count)
+    run = Rollout(
+        policy,
+        lambda name: make_env(name, every, config),
+        feed,
+        RolloutConfig(concurrent_episodes=3, max_context_tokens=4096, env_threads=2),
+        source="explore",
+        iteration=1,
+        reflect=reflection_prompt,
+    )
+    trajectories = [t for _, t in run]
+    return chat, tasks, trajectories, run.stats
+
+
+def test_each_task_gets_a_second_trial_shown_the_first_and_stops_at_its_success(played):
+    chat, tasks, trajectories, stats = played
+    assert len(trajectories) == 8 and stats.episodes == 8
+    by_task = {
+        t.task.task_id: sorted((x for x in trajectories if x.task == t.task), key=lambda x: x.trial) for t in tasks
+    }
+    for first, second in by_task.values():
+        assert (first.trial, first.success, first.memory) == (0, False, "")
+        assert (second.trial, second.success) == (1, True)
+        assert first.reflection == REFLECTION == second.reflection  # one more turn, not in the messages
+        assert all(REFLECTION not in m.content for m in first.messages)
+        # The second trial saw the first: outcome, action, reflection; then the task itself.
+        assert (
+            second.memory.startswith("Your earlier attempts at this task") and "Attempt 1: not solved" in second.memory
+        )
+        assert "surely not this" in second.memory and REFLECTION in second.memory
+        assert second.messages[0].content == second.memory + first.messages[0].content
+        assert second.messages[0].token_ids == tuple(chat.user_segment(second.messages[0].content, first=True))
+    # Memory's prompt tokens are counted exactly: the first turns' extra tokens.
+    extra = sum(
+        len(t.messages[0].token_ids) - len(chat.user_segment(t.messages[0].content[len(t.memory) :], first=True))
+        for t in trajectories
+    )
+    assert stats.memory_tokens == extra > 0
+    reflected = sum(len(chat.assistant_segment(REFLECTION)) for _ in trajectories)
+    assert stats.reflection_tokens == reflected
+    assert stats.generated_tokens == sum(t.generated_tokens for t in trajectories)
+    assert all(
+        t.generated_tokens == reflected // 8 + sum(len(m.token_ids) for m in t.messages if m.role == "assistant")
+        for t in trajectories
+    )
+
+
+def test_stripped_memory_leaves_the_prompt_a_rollout_without_memory_sees_and_the_policys_own_tokens(played):
+    chat, _, trajectories, _ = played
+    for later in (t for t in trajectories if t.trial):
+        first = next(t for t in trajectories if t.task == later.task and t.trial == 0)
+        bare = strip_memory(later, chat)
+        assert bare.memory == "" and bare.messages[0] == first.messages[0]  # what a rollout without memory saw
+        assert bare.messages[1:] == later.messages[1:]  # every other token as played
+        [example], _ = sft_examples([later], chat, max_length=4096)
+        assert example["input_ids"] == bare.token_ids
+        trained = [t for t, m in zip(example["input_ids"], example["assistant_masks"], strict=True) if m]
+        assert trained == [t for m in later.messages if m.role == "assistant" for t in m.token_ids]
+        [kept], _ = sft_examples([later], chat, max_length=4096, keep_memory=True)
+        assert kept["input_ids"] == later.token_ids
+
+
+def test_trials_of_a_task_pair_its_success_against_its_failure_on_the_tasks_own_prompt(played):
+    chat, tasks, trajectories, _ = played
+    pairs = trial_pairs(trajectories, iteration=1)
+    assert len(pairs) == len(tasks)
+    for pair in pairs:
+        assert (pair.chosen.trial, pair.chosen.success, pair.rejected.trial) == (1, True, 0)
+    examples, report = dpo_examples(pairs, chat, max_length=4096)
+    assert report.examples == len(tasks)
+    for pair, example in zip(pairs, examples, strict=True):
+        prompt = pair.rejected.messages[0].token_ids  # the first trial had no memory
+        assert example["prompt_ids"] == list(prompt[: len(example["prompt_ids"])])
+        assert len(example["prompt_ids"]) >= len(prompt) - 2  # the shared prefix is the whole task prompt
