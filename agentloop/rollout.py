@@ -136,6 +136,8 @@ class RolloutStats:
     """Prompt tokens that memory added to first turns (STE's trials)."""
     reflection_tokens: int = 0
     """Tokens generated for reflections (included in ``generated_tokens``)."""
+    failed_reflections: int = 0
+    """Reflections a teacher failed to write (their episodes kept, without one)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -188,6 +190,9 @@ class Rollout:
         reflect: After an episode ends, the question whose answer becomes its ``reflection``
             (one more generated turn of the same conversation, not part of its messages; left
             out when it would not fit the context). None: no reflection.
+        teacher: Instead, writes an ended episode's ``reflection`` itself (a teacher model behind
+            an endpoint), in the environment threads; a reflection that fails is logged, counted
+            in ``stats.failed_reflections`` and left empty.
     """
 
     def __init__(
@@ -201,6 +206,7 @@ class Rollout:
         iteration: int,
         progress: bool = False,
         reflect: Callable[[Trajectory], str] | None = None,
+        teacher: Callable[[Trajectory], str] | None = None,
     ) -> None:
         if config.max_context_tokens < 1:
             raise ValueError("rollout needs max_context_tokens set (0 means an experiment fits it to its envs first)")
@@ -209,7 +215,8 @@ class Rollout:
         else:
             self.feed, self.lookahead, total = tasks, min(LOOKAHEAD, config.concurrent_episodes // 4), None
         self.policy, self.make_env, self.config, self.total = policy, make_env, config, total
-        self.source, self.iteration, self.progress, self.reflect = source, iteration, progress, reflect
+        self.source, self.iteration, self.progress = source, iteration, progress
+        self.reflect, self.teacher = reflect, teacher
         self.stats: RolloutStats | None = None
 
     def __iter__(self) -> Iterator[tuple[int, Trajectory]]:
@@ -221,7 +228,7 @@ class Rollout:
         started = time.perf_counter()
         cache = getattr(policy, "prefix_cache", None)
         reused_before = cache.reused_tokens if cache is not None else 0
-        prompt_tokens = generated = taken = played = memory_tokens = reflection_tokens = 0
+        prompt_tokens = generated = taken = played = memory_tokens = reflection_tokens = failed_reflections = 0
         queue: deque[tuple[int, Attempt]] = deque()  # taken, not started
         idle: dict[str, list[Any]] = {}  # built environments not in an episode, by env name
         built: list[Any] = []
@@ -229,6 +236,7 @@ class Rollout:
         resets: dict[Future, int] = {}  # environment work under way, and whose episode it is
         active_tasks: dict[int, Task] = {}
         steps: dict[Future, int] = {}
+        taught: dict[Future, int] = {}  # a teacher's reflections under way
         pool = ThreadPoolExecutor(config.env_threads, "env") if config.env_threads else None
         finished = getattr(self.feed, "finished", None)
 
@@ -286,8 +294,16 @@ class Rollout:
                             ended.append((index, trajectory))
                         else:
                             steps[env_work(_advance, policy, episode, generation, config)] = index
-                if pool is not None and not stream.busy and (resets or steps):
-                    wait([*resets, *steps], return_when=FIRST_COMPLETED)  # nothing to generate meanwhile
+                if pool is not None and not stream.busy and (resets or steps or taught):
+                    wait([*resets, *steps, *taught], return_when=FIRST_COMPLETED)  # nothing to generate meanwhile
+                for future in [f for f in taught if f.done()]:
+                    index = taught.pop(future)
+                    try:
+                        written = future.result()
+                    except Exception as e:  # noqa: BLE001 - the episode is kept without a reflection
+                        logger.warning("%s: no reflection: %s", active[index].task.task_id, e)
+                        failed_reflections, written = failed_reflections + 1, ""
+                    ended.append((index, replace(active[index].ended, reflection=written)))
                 for future in [f for f in resets if f.done()]:
                     index = resets.pop(future)
                     episode = active[index] = future.result()
@@ -302,6 +318,12 @@ class Rollout:
                         prompt_tokens += len(episode.prompt)
                         continue
                     trajectory = _trajectory(policy, episode, outcome, self.source, self.iteration)
+                    if cache is not None and self.reflect is None:  # no next turn will resume from its last one
+                        cache.pop(trajectory.token_ids, reuse=False)
+                    if self.teacher is not None:
+                        episode.ended = trajectory
+                        taught[env_work(self.teacher, trajectory)] = index
+                        continue
                     question = self.reflect(trajectory) if self.reflect is not None else ""
                     prompt = trajectory.token_ids + policy.chat.user_segment(question, first=False) if question else []
                     if prompt and len(prompt) + config.sampling.max_new_tokens <= config.max_context_tokens:
@@ -309,7 +331,7 @@ class Rollout:
                         stream.add(index, prompt)
                         prompt_tokens += len(prompt)
                         continue
-                    if cache is not None:  # no next turn will resume from this episode's last one
+                    if cache is not None and self.reflect is not None:
                         cache.pop(trajectory.token_ids, reuse=False)
                     ended.append((index, trajectory))
                 for index, trajectory in ended:
@@ -337,6 +359,7 @@ class Rollout:
             reused_prompt_tokens=(cache.reused_tokens - reused_before) if cache is not None else 0,
             memory_tokens=memory_tokens,
             reflection_tokens=reflection_tokens,
+            failed_reflections=failed_reflections,
         )
 
 

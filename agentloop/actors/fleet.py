@@ -320,6 +320,7 @@ class Fleet:
             replayed_episodes=counts["replayed"],
             memory_tokens=sum(s.memory_tokens for s in counts["stats"]),
             reflection_tokens=sum(s.reflection_tokens for s in counts["stats"]),
+            failed_reflections=sum(s.failed_reflections for s in counts["stats"]),
         )
 
     def _collect(self, out, running, launch, finished, counts, chains, trials) -> Iterator[list[Trajectory]]:

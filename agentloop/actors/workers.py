@@ -176,9 +176,9 @@ class RolloutWorker:
         from agentloop.rollout import Rollout
 
         feed: Any = _DealerFeed(self, dealer, name, deal)
-        reflect = None
+        reflect = teacher = None
         if trials is not None:
-            feed, reflect = self._trials(feed, dealer, trials, memory, stage)
+            feed, reflect, teacher = self._trials(feed, dealer, trials, memory, stage)
         run = Rollout(
             self.policy,
             lambda env: make_env(env, self._env_tasks[env], self.env_configs[env]),
@@ -188,6 +188,7 @@ class RolloutWorker:
             iteration=iteration,
             progress=True,
             reflect=reflect,
+            teacher=teacher,
         )
         batch: list[Trajectory] = []
         try:
@@ -205,12 +206,15 @@ class RolloutWorker:
                 cache.clear()
             release_memory()
 
-    def _trials(self, feed: Any, dealer: Any, trials: Any, memory: Any, stage: str) -> tuple[Any, Any]:
-        """The feed of STE's trials over ``feed``, and the reflection question (None: no reflection)."""
+    def _trials(self, feed: Any, dealer: Any, trials: Any, memory: Any, stage: str) -> tuple[Any, Any, Any]:
+        """The feed of STE's trials over ``feed``, and who reflects: the policy, asked the returned
+        question, or the returned teacher (both None: nobody)."""
         import ray
 
+        from agentloop.endpoint import Endpoint
         from agentloop.memory import Trials
-        from agentloop.memory.trials import chain_key, reflection_prompt
+        from agentloop.memory.reflection import TeacherReflection, reflection_prompt
+        from agentloop.memory.trials import chain_key
 
         def recall(tasks):
             return ray.get(memory.recall.remote(list(tasks), trials.long_term_k, stage))
@@ -221,7 +225,11 @@ class RolloutWorker:
         chained = Trials(
             feed, trials, self.policy.chat.count, recall=recall if memory is not None else None, earlier=earlier
         )
-        return chained, reflection_prompt if trials.reflect else None
+        if not trials.reflect:
+            return chained, None, None
+        if trials.teacher.enabled:
+            return chained, None, TeacherReflection(Endpoint(trials.teacher))
+        return chained, reflection_prompt, None
 
     def sleep(self) -> None:
         """Frees the policy's weights and caches while the learner trains; the next use reloads them."""

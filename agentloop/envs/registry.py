@@ -35,6 +35,19 @@ _NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
 
 
 @dataclass(frozen=True)
+class Imagination:
+    """How an environment takes new tasks an explorer imagines (STE): what the explorer is asked,
+    and how a proposal becomes a task the environment can score."""
+
+    prompt: Callable[[Any, Sequence[str]], str]
+    """``prompt(base, avoid)``: the request for a new task near the training task ``base``, unlike
+    the tasks described in ``avoid`` (already explored)."""
+    build: Callable[[Any, str, Any, str], Any]
+    """``build(base, proposal, config, task_id)``: the env task object the proposal describes
+    (its ``.task.split`` is ``imagined``), or a sentence saying why it cannot be scored."""
+
+
+@dataclass(frozen=True)
 class EnvDefinition:
     """Everything the loop needs to know of one environment.
 
@@ -66,6 +79,8 @@ class EnvDefinition:
     """Context an episode may fill with the env's default settings, in tokens of the default
     model's tokenizer: a run's default rollout context and learner ``max_length`` are the
     largest of its envs' (``bench/episode_tokens.py`` measures episodes)."""
+    imagination: Imagination | None = None
+    """How the env takes imagined tasks; None when it takes none."""
     median_episode_tokens: int = 0
     """Median length of the env's expert demonstrations, in tokens of the default model's
     tokenizer (``bench/episode_tokens.py``): a learner ``max_length`` or rollout context

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agentloop.config import ConfigError
+from agentloop.endpoint import EndpointConfig
 from agentloop.types import Trajectory
 
 
@@ -27,6 +28,9 @@ class MemoryConfig:
     """After each trial the policy writes a short reflection (one more turn of the same
     conversation, within the rollout's ``max_new_tokens``), kept for later trials and long-term
     memory; it is never trained on."""
+    teacher: EndpointConfig = field(default_factory=EndpointConfig)
+    """Who reflects: empty ``url`` = the policy; else a teacher model behind an OpenAI-compatible
+    endpoint reads each trial's transcript and writes the reflection."""
 
     def validate(self) -> None:
         if self.trials < 1:

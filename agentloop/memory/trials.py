@@ -15,7 +15,7 @@ from typing import Any
 
 from agentloop.memory.config import MemoryConfig
 from agentloop.memory.long_term import render_experiences
-from agentloop.memory.short_term import outcome, render_trials
+from agentloop.memory.short_term import render_trials
 from agentloop.types import Attempt, Experience, Task, Trajectory
 
 Recall = Callable[[Sequence[Task]], list[list[Experience]]]
@@ -28,14 +28,6 @@ stage, an actor that died), by :func:`chain_key`."""
 def chain_key(task: Task) -> str:
     """The key of a task's chain of trials: its episode key, ``"<env>/<task_id>"``."""
     return f"{task.env}/{task.task_id}"
-
-
-def reflection_prompt(trajectory: Trajectory) -> str:
-    """What the policy is asked once a trial ended, to write its reflection."""
-    return (
-        f"The attempt is over: the task was {outcome(trajectory)}. Do not act now. In one or two sentences, "
-        "say what went wrong or what worked, and what to do differently next time."
-    )
 
 
 class Trials:

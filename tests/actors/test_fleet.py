@@ -172,3 +172,53 @@ def test_a_version_published_mid_stage_reaches_every_actor_and_each_turn_records
             assert max(abs(a - b) for a, b in zip(m.logprobs, own.logprobs, strict=True)) < 1e-3
             assert all(own.argmax)  # greedy: each token was the argmax of its own version
             assert max(abs(a - b) for a, b in zip(m.logprobs, other.logprobs, strict=True)) > 0.05
+
+
+def test_chains_of_trials_with_long_term_memory_survive_an_actor_killed_mid_stage(
+    cluster, data_dir, tiny_model_dir, db_tasks
+):
+    import ray
+
+    from agentloop.actors.fleet import Fleet
+    from agentloop.memory import LongTermMemory, MemoryConfig, distill
+
+    # Budgets in the tiny model's tokens, about one per character.
+    trials = MemoryConfig(trials=3, short_term_tokens=1500, long_term_tokens=1000, long_term_k=2)
+    memory = ray.remote(num_cpus=0)(LongTermMemory).remote()
+    longer = ["rollout.concurrent_episodes=2", "rollout.sampling.max_new_tokens=24", "db.max_turns=3"]
+    longer.append("rollout.max_context_tokens=6144")
+    fleet = Fleet(_config(data_dir, tiny_model_dir, "transformers", *longer), db_tasks)
+    tasks = [t for t in db_tasks[:6]]
+    keys = [_key(t) for t in tasks]
+    try:
+        fleet.ensure(0, None)
+        got, victim = [], None
+        stage = fleet.play(keys, "explore", 1, batch_size=1, trials=trials, memory=memory, stage="explore/1")
+        for item in stage:
+            if not isinstance(item, list):
+                stats = item
+                continue
+            got += item
+            ray.get(memory.add.remote([distill(t, "explore/1") for t in item]))  # as the driver's store does
+            if victim is None:  # kill an actor holding a chain it has begun and not finished
+                begun = {_key(t) for t in got}
+                held = {n: set(ray.get(fleet.dealer.taken_by.remote(n))) & begun for n in fleet.actors}
+                held = {n: k - {_key(t) for t in got if t.trial == 2} for n, k in held.items()}
+                name = max(held, key=lambda n: len(held[n]))
+                if held[name]:
+                    victim = name
+                    ray.kill(fleet.actors[victim], no_restart=True)
+        assert victim is not None and stats.actors_lost == 1
+        # Every trial of every chain exactly once: a chain the dead actor began went on elsewhere.
+        assert Counter((_key(t), t.trial) for t in got) == Counter((k, n) for k in keys for n in range(3))
+        for t in got:
+            assert t.reflection  # the policy reflected after every trial
+            assert t.memory.count("Attempt ") == t.trial  # shown its chain's earlier trials, all of them
+        # Later trials recall the stage's other tasks from long-term memory, never their own trials.
+        recalled = [t for t in got if "Experience from similar tasks:" in t.memory]
+        assert recalled and stats.memory_tokens > 0
+        for t in recalled:
+            assert f"Task: {t.task.instruction[:40]}" not in t.memory
+    finally:
+        fleet.close()
+        ray.kill(memory)

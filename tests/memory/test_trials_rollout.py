@@ -17,7 +17,7 @@ from agentloop.envs.db.experts import gold_actions
 from agentloop.envs.experts import replay_actions
 from agentloop.learners.data import dpo_examples, sft_examples, strip_memory, trial_pairs
 from agentloop.memory import MemoryConfig, Trials
-from agentloop.memory.trials import reflection_prompt
+from agentloop.memory.reflection import reflection_prompt
 from agentloop.policy.base import Generation, SamplingConfig
 from agentloop.policy.chat import ChatTokenizer
 from agentloop.rollout import Rollout, RolloutConfig

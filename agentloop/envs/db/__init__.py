@@ -73,7 +73,8 @@ from agentloop.envs.db.config import SQLEnvConfig
 from agentloop.envs.db.env import SQLEnv
 from agentloop.envs.db.experts import DBExpertConfig, build_db_experts
 from agentloop.envs.db.tasks import SPLIT_FILES, DBTask, load_db_tasks
-from agentloop.envs.registry import EnvDefinition
+from agentloop.envs.db.imagine import imagined_task, proposal_prompt
+from agentloop.envs.registry import EnvDefinition, Imagination
 
 ENV = EnvDefinition(
     name="db",
@@ -87,6 +88,7 @@ ENV = EnvDefinition(
     expert_config=DBExpertConfig,
     context_tokens=2048,
     median_episode_tokens=270,  # bench/episode_tokens.py: median of 200 train experts
+    imagination=Imagination(prompt=proposal_prompt, build=imagined_task),
 )
 """The Database environment's registration (``agentloop.envs``)."""
 

@@ -231,7 +231,8 @@ class SQLEnv(gymnasium.Env[str, str]):
         """
         if task.task.task_id not in self._expected:
             worker, copy = self._lease(), EpisodeDB(self._template(task))
-            result = worker.run(copy, canonical_sql(task) or task.gold_sql, self.config)
+            sql = (canonical_sql(task) if task.gold_dialect == "mysql" else None) or task.gold_sql
+            result = worker.run(copy, sql, self.config)
             if result.error:
                 logger.warning("gold SQL of %s fails on SQLite (%s)", task.task.task_id, result.text)
             rows = None if result.error else worker.read_table(copy, self.config)

@@ -37,6 +37,9 @@ class DBTask:
     """The expected answer values of a SELECT task; empty for INSERT and UPDATE."""
     gold_sql: str
     """The reference SQL (MySQL-flavoured, often imperfect for SELECT tasks)."""
+    gold_dialect: str = "mysql"
+    """The dialect ``gold_sql`` is written in: ``mysql`` (dbbench's), or ``sqlite`` (an imagined
+    task's SQL, which ran as written when the task was made)."""
 
     @property
     def is_write(self) -> bool:

@@ -1,0 +1,103 @@
+"""Imagined DB tasks (STE's imagination): a new question and its SQL over a training task's table.
+
+The explorer is shown a training task's table (name, columns, a few rows) and the questions
+already asked of similar tables, and proposes a new question with the one SQL statement that
+answers it. :func:`imagined_task` keeps a proposal only when its SQL runs on a fresh copy of
+the table and gives an answer the environment can score: a SELECT that returns between one
+and :data:`MAX_VALUES` values (the label), or an INSERT or UPDATE that changes at least one
+row (scored by the table it leaves, like dbbench's own write tasks). Whether the question and
+the SQL agree is decided afterwards, by an independent attempt or a judge.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from agentloop.envs.db.config import SQLEnvConfig
+from agentloop.envs.db.engine import quote_identifier, run_on_template, sqlite_type
+from agentloop.envs.db.tasks import ENV_NAME, DBTask
+from agentloop.types import Task
+
+MAX_VALUES = 10
+"""Most values a SELECT's answer may hold (dbbench's labels are short lists)."""
+SAMPLE_ROWS = 3
+"""Rows of the table shown to the explorer."""
+
+_QUESTION_RE = re.compile(r"Question:\s*(.+?)\s*(?:\n\s*SQL:|$)", re.IGNORECASE | re.DOTALL)
+_SQL_RE = re.compile(r"```(?:[ \t]*(?:sqlite|sql)\b)?(.*?)```", re.IGNORECASE | re.DOTALL)
+_AFFECTED_RE = re.compile(r"Query OK, (\d+) rows? affected")
+
+
+def proposal_prompt(base: DBTask, avoid: Sequence[str] = ()) -> str:
+    """What the explorer is asked: a new question over ``base``'s table, unlike those in ``avoid``."""
+    columns = ", ".join(f"{quote_identifier(name)} {sqlite_type(kind).split()[0]}" for name, kind in base.columns)
+    rows = "\n".join(repr(tuple(row)) for row in base.rows[:SAMPLE_ROWS])
+    lines = [
+        "Invent a new task for this SQLite table: a question it can answer, or a change to make (insert or "
+        "update rows), and the one SQL statement that does it.",
+        f"Table: {quote_identifier(base.table_name)}",
+        f"Columns: {columns}",
+        f"First rows:\n{rows}",
+    ]
+    if avoid:
+        lines.append("Tasks already tried on similar tables (ask something different):")
+        lines += [f"- {question}" for question in avoid]
+    lines.append("Reply exactly as:\nQuestion: ...\nSQL:\n```sql\n...\n```")
+    lines.append("Write table and column names in double quotes.")
+    return "\n".join(lines)
+
+
+def parse_proposal(text: str) -> tuple[str, str] | str:
+    """The (question, SQL) of a proposal, or a sentence saying why it cannot be read."""
+    question = _QUESTION_RE.search(text or "")
+    block = _SQL_RE.search(text or "")
+    if question is None or not question.group(1).strip():
+        return "no question"
+    if block is None or not block.group(1).strip():
+        return "no ```sql block"
+    return " ".join(question.group(1).split()), block.group(1).strip()
+
+
+def imagined_task(base: DBTask, text: str, config: SQLEnvConfig, task_id: str) -> DBTask | str:
+    """The task a proposal describes over ``base``'s table, or a sentence saying why it is not kept.
+
+    Args:
+        base: The training task whose table the proposal is about.
+        text: The explorer's proposal (:func:`proposal_prompt`'s format).
+        config: The environment's limits, under which the SQL runs.
+        task_id: The new task's id (split ``imagined``).
+    """
+    parsed = parse_proposal(text)
+    if isinstance(parsed, str):
+        return parsed
+    question, sql = parsed
+    kind = sql.lstrip("( \n").split(None, 1)[0].upper() if sql.strip() else ""
+    if kind not in ("SELECT", "WITH", "INSERT", "UPDATE"):
+        return f"a {kind or 'blank'} statement: only SELECT, INSERT and UPDATE tasks are scored"
+    result = run_on_template(base, sql, config)
+    if result.several:
+        return "more than one statement"
+    if result.error:
+        return f"the SQL fails: {result.text[:200]}"
+    task = Task(ENV_NAME, task_id, "imagined", "SELECT" if kind in ("SELECT", "WITH") else kind, question)
+    if task.kind == "SELECT":
+        values = [v for row in result.rows or () for v in row]
+        if not values or len(values) > MAX_VALUES or all(v is None for v in values):
+            return f"the SELECT returns {len(values)} values (1 to {MAX_VALUES} are scored)"
+        label = tuple(str(v) for v in values)
+    else:
+        changed = _AFFECTED_RE.search(result.text)
+        if changed is None or int(changed.group(1)) == 0:
+            return f"the {kind} changes no row"
+        label = ()
+    return DBTask(
+        task=task,
+        query_type=task.kind,
+        table_name=base.table_name,
+        columns=base.columns,
+        rows=base.rows,
+        label=label,
+        gold_sql=sql,
+        gold_dialect="sqlite",
+    )

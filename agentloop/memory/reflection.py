@@ -1,0 +1,50 @@
+"""Who writes a trial's reflection: the policy itself (one more turn of its conversation) or a
+teacher behind an OpenAI-compatible endpoint (:class:`TeacherReflection`)."""
+
+from __future__ import annotations
+
+from agentloop.endpoint import Endpoint
+from agentloop.memory.short_term import RESULT_CHARS, _shorten, outcome
+from agentloop.types import Trajectory
+
+TASK_CHARS = 1500
+"""Longest task description a teacher is shown (the end is kept: the question comes last)."""
+
+
+def reflection_prompt(trajectory: Trajectory) -> str:
+    """What the policy is asked once a trial ended, to write its reflection."""
+    return (
+        f"The attempt is over: the task was {outcome(trajectory)}. Do not act now. In one or two sentences, "
+        "say what went wrong or what worked, and what to do differently next time."
+    )
+
+
+def transcript(trajectory: Trajectory) -> str:
+    """A trial as text for a reader outside the conversation: the task, each action and reply, the outcome."""
+    messages = trajectory.messages
+    task = messages[0].content[len(trajectory.memory) :] if messages else ""
+    lines = ["Task:", task if len(task) <= TASK_CHARS else "..." + task[-TASK_CHARS:], ""]
+    for i, message in enumerate(messages[1:], start=1):
+        if message.role == "assistant":
+            lines.append(f"Agent (turn {(i + 1) // 2}): {message.content.strip()}")
+        else:
+            lines.append(f"Environment: {_shorten(message.content, RESULT_CHARS)}")
+    lines += ["", f"Outcome: the task was {outcome(trajectory)}."]
+    return "\n".join(lines)
+
+
+class TeacherReflection:
+    """Reflections written by a teacher model: it reads the trial's transcript and answers."""
+
+    SYSTEM = (
+        "You coach an agent that learns by trial and error. Read its attempt at a task and, in one or two "
+        "sentences, say what went wrong or what worked, and what it should do differently next time."
+    )
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    def __call__(self, trajectory: Trajectory) -> str:
+        """The teacher's reflection on ``trajectory`` (raises :class:`agentloop.endpoint.EndpointError`)."""
+        messages = [{"role": "system", "content": self.SYSTEM}, {"role": "user", "content": transcript(trajectory)}]
+        return self.endpoint.chat(messages)
