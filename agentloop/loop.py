@@ -25,7 +25,7 @@ import yaml
 
 from agentloop.actors.transfer import Files, pack_dir, unpack_dir
 from agentloop.config import ConfigError, to_dict
-from agentloop.types import Experience, Pair, Trajectory
+from agentloop.types import Experience, Pair, Proposal, Trajectory
 
 logger = logging.getLogger(__name__)
 C = TypeVar("C")
@@ -277,6 +277,18 @@ class Stages:
         metrics[f"{family}/resumed_episodes"] = float(len(stored))
         self._commit(stage, step, metrics)
         return trajectories
+
+    def imagine(
+        self, stage: str, step: int, work: Callable[[], tuple[list[Proposal], dict[str, float]]]
+    ) -> list[Proposal]:
+        """A stage that imagines tasks (STE); returns its proposals, kept or not (read back on resume)."""
+        if self.done(stage, step):
+            return [p for p in self.store.proposals() if p.stage == stage]
+        started = time.perf_counter()
+        proposals, metrics = work()
+        metrics[f"timing/{stage.split('/')[0]}"] = time.perf_counter() - started
+        self._commit(stage, step, metrics, proposals=proposals)
+        return proposals
 
     def train(
         self, stage: str, step: int, work: Callable[[], tuple[Files, dict[str, float]]], pairs: Sequence[Pair] = ()

@@ -109,6 +109,37 @@ def paired_comparison(before: Iterable[Trajectory], after: Iterable[Trajectory],
     }
 
 
+def forgetting(
+    before: Iterable[Mapping[str, float]], now: Mapping[str, float], envs: Iterable[str], prefix: str = "forget"
+) -> dict[str, float]:
+    """How much held-out success on earlier-trained envs has fallen: STE's forgetting, in points.
+
+    For each env of ``envs`` (those trained in an earlier phase), its best held-out success rate
+    over the evaluation records ``before`` (``eval/env/<env>/success_rate``) against its rate
+    ``now``: ``<prefix>/env/<env>/best``, ``.../now`` and ``.../drop`` (best - now, in
+    percentage points, negative when it rose), and ``<prefix>/mean_drop`` over those envs.
+    Envs with no earlier record are left out.
+    """
+    metrics: dict[str, float] = {}
+    drops = []
+    for env in sorted(set(envs)):
+        key = f"eval/env/{env}/success_rate"
+        seen = [r[key] for r in before if key in r]
+        if not seen or key not in now:
+            continue
+        best = max(seen)
+        drop = 100.0 * (best - now[key])
+        metrics |= {
+            f"{prefix}/env/{env}/best": best,
+            f"{prefix}/env/{env}/now": now[key],
+            f"{prefix}/env/{env}/drop": drop,
+        }
+        drops.append(drop)
+    if drops:
+        metrics[f"{prefix}/mean_drop"] = sum(drops) / len(drops)
+    return metrics
+
+
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs."""
     n = b + c

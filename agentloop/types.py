@@ -148,6 +148,26 @@ class Experience:
 
 
 @dataclass(frozen=True)
+class Proposal:
+    """A task an explorer imagined near a training task (STE), and whether the env could take it."""
+
+    env: str
+    """The environment the task is for."""
+    base_task_id: str
+    """The training task it was imagined from (its table, scene, product, ...)."""
+    task_id: str
+    """The id the new task gets (split ``imagined``), unique within the run."""
+    text: str
+    """The explorer's proposal, as written."""
+    stage: str
+    """The loop stage that imagined it (``imagine/1``, ...)."""
+    valid: bool
+    """Whether the environment built a task it can score from it."""
+    reason: str = ""
+    """Why the environment could not (empty when valid)."""
+
+
+@dataclass(frozen=True)
 class Pair:
     """A preference pair for DPO: two trajectories of the same task, one preferred."""
 

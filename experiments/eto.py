@@ -299,8 +299,9 @@ class Run:
             return {}
         return {f"{prefix}/mismatch/{k}": v for k, v in found.items()}
 
-    def evaluate(self, stage: str, version: int, iteration: int, baseline: str = "") -> list:
-        """Runs the held-out tasks; with a baseline stage, also a paired test against it on the same tasks."""
+    def evaluate(self, stage: str, version: int, iteration: int, baseline: str = "", extra=None) -> list:
+        """Runs the held-out tasks; with a baseline stage, also a paired test against it on the same tasks.
+        ``extra(metrics)``: more metrics from the stage's own."""
         from agentloop.metrics import paired_comparison, trajectory_metrics
 
         def measure(trajectories, stats):
@@ -309,7 +310,7 @@ class Run:
             if baseline:
                 before = self.store.trajectories(stage=baseline)
                 metrics |= paired_comparison(before, trajectories, f"eval/vs_{baseline.split('/')[-1]}")
-            return metrics
+            return metrics | (extra(metrics) if extra is not None else {})
 
         keys = [episode(t.task) for t in self.held_out]
         return self.stages.stream(stage, version, keys, self.play("eval", version, iteration), measure)
@@ -417,6 +418,7 @@ def parse_args(argv: list[str] | None, config_class: type = ETOConfig, name: str
         if args.config:
             raise ConfigError("--resume continues a run with its own config.yaml; give overrides, not --config")
         run, saved, config = RunDir.resume(args.resume, config_class, args.overrides)
+        config.fit_lengths()  # lengths a saved config lacks (a section its experiment did not have) are fitted
         for key in ("run_dir", "store_url"):  # where the run and its record of completed stages live
             if getattr(config, key) != getattr(saved, key):
                 raise ConfigError(f"{key}: a resumed run keeps its {key} ({getattr(saved, key)!r})")

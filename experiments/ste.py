@@ -13,6 +13,7 @@ Usage:
     python experiments/ste.py                                  # embedded default, CPU, local Ray
     python experiments/ste.py memory.trials=1 memory.long_term_tokens=0   # ablations are config
     python experiments/ste.py --resume runs/ste-20261202-0102  # continue after the last completed stage
+    python experiments/ste.py imagine.tasks_per_env=50         # with imagined tasks
     ray job submit --working-dir . -- python experiments/ste.py
 """
 
@@ -27,6 +28,7 @@ from agentloop import envs
 from agentloop.config import ConfigError
 from agentloop.learners.sft import SFTLearnerConfig
 from agentloop.memory import MemoryConfig
+from agentloop.memory.imagination import ImagineConfig
 
 
 @dataclass
@@ -50,6 +52,7 @@ class STEConfig(ETOConfig):
     """An ETO run whose exploration has STE's trials and memory; ``--help`` lists overrides."""
 
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    imagine: ImagineConfig = field(default_factory=ImagineConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     round_sft: SFTLearnerConfig = field(
         default_factory=lambda: SFTLearnerConfig(epochs=1, max_length=0, learning_rate=1e-4, replay_fraction=0.1)
@@ -71,11 +74,14 @@ class STEConfig(ETOConfig):
 STAGE_READS = {
     "experts": ("envs", "seed"),
     "eval": ("envs", "policy", "rollout"),
-    "explore": ("envs", "policy", "rollout", "memory"),
-    "sft": ("sft", "round_sft", "mix", "policy.model", "seed"),
+    "imagine": ("envs", "policy", "rollout.sampling", "imagine", "memory", "seed"),
+    "explore": ("envs", "policy", "rollout", "memory", "imagine"),
+    "sft": ("sft", "policy.model"),
+    "round_sft": ("round_sft", "mix", "policy.model", "seed"),
     "dpo": ("dpo", "mix", "policy.model", "seed"),
 }
-"""As in eto.py, plus what trials read (``memory``) and what rounds train on (``round_sft``, ``mix``)."""
+"""As in eto.py, plus what imagination and trials read (``imagine``, ``memory``) and what rounds train on
+(``round_sft``, ``mix``)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,26 +97,47 @@ def main(argv: list[str] | None = None) -> None:
     run.evaluate("eval/sft", version=1, iteration=0, baseline="eval/base")
     version = 1  # the policy that explores next
 
-    # 2. Rounds: trials with memory -> SFT on successes -> DPO on pairs -> evaluate.
+    # 2. Rounds: imagine -> trials with memory -> SFT on successes -> DPO on pairs -> evaluate.
     for it in range(1, config.iterations + 1):
-        stage = f"explore/{it}"
-        play = run.play("explore", version, it, trials=config.memory, memory=memory.actor, stage=stage)
-        trials = run.stages.stream(
-            stage, it, explore_ids, play, partial(explored, run, version), ends=config.memory.last_trial, memory=memory
-        )
-        if config.mix.successes and any(t.success for t in trials):
-            data = round_sft_data(run, it, trials, experts)
-            run.adapters[version + 1] = run.stages.train(f"sft/{it}", it, partial(train_round_sft, run, version, data))
-            version += 1
-        pairs = round_pairs(config.mix, experts, trials, it)
-        if pairs:
-            run.adapters[version + 1] = run.stages.train(
-                f"dpo/{it}", it, partial(run.dpo, it, pairs, start=version), pairs=pairs
-            )
-            version += 1
+        version = ste_round(run, memory, it, version, explore_ids, experts)
         run.evaluate(f"eval/{it}", version=version, iteration=it, baseline="eval/sft")
 
     run.finish()
+
+
+def ste_round(run: Run, memory: LongTermMemory, it: int, version: int, explore_ids: list[str], experts) -> int:
+    """One STE round from policy ``version`` on the tasks ``explore_ids`` (and those it imagines);
+    ``experts`` are the demonstrations replayed in its SFT. Returns the version it trained."""
+    config = run.config
+    # The explorer imagines tasks near a sample of the training tasks, unlike those remembered.
+    imagined = []
+    if config.imagine.tasks_per_env:
+        from agentloop.memory.imagination import rebuild
+
+        names = {key.split("/", 1)[0] for key in explore_ids}  # imagined near the round's own envs
+        proposals = run.stages.imagine(f"imagine/{it}", it, partial(imagine, run, memory, version, it, names))
+        imagined = rebuild(proposals, run.train, env_configs(config))
+        run.fleet.add_tasks(imagined)
+    # Every task played in a chain of trials, each shown long- and short-term memory.
+    stage = f"explore/{it}"
+    keys = explore_ids + [episode(t.task) for t in imagined]
+    play = run.play("explore", version, it, trials=config.memory, memory=memory.actor, stage=stage)
+    trials = run.stages.stream(
+        stage, it, keys, play, partial(explored, run, version, it), ends=config.memory.last_trial, memory=memory
+    )
+    # SFT on the round's successes, then DPO on expert and trial pairs (reference: the policy after SFT).
+    if config.mix.successes and any(t.success for t in trials):
+        data = round_sft_data(run, it, trials, experts)
+        train = partial(train_round_sft, run, version, data)
+        run.adapters[version + 1] = run.stages.train(f"round_sft/{it}", it, train)
+        version += 1
+    pairs = round_pairs(config.mix, experts, trials, it)
+    if pairs:
+        run.adapters[version + 1] = run.stages.train(
+            f"dpo/{it}", it, partial(run.dpo, it, pairs, start=version), pairs=pairs
+        )
+        version += 1
+    return version
 
 
 class LongTermMemory:
@@ -129,6 +156,14 @@ class LongTermMemory:
             self.actor = ray.remote(num_cpus=0, scheduling_strategy=here)(Memory).remote()
             ray.get(self.actor.add.remote(run.store.experiences()))
 
+    def recall(self, k: int):
+        """Long-term memory's ``k`` most similar experiences of each of some tasks (None without memory)."""
+        import ray
+
+        if self.actor is None:
+            return None
+        return lambda tasks: ray.get(self.actor.recall.remote(list(tasks), k))
+
     def distill(self, trajectories, stage: str):
         from agentloop.memory import distill
 
@@ -141,11 +176,58 @@ class LongTermMemory:
             ray.get(self.actor.add.remote(experiences))
 
 
-def explored(run: Run, version: int, trials, stats) -> dict[str, float]:
-    """An exploration stage's metrics: per task (its last trial), for the first trials alone (the
-    single greedy pass), a paired test of the two, trials per task, and memory's prompt tokens."""
+def imagine(run: Run, memory: LongTermMemory, version: int, it: int, names: set[str]):
+    """Proposals of new tasks near a seeded sample of the training tasks of envs ``names``, by the
+    policy (or the configured explorer), each shown the remembered tasks most like its base as ones to avoid."""
+    import random
+
+    from agentloop.memory.imagination import build, choose_bases, requests
+
+    config = run.config
+    train = {name: tasks for name, tasks in run.train.items() if name in names}
+    bases = choose_bases(train, config.imagine.tasks_per_env, random.Random(config.seed * 1000 + it))
+    asked = requests(bases, memory.recall(config.imagine.avoid) if config.imagine.avoid else None)
+    if config.imagine.explorer.enabled:
+        texts = ask_endpoint(config.imagine.explorer, asked)
+    else:
+        texts = run.fleet.complete(asked, version, run.adapters[version])
+    proposals, _ = build(bases, texts, env_configs(config), f"imagine/{it}")
+    metrics = {}
+    for env in sorted({p.env for p in proposals}):
+        mine = [p for p in proposals if p.env == env]
+        metrics |= {f"imagine/env/{env}/proposed": len(mine), f"imagine/env/{env}/valid": sum(p.valid for p in mine)}
+    return proposals, metrics
+
+
+def ask_endpoint(endpoint_config, prompts: list[str]) -> list[str]:
+    """Each prompt's answer from an OpenAI-compatible endpoint, eight requests at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agentloop.endpoint import Endpoint
+
+    endpoint = Endpoint(endpoint_config)
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda p: endpoint.chat([{"role": "user", "content": p}]), prompts))
+
+
+def env_configs(config) -> dict:
+    return {spec.name: config.env_config(spec.name) for spec in config.envs}
+
+
+def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]:
+    """An exploration stage's metrics: per training task (its last trial), for the first trials alone
+    (the single greedy pass), a paired test of the two, trials per task, memory's prompt tokens, and
+    how many imagined tasks a trial solved (verified), per env."""
+    from agentloop.memory.imagination import imagination_metrics
     from agentloop.metrics import paired_comparison, trajectory_metrics
 
+    imagined = [t for t in trials if t.task.split == "imagined"]
+    made = (
+        [p for p in run.store.proposals() if p.valid and p.stage == f"imagine/{imagined[0].iteration}"]
+        if imagined
+        else []
+    )
+    trials = [t for t in trials if t.task.split != "imagined"]
     last = {episode(t.task): t for t in trials}  # a chain's trials come in order: its last one wins
     first = [t for t in trials if t.trial == 0]
     solved = [t for t in last.values() if t.success]
@@ -159,6 +241,8 @@ def explored(run: Run, version: int, trials, stats) -> dict[str, float]:
         "explore/solved_trial_mean": sum(t.trial + 1 for t in solved) / max(len(solved), 1),
         "explore/reflections": float(sum(bool(t.reflection) for t in trials)),
         "explore/memory_trials": float(sum(bool(t.memory) for t in trials)),
+        **{k: v for k, v in imagination_metrics(made, imagined, "imagine").items() if k.endswith("/solved")},
+        "imagine/trials": float(len(imagined)),
     }
     if stats is not None:
         metrics["explore/memory_tokens"] = float(stats.memory_tokens)
@@ -186,7 +270,11 @@ def train_round_sft(run: Run, version: int, data: dict[str, list]):
     """SFT on a round's data, continuing the adapter of ``version``; its share of new and replayed data logged."""
     files, metrics = run.sft(data["all"], run.adapters[version], run.config.round_sft)
     new, total = len(data["new"]), len(data["all"])
-    shares = {"sft/successes": new, "sft/replayed": total - new, "sft/replay_share": (total - new) / total}
+    shares = {
+        "round_sft/successes": new,
+        "round_sft/replayed": total - new,
+        "round_sft/replay_share": (total - new) / total,
+    }
     return files, {**metrics, **shares}
 
 

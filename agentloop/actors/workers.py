@@ -136,6 +136,18 @@ class RolloutWorker:
             )
         return cores
 
+    def add_tasks(self, tasks: Sequence[Any]) -> None:
+        """Makes more env tasks playable (imagined ones); environments built from now on have them."""
+        for task in tasks:
+            self.tasks[(task.task.env, task.task.task_id)] = task
+            self._env_tasks.setdefault(task.task.env, []).append(task)
+
+    def complete(self, prompts: Sequence[str]) -> list[str]:
+        """The policy's answer to each prompt, as a conversation's first user turn (greedy, as the rollout samples)."""
+        chat = self.policy.chat
+        found = self.policy.generate([chat.user_segment(p, first=True) for p in prompts], self.rollout_config.sampling)
+        return [g.text for g in found]
+
     def load_adapter(self, files: Files | None, version: int) -> int:
         """Acts with the adapter given by value (None = base model); returns the version."""
         path = None if files is None else unpack_dir(files, self._adapter_dir / f"v{version}")

@@ -45,8 +45,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from agentloop.replay.tables import SCHEMA_VERSION, ExperienceRow, MetaRow, PairRow, StageRow, TrajectoryRow
-from agentloop.types import Experience, Message, Pair, Source, Task, Trajectory
+from agentloop.replay.tables import (
+    SCHEMA_VERSION,
+    ExperienceRow,
+    MetaRow,
+    PairRow,
+    ProposalRow,
+    StageRow,
+    TrajectoryRow,
+)
+from agentloop.types import Experience, Message, Pair, Proposal, Source, Task, Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +210,15 @@ class ReplayStore:
                 raise
             raise ValueError(f"{stage}: episodes stored already: {taken[:5]}") from e
 
+    def proposals(self) -> list[Proposal]:
+        """Every imagined task of the completed stages, kept or not, oldest first."""
+        stmt = select(ProposalRow).where(ProposalRow.stage.in_(select(StageRow.name))).order_by(ProposalRow.id)
+        with Session(self._engine) as session:
+            return [
+                Proposal(r.env, r.base_task_id, r.task_id, r.text, r.stage, r.valid, r.reason)
+                for r in session.scalars(stmt)
+            ]
+
     def experiences(self, *, before: int | None = None) -> list[Experience]:
         """The stored experiences, oldest first: long-term memory as the run has kept it.
 
@@ -228,14 +245,17 @@ class ReplayStore:
         *,
         trajectories: Iterable[Trajectory] = (),
         pairs: Iterable[Pair] = (),
+        proposals: Iterable[Proposal] = (),
         metrics: Mapping[str, float],
     ) -> None:
-        """Stores a stage's remaining trajectories, its pairs and its completion, in one transaction.
+        """Stores a stage's remaining trajectories, its pairs, its imagined tasks and its completion,
+        in one transaction.
 
         Args:
             stage: The stage name, e.g. ``"explore/1"``; each stage completes once.
             trajectories: Trajectories of the stage not yet stored with :meth:`add`.
             pairs: Pairs the stage built (see the module docstring for how they are matched).
+            proposals: Tasks the stage imagined, kept or not (their ``stage`` is ``stage``).
             metrics: The stage's metrics, returned later by :meth:`stage_metrics`.
 
         Raises:
@@ -255,6 +275,7 @@ class ReplayStore:
             session.flush()
             index = _TrajectoryIndex(session, stage)
             session.add_all(index.pair_row(pair) for pair in pairs)
+            session.add_all(_proposal_row(p, stage) for p in proposals)
             position = (session.scalar(select(func.max(StageRow.position))) or 0) + 1
             session.add(StageRow(name=stage, position=position, metrics=encoded))
         logger.info("stage %s complete: %d trajectories, %d pairs", stage, len(rows), len(pairs))
@@ -562,6 +583,20 @@ def _experience_row(e: Experience, trajectory_id: int) -> ExperienceRow:
         reward=e.reward,
         reflection=e.reflection,
         actions=list(e.actions),
+    )
+
+
+def _proposal_row(p: Proposal, stage: str) -> ProposalRow:
+    if p.stage != stage:
+        raise ValueError(f"a proposal of stage {p.stage!r} committed with stage {stage!r}")
+    return ProposalRow(
+        stage=stage,
+        env=p.env,
+        base_task_id=p.base_task_id,
+        task_id=p.task_id,
+        text=p.text,
+        valid=p.valid,
+        reason=p.reason,
     )
 
 

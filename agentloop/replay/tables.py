@@ -1,8 +1,9 @@
 """The replay store's tables, as SQLAlchemy 2 typed ORM models.
 
-Five tables: ``trajectories`` (one row per episode, its conversation as JSON),
+Six tables: ``trajectories`` (one row per episode, its conversation as JSON),
 ``pairs`` (DPO pairs that point at two trajectory rows), ``experiences`` (trials distilled
-for long-term memory, each pointing at its trajectory row), ``stages`` (one row per completed
+for long-term memory, each pointing at its trajectory row), ``proposals`` (imagined tasks),
+``stages`` (one row per completed
 loop stage, the resume record) and ``meta`` (the schema version). Any change here bumps
 :data:`SCHEMA_VERSION` and adds the Alembic revision that migrates a database of the previous
 version (:mod:`agentloop.replay.migrations`): the store migrates older databases when it opens
@@ -25,7 +26,7 @@ SCHEMA_VERSION = 4
 
 Alembic revision ``f"{SCHEMA_VERSION:04d}"`` of :mod:`agentloop.replay.migrations` brings a
 database to it (2: ``trajectories.tamper_attempts``; 3: ``trajectories.episode``, unique per
-stage; 4: ``trajectories.trial``, ``memory`` and ``reflection``, and the ``experiences`` table).
+stage; 4: ``trajectories.trial``, ``memory`` and ``reflection``, and the ``experiences`` and ``proposals`` tables).
 """
 
 SOURCES = typing.get_args(Source)
@@ -152,6 +153,22 @@ class ExperienceRow(Base):
     reward: Mapped[float] = mapped_column(Double)
     reflection: Mapped[str] = mapped_column(Text)
     actions: Mapped[list[str]] = mapped_column(JSON)
+
+
+class ProposalRow(Base):
+    """One stored :class:`agentloop.types.Proposal`: an imagined task, kept or not (schema 4)."""
+
+    __tablename__ = "proposals"
+    __table_args__ = (Index("ix_proposals_stage", "stage"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    stage: Mapped[str] = mapped_column(String)
+    env: Mapped[str] = mapped_column(String)
+    base_task_id: Mapped[str] = mapped_column(String)
+    task_id: Mapped[str] = mapped_column(String, unique=True)
+    text: Mapped[str] = mapped_column(Text)
+    valid: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text)
 
 
 class StageRow(Base):

@@ -43,6 +43,7 @@ def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_mo
         "webshop.max_steps=3",
         "rollout.sampling.max_new_tokens=12",
         "memory.trials=2",
+        "imagine.tasks_per_env=2",
         "mismatch_episodes=2",
     ]
     first = _run(tiny, data_dir)
@@ -50,8 +51,9 @@ def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_mo
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     stages = [r["stage"] for r in records]
     # A random model solves nothing: no successes to imitate, so the round is DPO on ETO's pairs only.
-    assert stages == ["experts", "eval/base", "sft", "eval/sft", "explore/1", "dpo/1", "eval/1"]
-    explore = records[4]
+    assert stages == ["experts", "eval/base", "sft", "eval/sft", "imagine/1", "explore/1", "dpo/1", "eval/1"]
+    assert records[4]["imagine/env/db/proposed"] == 2 and "imagine/env/webshop/proposed" not in records[4]
+    explore = records[5]
     tasks = records[0]["experts/successes"]
     assert explore["explore/episodes"] == tasks and explore["explore/first_trial/episodes"] == tasks
     assert explore["explore/trials"] == 2 * tasks and explore["explore/reflections"] == 2 * tasks
@@ -61,13 +63,16 @@ def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_mo
     assert sorted(t.trial for t in trials) == [0] * int(tasks) + [1] * int(tasks)
     assert all(t.memory.count("Attempt 1:") == 1 for t in trials if t.trial == 1)
     assert len(store.experiences()) == 2 * tasks  # every trial distilled into long-term memory
+    made = store.proposals()
+    assert len(made) == 2 and all(p.stage == "imagine/1" and p.env == "db" for p in made)
+    assert sum(p.valid for p in made) == records[4]["imagine/env/db/valid"]
     assert all(t.memory == "" for t in store.trajectories(stage="eval/1"))  # evaluation has no memory
     store.close()
 
     second = _run(["--resume", str(run_dir), "iterations=2"], data_dir)
     assert second.returncode == 0, second.stderr[-4000:]
     stages = [json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert stages[7:] == ["explore/2", "dpo/2", "eval/2"]
+    assert stages[8:] == ["imagine/2", "explore/2", "dpo/2", "eval/2"]
     store = ReplayStore(f"sqlite:///{run_dir / 'replay.db'}")
     later = store.trajectories(stage="explore/2")
     # Round 2 recalls round 1's experiences from the store: its first trials are shown them.

@@ -72,8 +72,8 @@ keeps the demonstrations that succeed.
 from agentloop.envs.db.config import SQLEnvConfig
 from agentloop.envs.db.env import SQLEnv
 from agentloop.envs.db.experts import DBExpertConfig, build_db_experts
-from agentloop.envs.db.tasks import SPLIT_FILES, DBTask, load_db_tasks
 from agentloop.envs.db.imagine import imagined_task, proposal_prompt
+from agentloop.envs.db.tasks import SPLIT_FILES, DBTask, load_db_tasks
 from agentloop.envs.registry import EnvDefinition, Imagination
 
 ENV = EnvDefinition(

@@ -1,5 +1,6 @@
 """Schema 4: STE's trials and memory. ``trajectories.trial`` (0), ``memory`` and ``reflection``
-(empty) for every episode stored before, and the ``experiences`` table (long-term memory).
+(empty) for every episode stored before, the ``experiences`` table (long-term memory) and the
+``proposals`` table (imagined tasks).
 
 Revision ID: 0004
 Revises: 0003
@@ -41,6 +42,18 @@ def upgrade() -> None:
         sa.Column("actions", sa.JSON(), nullable=False),
     )
     op.create_index("ix_experiences_stage", "experiences", ["stage"])
+    op.create_table(
+        "proposals",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("stage", sa.String(), nullable=False),
+        sa.Column("env", sa.String(), nullable=False),
+        sa.Column("base_task_id", sa.String(), nullable=False),
+        sa.Column("task_id", sa.String(), nullable=False, unique=True),
+        sa.Column("text", sa.Text(), nullable=False),
+        sa.Column("valid", sa.Boolean(), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=False),
+    )
+    op.create_index("ix_proposals_stage", "proposals", ["stage"])
     op.execute(META.update().where(META.c.key == "schema_version").values(value="4"))
 
 

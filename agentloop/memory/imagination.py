@@ -1,0 +1,102 @@
+"""STE's imagination: new tasks near the training ones, steered away from what was explored.
+
+For a seeded sample of each environment's training tasks, the explorer is asked for a new
+task near it (:attr:`agentloop.envs.registry.EnvDefinition.imagination`), shown the tasks of
+long-term memory most similar to it as ones to avoid (STE shows every past query). The
+environment builds a task it can score from each proposal, or says why it cannot; the kept
+ones are then explored like training tasks, and count as verified once a trial solves them:
+an independent attempt then agrees with the proposal's own answer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentloop import envs
+from agentloop.config import ConfigError
+from agentloop.endpoint import EndpointConfig
+from agentloop.types import Experience, Proposal, Task, Trajectory
+
+
+@dataclass
+class ImagineConfig:
+    """How many tasks are imagined each round, and who imagines them."""
+
+    tasks_per_env: int = 0
+    """Proposals asked for per environment that takes imagined tasks, each round; 0 = none."""
+    avoid: int = 5
+    """Tasks of long-term memory most similar to the base task, shown as ones to avoid."""
+    explorer: EndpointConfig = field(default_factory=EndpointConfig)
+    """Who imagines: empty ``url`` = the policy; else a model behind an OpenAI-compatible endpoint."""
+
+    def validate(self) -> None:
+        if self.tasks_per_env < 0 or self.avoid < 0:
+            raise ConfigError("tasks_per_env and avoid must be >= 0")
+
+
+def choose_bases(train: Mapping[str, Sequence[Any]], n: int, rng: random.Random) -> list[Any]:
+    """Up to ``n`` training tasks of each env that takes imagined tasks, a seeded sample, envs in order."""
+    bases = []
+    for name in sorted(train):
+        if envs.definition(name).imagination is not None and train[name]:
+            bases += rng.sample(list(train[name]), min(n, len(train[name])))
+    return bases
+
+
+def requests(bases: Sequence[Any], recall: Callable[[Sequence[Task]], list[list[Experience]]] | None) -> list[str]:
+    """What the explorer is asked for each base task, with the remembered tasks most like it to avoid."""
+    recalled = recall([b.task for b in bases]) if recall is not None and bases else [[] for _ in bases]
+    asked = []
+    for base, found in zip(bases, recalled, strict=True):
+        avoid = list(dict.fromkeys(e.task.instruction for e in found))
+        asked.append(envs.definition(base.task.env).imagination.prompt(base, avoid))
+    return asked
+
+
+def build(
+    bases: Sequence[Any], texts: Sequence[str], configs: Mapping[str, Any], stage: str
+) -> tuple[list[Proposal], list[Any]]:
+    """The proposals as records, and the env tasks of those each environment could score.
+
+    Task ids are ``<stage with / as ->-<n>`` (``imagine-1-0``, ...), so they are unique in a run.
+    """
+    proposals, tasks = [], []
+    prefix = stage.replace("/", "-")
+    for i, (base, text) in enumerate(zip(bases, texts, strict=True)):
+        env = base.task.env
+        task_id = f"{prefix}-{i}"
+        made = envs.definition(env).imagination.build(base, text, configs[env], task_id)
+        valid = not isinstance(made, str)
+        proposals.append(Proposal(env, base.task.task_id, task_id, text, stage, valid, "" if valid else made))
+        if valid:
+            tasks.append(made)
+    return proposals, tasks
+
+
+def rebuild(proposals: Sequence[Proposal], train: Mapping[str, Sequence[Any]], configs: Mapping[str, Any]) -> list[Any]:
+    """The env tasks of stored valid proposals, built again from their text (on ``--resume``)."""
+    by_id = {(name, t.task.task_id): t for name, tasks in train.items() for t in tasks}
+    tasks = []
+    for p in proposals:
+        if p.valid and (p.env, p.base_task_id) in by_id:
+            base = by_id[p.env, p.base_task_id]
+            made = envs.definition(p.env).imagination.build(base, p.text, configs[p.env], p.task_id)
+            if isinstance(made, str):
+                raise RuntimeError(f"imagined task {p.task_id} was valid when made and is not now: {made}")
+            tasks.append(made)
+    return tasks
+
+
+def imagination_metrics(proposals: Sequence[Proposal], explored: Sequence[Trajectory], prefix: str) -> dict[str, float]:
+    """Per env: tasks proposed, valid (the env could score them) and solved by a trial (verified)."""
+    solved = {(t.task.env, t.task.task_id) for t in explored if t.success and t.task.split == "imagined"}
+    metrics: dict[str, float] = {}
+    for env in sorted({p.env for p in proposals}):
+        mine = [p for p in proposals if p.env == env]
+        metrics[f"{prefix}/env/{env}/proposed"] = float(len(mine))
+        metrics[f"{prefix}/env/{env}/valid"] = float(sum(p.valid for p in mine))
+        metrics[f"{prefix}/env/{env}/solved"] = float(sum((env, p.task_id) in solved for p in mine))
+    return metrics

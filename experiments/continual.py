@@ -1,0 +1,105 @@
+"""Continual learning across environments, after STE's replay against forgetting (Wang et al. 2024).
+
+    expert demonstrations of every env; the base model evaluated on every env
+    for each phase (a group of envs: DB, then OS, ...):
+        SFT on the phase's demonstrations, continuing the policy, plus a replayed share of the
+            SFT data of every env trained before, per env (sft.replay_fraction)
+        STE rounds on the phase's training tasks (trials with memory, SFT on successes, DPO),
+            replaying earlier rounds' data per env (round_sft.replay_fraction, dpo.replay_fraction)
+        after every stage: held-out success on every env, and forgetting: how far each env of an
+            earlier phase has fallen below its best (forget/env/<env>/drop, in points)
+
+Usage:
+    python experiments/continual.py 'envs=[{name: db}, {name: os}]' 'phases=[[db], [os]]'
+    python experiments/continual.py ... sft.replay_fraction=0 round_sft.replay_fraction=0 \\
+        dpo.replay_fraction=0                                 # the same sequence without replay
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from functools import partial
+
+from eto import FREE_SETTINGS, Run, episode, parse_args
+from ste import STAGE_READS, LongTermMemory, STEConfig, ste_round
+
+from agentloop.config import ConfigError
+from agentloop.learners.sft import SFTLearnerConfig
+
+
+@dataclass
+class ContinualConfig(STEConfig):
+    """An STE run over envs in sequence; ``iterations`` is the number of STE rounds per phase."""
+
+    phases: list[list[str]] = field(default_factory=lambda: [["db"]])
+    """The envs trained in each phase, in order; together, each env of ``envs`` once."""
+    sft: SFTLearnerConfig = field(default_factory=lambda: SFTLearnerConfig(epochs=2, max_length=0, replay_fraction=0.1))
+    """Each phase's SFT; 10% of the SFT data of the envs trained before is replayed, per env, as STE replays."""
+
+    def validate(self) -> None:
+        super().validate()
+        listed = [name for phase in self.phases for name in phase]
+        if sorted(listed) != sorted(spec.name for spec in self.envs) or not all(self.phases):
+            raise ConfigError(f"phases: each env of envs exactly once, in non-empty phases; got {self.phases}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, run_dir, saved = parse_args(argv, ContinualConfig, "continual", __doc__)
+    run = Run(config, run_dir, saved, {**STAGE_READS, "sft": ("sft", "policy.model", "phases", "seed")}, FREE_SETTINGS)
+    memory = LongTermMemory(run)
+
+    experts = run.stages.rollout("experts", 0, run.make_experts)
+    run.evaluate("eval/base", version=0, iteration=0)
+    version, rounds, trained = 0, 0, []
+    for p, names in enumerate(config.phases, start=1):
+        earlier = list(trained)  # envs of the phases before this one: what may be forgotten
+        mine = [t for t in experts if t.task.env in names]
+        if not mine:
+            raise SystemExit(f"phase {p} ({', '.join(names)}): no expert demonstration to start it from")
+        data = phase_sft_data(run, mine, [t for t in experts if t.task.env in earlier], rounds, p)
+        run.adapters[version + 1] = run.stages.train(f"sft/{p}", p, partial(phase_sft, run, version, data))
+        version += 1
+        trained += names
+        run.evaluate(f"eval/sft-{p}", version=version, iteration=rounds, extra=partial(forgetting, run, earlier))
+        seen = [t for t in experts if t.task.env in trained]  # the SFT data its rounds may replay
+        for _ in range(config.iterations):
+            rounds += 1
+            version = ste_round(run, memory, rounds, version, [episode(t.task) for t in mine], seen)
+            run.evaluate(f"eval/{rounds}", version=version, iteration=rounds, extra=partial(forgetting, run, earlier))
+
+    run.finish()
+
+
+def phase_sft_data(run: Run, new, earlier_experts, rounds: int, phase: int) -> dict[str, list]:
+    """A phase's SFT data: its envs' demonstrations, plus the replayed share of the SFT data of every env
+    trained before (their demonstrations and their rounds' successes), per env."""
+    from agentloop.learners.data import mix_replay_per_env
+
+    earlier = list(earlier_experts)
+    names = {t.task.env for t in earlier_experts}
+    for n in range(1, rounds + 1):
+        found = run.store.trajectories(stage=f"explore/{n}", source="explore", success=True)
+        earlier += [t for t in found if t.task.env in names]
+    rng = random.Random(run.config.seed * 1000 + phase)
+    return {"new": new, "all": mix_replay_per_env(new, earlier, run.config.sft.replay_fraction, rng)}
+
+
+def phase_sft(run: Run, version: int, data: dict[str, list]):
+    """SFT of a phase, from the base model (phase 1) or continuing the current policy; shares logged."""
+    files, metrics = run.sft(data["all"], run.adapters[version] if version else None)
+    new, total = len(data["new"]), len(data["all"])
+    return files, {**metrics, "sft/demonstrations": new, "sft/replayed": total - new}
+
+
+def forgetting(run: Run, earlier: list[str], metrics: dict[str, float]) -> dict[str, float]:
+    """Forgetting of the envs trained in earlier phases: their best held-out success so far against now."""
+    from agentloop.metrics import forgetting as drops
+    from agentloop.metrics import read_metrics
+
+    records = [r for r in read_metrics(run.metrics.path) if r["stage"].startswith("eval/")] if earlier else []
+    return drops(records, metrics, earlier)
+
+
+if __name__ == "__main__":
+    main()

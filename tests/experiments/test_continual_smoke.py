@@ -1,0 +1,79 @@
+"""End to end: ``experiments/continual.py`` (DB, then WebShop) and ``experiments/ablation.py`` on a tiny
+random model: every stage runs, forgetting of the first env is logged, the ablation table is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def tiny(model: Path) -> list[str]:
+    return [
+        f"policy.model={model}",
+        "policy.backend=transformers",
+        "policy.dtype=float32",
+        "sft.dtype=float32",
+        "round_sft.dtype=float32",
+        "dpo.dtype=float32",
+        "sft.epochs=1",
+        "dpo.epochs=1",
+        "db.max_turns=2",
+        "rollout.sampling.max_new_tokens=12",
+        "memory.trials=2",
+        "mismatch_episodes=0",
+    ]
+
+
+def _run(script: str, args: list[str], data_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AGENTLOOP_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    command = [sys.executable, f"experiments/{script}", *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def test_envs_trained_in_sequence_log_the_forgetting_of_the_first(tmp_path, data_dir, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    envs = "envs=[{name: db, train_tasks: 4, eval_tasks: 3}, {name: webshop, train_tasks: 2, eval_tasks: 2}]"
+    args = [f"run_dir={run_dir}", *tiny(tiny_model_dir), envs, "phases=[[db], [webshop]]", "iterations=1"]
+    # The tiny tokenizer spends about a token a character: WebShop's demonstrations need a long SFT length.
+    done = _run("continual.py", [*args, "sft.max_length=16000"], data_dir)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = {r["stage"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert list(records) == [
+        "experts", "eval/base", "sft/1", "eval/sft-1", "explore/1", "dpo/1", "eval/1",
+        "sft/2", "eval/sft-2", "explore/2", "dpo/2", "eval/2",
+    ]  # fmt: skip
+    assert "forget/mean_drop" not in records["eval/1"]  # nothing trained before DB
+    for stage in ("eval/sft-2", "eval/2"):  # DB's fall from its best, once WebShop trains
+        best = max(records[s]["eval/env/db/success_rate"] for s in ("eval/base", "eval/sft-1", "eval/1"))
+        now = records[stage]["eval/env/db/success_rate"]
+        assert records[stage]["forget/env/db/drop"] == pytest.approx(100 * (best - now))
+    assert records["explore/1"]["explore/env/db/episodes"] == 4
+    assert "explore/env/webshop/episodes" not in records["explore/1"]
+    assert records["explore/2"]["explore/env/webshop/episodes"] == 2
+    assert records["sft/2"]["sft/replayed"] == 0  # 10% of 4 DB demonstrations rounds to none
+
+
+def test_the_ablation_runs_its_rows_from_one_trunk_and_writes_the_table(tmp_path, data_dir, tiny_model_dir):
+    out = tmp_path / "ablation"
+    args = ["--out", str(out), "--rows", "eto", "trials", "--iterations", "1", "--"]
+    args += [*tiny(tiny_model_dir), "envs=[{name: db, train_tasks: 4, eval_tasks: 3}]"]
+    done = _run("ablation.py", args, data_dir)
+    assert done.returncode == 0, done.stderr[-4000:] + (out / "trials-seed0.log").read_text()[-3000:]
+    for row in ("eto", "trials"):
+        lines = (out / f"{row}-seed0" / "metrics.jsonl").read_text().splitlines()
+        stages = [json.loads(line)["stage"] for line in lines]
+        assert stages[:4] == ["experts", "eval/base", "sft", "eval/sft"] and stages[-1] == "eval/1"
+    trunk = (out / "trunk-seed0" / "adapters" / "sft" / "adapter_model.safetensors").read_bytes()
+    assert (out / "trials-seed0" / "adapters" / "sft" / "adapter_model.safetensors").read_bytes() == trunk
+    table = (out / "table.md").read_text()
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| 0 |")]
+    assert [(r[1], r[2], r[3]) for r in rows][0] == ("sft", "db", rows[0][3]) and len(rows) == 3
+    assert rows[1][1] == "eto" and rows[1][-1] == "- |" and rows[2][1] == "trials" and rows[2][-1] != "- |"

@@ -1,0 +1,107 @@
+"""Imagined tasks: proposals built into DB tasks the real environment scores, stored and rebuilt."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from agentloop.envs import load_tasks, make_env
+from agentloop.envs.db import SQLEnvConfig
+from agentloop.memory.imagination import build, choose_bases, imagination_metrics, rebuild, requests
+from agentloop.replay import ReplayStore
+from agentloop.types import Experience, Message, Trajectory
+
+
+@pytest.fixture(scope="module")
+def train(data_dir):
+    return {"db": load_tasks("db", data_dir, "train")[:20]}
+
+
+def proposal(base, question: str, sql: str) -> str:
+    return f"Sure.\nQuestion: {question}\nSQL:\n```sql\n{sql}\n```\n"
+
+
+def column(base) -> str:
+    return base.columns[0][0]
+
+
+def test_proposals_are_asked_with_remembered_tasks_to_avoid_and_built_into_scored_tasks(train):
+    bases = choose_bases(train, 3, random.Random(0))
+    assert len(bases) == 3 and bases == choose_bases(train, 3, random.Random(0))
+    remembered = Experience(train["db"][5].task, False, 0.0, "", (), "explore/1")
+    asked = requests(bases, lambda tasks: [[remembered, remembered] for _ in tasks])
+    for base, prompt in zip(bases, asked, strict=True):
+        assert f'Table: "{base.table_name}"' in prompt
+        assert prompt.count(f"- {remembered.task.instruction}") == 1  # shown once, as one to avoid
+    a, b, c = bases
+    texts = [
+        proposal(
+            a, f"What is the {column(a)} of the first row?", f'SELECT "{column(a)}" FROM "{a.table_name}" LIMIT 1;'
+        ),
+        proposal(b, "Blank every first column.", f'UPDATE "{b.table_name}" SET "{column(b)}" = \'\';'),
+        "I cannot think of one.",
+    ]
+    proposals, tasks = build(bases, texts, {"db": SQLEnvConfig()}, "imagine/2")
+    assert [(p.task_id, p.valid, p.base_task_id) for p in proposals] == [
+        ("imagine-2-0", True, a.task.task_id),
+        ("imagine-2-1", True, b.task.task_id),
+        ("imagine-2-2", False, c.task.task_id),
+    ]
+    assert proposals[2].reason == "no question"
+    select, update = tasks
+    assert select.task.split == "imagined" and select.task.kind == "SELECT" and select.label == (str(a.rows[0][0]),)
+    assert update.task.kind == "UPDATE" and update.gold_dialect == "sqlite"
+    assert rebuild(proposals, train, {"db": SQLEnvConfig()}) == tasks
+
+    # The environment scores them as it scores dbbench's: the SELECT by its answer, the UPDATE by its table.
+    env = make_env("db", tasks, SQLEnvConfig())
+    env.reset(options={"task_id": select.task.task_id})
+    assert env.step("Action: Answer\nFinal Answer: " + json.dumps(list(select.label)))[1] == 1.0
+    env.reset(options={"task_id": select.task.task_id})
+    assert env.step('Action: Answer\nFinal Answer: ["not it"]')[1] == 0.0
+    env.reset(options={"task_id": update.task.task_id})
+    env.step(f"Action: Operation\n```sql\n{update.gold_sql}\n```")
+    assert env.step("Action: Answer\nFinal Answer: []")[1] == 1.0
+    env.reset(options={"task_id": update.task.task_id})
+    assert env.step("Action: Answer\nFinal Answer: []")[1] == 0.0  # the table unchanged
+    env.close()
+
+    solved = Trajectory(
+        select.task, (Message("user", "q"),), "", 1.0, True, True, False, 1, 0, "explore", 1, 1
+    )  # fmt: skip
+    assert imagination_metrics(proposals, [solved], "imagine") == {
+        "imagine/env/db/proposed": 3.0,
+        "imagine/env/db/valid": 2.0,
+        "imagine/env/db/solved": 1.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        ('DELETE FROM "{t}";', "a DELETE statement"),
+        ('SELECT "{c}" FROM "{t}" WHERE 1 = 0;', "returns 0 values"),
+        ('SELECT "{c}" FROM "{t}";', "values (1 to 10 are scored)"),
+        ('UPDATE "{t}" SET "{c}" = 1 WHERE 1 = 0;', "changes no row"),
+        ('SELECT nothing FROM "{t}";', "the SQL fails"),
+        ("SELECT 1; SELECT 2;", "more than one statement"),
+    ],
+)
+def test_proposals_the_environment_cannot_score_are_refused_with_the_reason(train, sql, reason):
+    base = max(train["db"], key=lambda t: len(t.rows))
+    text = proposal(base, "A question?", sql.format(t=base.table_name, c=column(base)))
+    proposals, tasks = build([base], [text], {"db": SQLEnvConfig()}, "imagine/1")
+    assert tasks == [] and not proposals[0].valid and reason in proposals[0].reason
+
+
+def test_proposals_are_stored_with_their_stage_and_read_back(tmp_path, train):
+    base = train["db"][0]
+    text = proposal(base, "First?", f'SELECT "{column(base)}" FROM "{base.table_name}" LIMIT 1;')
+    proposals, _ = build([base, base], [text, "nonsense"], {"db": SQLEnvConfig()}, "imagine/1")
+    with ReplayStore(f"sqlite:///{tmp_path / 'r.db'}") as store:
+        store.commit_stage("imagine/1", proposals=proposals, metrics={})
+        assert store.proposals() == proposals
+        with pytest.raises(ValueError, match="committed with stage"):
+            store.commit_stage("imagine/2", proposals=proposals, metrics={})
