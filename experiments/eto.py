@@ -418,7 +418,8 @@ def parse_args(argv: list[str] | None, config_class: type = ETOConfig, name: str
         if args.config:
             raise ConfigError("--resume continues a run with its own config.yaml; give overrides, not --config")
         run, saved, config = RunDir.resume(args.resume, config_class, args.overrides)
-        config.fit_lengths()  # lengths a saved config lacks (a section its experiment did not have) are fitted
+        for each in (saved, config):  # lengths a saved config lacks (a section its experiment had not) are fitted
+            each.fit_lengths()
         for key in ("run_dir", "store_url"):  # where the run and its record of completed stages live
             if getattr(config, key) != getattr(saved, key):
                 raise ConfigError(f"{key}: a resumed run keeps its {key} ({getattr(saved, key)!r})")

@@ -11,6 +11,7 @@ import pytest
 from agentloop.metrics import (
     MetricsLogger,
     flatten_metrics,
+    forgetting,
     learning_curve,
     mcnemar_exact,
     paired_comparison,
@@ -89,6 +90,28 @@ BATCH = [
 )
 def test_mcnemar_exact_by_hand(b: int, c: int, expected: float) -> None:
     assert mcnemar_exact(b, c) == pytest.approx(expected)
+
+
+def test_forgetting_is_the_fall_from_each_earlier_envs_best_in_points() -> None:
+    before = [
+        {"eval/env/db/success_rate": 0.10},
+        {"eval/env/db/success_rate": 0.20, "eval/env/os/success_rate": 0.05},
+        {"eval/success_rate": 0.3},  # no per-env figure: not counted
+    ]
+    now = {"eval/env/db/success_rate": 0.15, "eval/env/os/success_rate": 0.10, "eval/env/webshop/success_rate": 0.4}
+    found = forgetting(before, now, ["db", "os", "webshop"])
+    assert found == pytest.approx(
+        {
+            "forget/env/db/best": 0.20,
+            "forget/env/db/now": 0.15,
+            "forget/env/db/drop": 5.0,  # 20% best, 15% now
+            "forget/env/os/best": 0.05,
+            "forget/env/os/now": 0.10,
+            "forget/env/os/drop": -5.0,  # it rose
+            "forget/mean_drop": 0.0,
+        }
+    )  # webshop has no earlier record: left out
+    assert forgetting(before, now, []) == {}
 
 
 def test_paired_comparison_matches_tasks() -> None:

@@ -93,26 +93,6 @@ class Dealer:
         """The episodes ``worker`` has taken in this deal (finished or not)."""
         return list(self.taken.get(worker, []))
 
-    def add_tasks(self, tasks: Sequence[Any]) -> None:
-        """Makes more env tasks (imagined ones) playable by every actor, and by those started later."""
-        self.tasks += list(tasks)
-        if tasks:
-            self._each(dict(self.actors), "add_tasks", list(tasks))
-
-    def complete(self, prompts: Sequence[str], version: int, files: Files | None) -> list[str]:
-        """The answers of policy ``version`` to ``prompts`` (one user turn each), spread over the actors."""
-        import ray
-
-        self.ensure(version, files)
-        names = list(self.actors)
-        shares = {name: list(range(i, len(prompts), len(names))) for i, name in enumerate(names)}
-        calls = {name: self.actors[name].complete.remote([prompts[i] for i in idx]) for name, idx in shares.items()}
-        answers: list[str] = [""] * len(prompts)
-        for name, ref in calls.items():
-            for i, text in zip(shares[name], ray.get(ref), strict=True):
-                answers[i] = text
-        return answers
-
     def publish(self, version: int, files: Files | None) -> None:
         """From now on actors serve ``version``: base model plus the adapter ``files`` (None = base)."""
         self.version, self.files = version, files

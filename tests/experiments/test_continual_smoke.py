@@ -4,12 +4,10 @@ random model: every stage runs, forgetting of the first env is logged, the ablat
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from experiment_runs import run_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -32,18 +30,12 @@ def tiny(model: Path) -> list[str]:
     ]
 
 
-def _run(script: str, args: list[str], data_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "AGENTLOOP_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
-    command = [sys.executable, f"experiments/{script}", *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-
-
 def test_envs_trained_in_sequence_log_the_forgetting_of_the_first(tmp_path, data_dir, tiny_model_dir):
     run_dir = tmp_path / "run"
     envs = "envs=[{name: db, train_tasks: 4, eval_tasks: 3}, {name: webshop, train_tasks: 2, eval_tasks: 2}]"
     args = [f"run_dir={run_dir}", *tiny(tiny_model_dir), envs, "phases=[[db], [webshop]]", "iterations=1"]
     # The tiny tokenizer spends about a token a character: WebShop's demonstrations need a long SFT length.
-    done = _run("continual.py", [*args, "sft.max_length=16000"], data_dir)
+    done = run_experiment("continual.py", [*args, "sft.max_length=16000"], data_dir)
     assert done.returncode == 0, done.stderr[-4000:]
     records = {r["stage"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     assert list(records) == [
@@ -65,7 +57,7 @@ def test_the_ablation_runs_its_rows_from_one_trunk_and_writes_the_table(tmp_path
     out = tmp_path / "ablation"
     args = ["--out", str(out), "--rows", "eto", "trials", "--iterations", "1", "--"]
     args += [*tiny(tiny_model_dir), "envs=[{name: db, train_tasks: 4, eval_tasks: 3}]"]
-    done = _run("ablation.py", args, data_dir)
+    done = run_experiment("ablation.py", args, data_dir)
     assert done.returncode == 0, done.stderr[-4000:] + (out / "trials-seed0.log").read_text()[-3000:]
     for row in ("eto", "trials"):
         lines = (out / f"{row}-seed0" / "metrics.jsonl").read_text().splitlines()

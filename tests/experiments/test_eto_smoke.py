@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from experiment_runs import run_experiment
 from sandbox import why_no_sandbox
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,10 +21,7 @@ OS_SANDBOX = why_no_sandbox() is None
 
 
 def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "AGENTLOOP_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run(
-        [sys.executable, "experiments/eto.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
-    )
+    return run_experiment("eto.py", args, data_dir, timeout=900)
 
 
 @pytest.mark.slow

@@ -4,21 +4,17 @@ reflections, then SFT/DPO rounds), interrupted and resumed for one more round.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from experiment_runs import run_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "AGENTLOOP_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run(
-        [sys.executable, "experiments/ste.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
-    )
+    return run_experiment("ste.py", args, data_dir, timeout=900)
 
 
 @pytest.mark.slow
