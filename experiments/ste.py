@@ -248,6 +248,7 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
         metrics["explore/memory_tokens"] = float(stats.memory_tokens)
         metrics["explore/memory_token_share"] = stats.memory_tokens / max(stats.prompt_tokens, 1)
         metrics["explore/reflection_tokens"] = float(stats.reflection_tokens)
+        metrics["explore/failed_reflections"] = float(stats.failed_reflections)
     return metrics | run.mismatch(trials, version, "explore")
 
 
