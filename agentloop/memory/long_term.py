@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,9 @@ Embed = Callable[[Sequence[str]], Any]
 HEADER = "Experience from similar tasks:"
 
 
+CACHED_VECTORS = 20_000
+"""Texts whose vectors are kept (about 30 MB): a task is recalled for at every trial, and its key
+is also the text of every experience it leaves, so most recalls embed nothing."""
 HNSW_M = 32
 """Neighbours per node of the HNSW graph."""
 EF_CONSTRUCTION = 128
@@ -77,6 +81,7 @@ class LongTermMemory:
 
     def __init__(self, embed: Embed | None = None) -> None:
         self._embed = embed
+        self._cache: OrderedDict[str, Any] = OrderedDict()  # text -> its vector, the newest last
         self._index: Any = None
         self.experiences: list[Experience] = []
         self._lock = threading.Lock()
@@ -85,11 +90,18 @@ class LongTermMemory:
         return len(self.experiences)
 
     def embed(self, texts: Sequence[str]) -> Any:
+        """Unit vectors of ``texts``; a text embedded before (a task's key, tried again) is not embedded again."""
         import numpy as np
 
         if self._embed is None:
             self._embed = minilm()
-        return np.ascontiguousarray(self._embed(texts), dtype=np.float32)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            for text, vector in zip(missing, np.asarray(self._embed(missing), dtype=np.float32), strict=True):
+                self._cache[text] = vector
+            while len(self._cache) > CACHED_VECTORS:
+                self._cache.popitem(last=False)
+        return np.ascontiguousarray(np.stack([self._cache[t] for t in texts]))
 
     def add(self, experiences: Sequence[Experience], vectors: Any = None) -> None:
         """Remembers ``experiences``, embedded by their task's text (:func:`key_text`) unless their
@@ -116,17 +128,17 @@ class LongTermMemory:
 
         queries = self.embed([key_text(t) for t in tasks])
         faiss.omp_set_num_threads(1)  # one query's search: threads only fight torch's (bench/memory_retrieval.py)
-        with self._lock:
-            kept = list(self.experiences)
+        with self._lock:  # experiences only grow: the first len() of them match the index searched
+            kept = len(self.experiences)
             # Over-fetch: the same task's own trials of this stage may take up to trials-many places.
-            _, found = self._index.search(queries, min(len(kept), 4 * k + 8))
+            _, found = self._index.search(queries, min(kept, 4 * k + 8))
         out = []
         for task, row in zip(tasks, found, strict=True):
             picked = []
             for i in row:
                 if i < 0:
                     break
-                e = kept[i]
+                e = self.experiences[i]
                 if skip_stage and e.stage == skip_stage and (e.task.env, e.task.task_id) == (task.env, task.task_id):
                     continue
                 picked.append(e)
