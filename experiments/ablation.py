@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", action="store_true", help="only write the table of the runs that completed")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
+    if any(o.startswith(("store_url=", "run_dir=")) for o in args.overrides):
+        raise SystemExit("store_url, run_dir: every run of the ablation keeps its own SQLite store in its directory")
     if not args.table:
         for seed in args.seeds:
             trunk = args.out / f"trunk-seed{seed}"
@@ -94,13 +96,29 @@ def run(run_dir: Path, script: str, overrides: list[str]) -> None:
 
 
 def fork(trunk: Path, target: Path) -> None:
-    """A new run directory holding the trunk's stages (store, adapters, metrics), unless it exists."""
+    """A new run directory holding the trunk's stages (store, adapters, metrics), unless it exists.
+
+    Made whole or not at all: copied beside the target, then renamed into place. The store is
+    copied with SQLite's backup API, so what the trunk committed is there even if its
+    write-ahead log was never checkpointed.
+    """
+    import sqlite3
+
     if (target / "config.yaml").is_file():
         return
-    shutil.copytree(trunk, target, ignore=shutil.ignore_patterns("tensorboard", "*.png", "replay.db-*"))
-    config = yaml.safe_load((target / "config.yaml").read_text())
+    staging = target.with_name(target.name + ".forking")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(trunk, staging, ignore=shutil.ignore_patterns("tensorboard", "*.png", "replay.db*"))
+    source, copy = sqlite3.connect(trunk / "replay.db"), sqlite3.connect(staging / "replay.db")
+    with copy:
+        source.backup(copy)
+    source.close()
+    copy.close()
+    config = yaml.safe_load((staging / "config.yaml").read_text())
     config["run_dir"] = str(target)
-    (target / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.rmtree(target, ignore_errors=True)  # a target left without its config.yaml holds nothing kept
+    os.replace(staging, target)
 
 
 def ablation_table(out: Path, seeds: list[int], rows: list[str], iterations: int) -> str:

@@ -46,7 +46,10 @@ class ContinualConfig(STEConfig):
 
 def main(argv: list[str] | None = None) -> None:
     config, run_dir, saved = parse_args(argv, ContinualConfig, "continual", __doc__)
-    run = Run(config, run_dir, saved, {**STAGE_READS, "sft": ("sft", "policy.model", "phases", "seed")}, FREE_SETTINGS)
+    # Rounds are numbered across phases, so a resumed run keeps its rounds per phase (iterations).
+    free = tuple(key for key in FREE_SETTINGS if key != "iterations")
+    reads = {**STAGE_READS, "sft": ("sft", "policy.model", "phases", "seed", "iterations")}
+    run = Run(config, run_dir, saved, reads, free)
     memory = LongTermMemory(run)
 
     experts = run.stages.rollout("experts", 0, run.make_experts)

@@ -62,13 +62,13 @@ class STEConfig(ETOConfig):
 
     def fit_lengths(self) -> None:
         """As :meth:`ETOConfig.fit_lengths`, with room in the rollout's context for memory; learners
-        get the envs' context (memory is stripped before training) plus memory if they keep it."""
+        get the same length (a trial shown little memory may use the room for its own turns)."""
         context = max(envs.definition(spec.name).context_tokens for spec in self.envs)
         if self.rollout.max_context_tokens == 0:
             self.rollout.max_context_tokens = context + self.memory.memory_tokens
-        for learner in (self.sft, self.round_sft, self.dpo):
+        for learner in (self.sft, self.round_sft, self.dpo):  # a trial shown little memory may run longer
             if learner.max_length == 0:
-                learner.max_length = context + (self.memory.memory_tokens if learner.keep_memory else 0)
+                learner.max_length = self.rollout.max_context_tokens
 
 
 STAGE_READS = {
@@ -115,8 +115,10 @@ def ste_round(run: Run, memory: LongTermMemory, it: int, version: int, explore_i
         from agentloop.memory.imagination import rebuild
 
         names = {key.split("/", 1)[0] for key in explore_ids}  # imagined near the round's own envs
-        proposals = run.stages.imagine(f"imagine/{it}", it, partial(imagine, run, memory, version, it, names))
-        imagined = rebuild(proposals, run.train, env_configs(config))
+        stage = f"imagine/{it}"
+        made: dict = {}  # the tasks built when the stage runs now; rebuilt from the store when it ran before
+        proposals = run.stages.imagine(stage, it, partial(imagine, run, memory, version, it, names, made))
+        imagined = made.get("tasks") or rebuild(proposals, run.train, env_configs(config))
         run.fleet.add_tasks(imagined)
     # Every task played in a chain of trials, each shown long- and short-term memory.
     stage = f"explore/{it}"
@@ -176,7 +178,7 @@ class LongTermMemory:
             ray.get(self.actor.add.remote(experiences))
 
 
-def imagine(run: Run, memory: LongTermMemory, version: int, it: int, names: set[str]):
+def imagine(run: Run, memory: LongTermMemory, version: int, it: int, names: set[str], made: dict):
     """Proposals of new tasks near a seeded sample of the training tasks of envs ``names``, by the
     policy (or the configured explorer), each shown the remembered tasks most like its base as ones to avoid."""
     import random
@@ -190,8 +192,8 @@ def imagine(run: Run, memory: LongTermMemory, version: int, it: int, names: set[
     if config.imagine.explorer.enabled:
         texts = ask_endpoint(config.imagine.explorer, asked)
     else:
-        texts = run.fleet.complete(asked, version, run.adapters[version])
-    proposals, _ = build(bases, texts, env_configs(config), f"imagine/{it}")
+        texts = run.fleet.complete(asked, version, run.adapters[version], config.imagine.max_new_tokens)
+    proposals, made["tasks"] = build(bases, texts, env_configs(config), f"imagine/{it}")
     metrics = {}
     for env in sorted({p.env for p in proposals}):
         mine = [p for p in proposals if p.env == env]

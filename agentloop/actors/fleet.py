@@ -63,10 +63,6 @@ class Dealer:
         """The trials played before of those of ``keys`` whose chains were begun elsewhere."""
         return {k: self.begun[k] for k in keys if k in self.begun}
 
-    def resume(self, begun: dict[str, list[Trajectory]]) -> None:
-        """Records the trials played so far of chains a dead actor left unfinished."""
-        self.begun.update(begun)
-
     def take(self, worker: str, n: int, deal: int | None = None) -> tuple[list[str], int | None]:
         """Up to ``n`` waiting episodes of deal ``deal`` (None: the current one) for ``worker``,
         and the policy version to serve."""
@@ -76,13 +72,17 @@ class Dealer:
         self.taken[worker] += keys
         return keys, self.version
 
-    def give_back(self, worker: str, finished: Sequence[str]) -> list[str]:
+    def give_back(
+        self, worker: str, finished: Sequence[str], begun: dict[str, list[Trajectory]] | None = None
+    ) -> list[str]:
         """Retires ``worker`` (given up for dead, it may still be running for a moment: it takes
         nothing more) and puts the episodes it took but did not finish first in line again;
-        returns them."""
+        returns them. ``begun``: the trials returned so far of chains under way, recorded for
+        the lost ones before they can be taken again (so a chain goes on after its last trial)."""
         self.retired.add(worker)
         done = set(finished)
         lost = [k for k in self.taken.pop(worker, []) if k not in done]
+        self.begun.update({k: begun[k] for k in lost if k in (begun or {})})
         self.pending.extendleft(reversed(lost))
         return lost
 
@@ -251,14 +251,18 @@ class Fleet:
         if tasks:
             self._each(dict(self.actors), "add_tasks", list(tasks))
 
-    def complete(self, prompts: Sequence[str], version: int, files: Files | None) -> list[str]:
-        """The answers of policy ``version`` to ``prompts`` (one user turn each), spread over the actors."""
+    def complete(self, prompts: Sequence[str], version: int, files: Files | None, max_new_tokens: int) -> list[str]:
+        """The answers of policy ``version`` to ``prompts`` (one user turn each, up to ``max_new_tokens``),
+        spread over the actors."""
         import ray
 
         self.ensure(version, files)
         names = list(self.actors)
         shares = {name: list(range(i, len(prompts), len(names))) for i, name in enumerate(names)}
-        calls = {name: self.actors[name].complete.remote([prompts[i] for i in idx]) for name, idx in shares.items()}
+        calls = {
+            name: self.actors[name].complete.remote([prompts[i] for i in idx], max_new_tokens)
+            for name, idx in shares.items()
+        }
         answers: list[str] = [""] * len(prompts)
         for name, ref in calls.items():
             for i, text in zip(shares[name], ray.get(ref), strict=True):
@@ -370,9 +374,8 @@ class Fleet:
                 running.discard(name)
                 ray.kill(self.actors[name], no_restart=True)  # (a no-op if it is dead already)
                 self._drop(name)
-                lost = ray.get(self.dealer.give_back.remote(name, finished[name]))
-                if trials is not None:  # its chains go on from their last returned trial
-                    ray.get(self.dealer.resume.remote({k: chains[k] for k in lost if k in chains}))
+                # its chains go on from their last returned trial, recorded as their keys go back
+                lost = ray.get(self.dealer.give_back.remote(name, finished[name], chains if trials else None))
                 counts["lost_actors"] += 1
                 counts["replayed"] += len(lost)
                 logger.warning("%s died mid-stage; %d of its episodes go to the other actors", name, len(lost))

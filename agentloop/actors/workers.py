@@ -142,10 +142,14 @@ class RolloutWorker:
             self.tasks[(task.task.env, task.task.task_id)] = task
             self._env_tasks.setdefault(task.task.env, []).append(task)
 
-    def complete(self, prompts: Sequence[str]) -> list[str]:
-        """The policy's answer to each prompt, as a conversation's first user turn (greedy, as the rollout samples)."""
+    def complete(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """The policy's answer to each prompt, as a conversation's first user turn (sampled as the
+        rollout samples, up to ``max_new_tokens``)."""
+        from dataclasses import replace
+
         chat = self.policy.chat
-        found = self.policy.generate([chat.user_segment(p, first=True) for p in prompts], self.rollout_config.sampling)
+        sampling = replace(self.rollout_config.sampling, max_new_tokens=max_new_tokens)
+        found = self.policy.generate([chat.user_segment(p, first=True) for p in prompts], sampling)
         return [g.text for g in found]
 
     def load_adapter(self, files: Files | None, version: int) -> int:

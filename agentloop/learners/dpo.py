@@ -79,10 +79,10 @@ class DPOLearnerConfig:
     dtype: str = "bfloat16"
     """Weights and autocast dtype: bfloat16 or float32."""
     seed: int = 0
+    """Seed for data order."""
     keep_memory: bool = False
     """Train on the memory an episode was shown (STE's trials) as part of its prompt; by default
-    it is stripped, as STE fine-tunes on task to solution without the trial history."""
-    """Seed for data order."""
+    it is stripped, so that trials of one task share the task's prompt."""
     replay_fraction: float = 0.0
     """Share of earlier rounds' pairs the loop mixes into a round, per env (``data.mix_replay_per_env``); 0 = none."""
 

@@ -69,13 +69,13 @@ class SFTLearnerConfig:
     dtype: str = "bfloat16"
     """Weights and autocast dtype: bfloat16 (AMX/AVX-512 bf16 is ~3x fp32 on CPU) or float32."""
     seed: int = 0
+    """Seed for LoRA initialisation and data order."""
     replay_fraction: float = 0.0
     """For SFT rounds after the first (STE): the share of earlier rounds' SFT data (expert
     demonstrations included) the loop mixes in, per env (``data.mix_replay_per_env``); 0 = none."""
     keep_memory: bool = False
     """Train on the memory an episode was shown (STE's trials) as part of its prompt; by default
     it is stripped, as STE fine-tunes on task to solution without the trial history."""
-    """Seed for LoRA initialisation and data order."""
 
     def validate(self) -> None:
         """Raises ``ConfigError`` on an out-of-range field."""

@@ -10,6 +10,7 @@ an independent attempt then agrees with the proposal's own answer.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from agentloop.config import ConfigError
 from agentloop.endpoint import EndpointConfig
 from agentloop.types import Experience, Proposal, Task, Trajectory
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class ImagineConfig:
@@ -29,12 +32,14 @@ class ImagineConfig:
     """Proposals asked for per environment that takes imagined tasks, each round; 0 = none."""
     avoid: int = 5
     """Tasks of long-term memory most similar to the base task, shown as ones to avoid."""
+    max_new_tokens: int = 256
+    """Longest proposal, in generated tokens (a question and its SQL need more than an action)."""
     explorer: EndpointConfig = field(default_factory=EndpointConfig)
     """Who imagines: empty ``url`` = the policy; else a model behind an OpenAI-compatible endpoint."""
 
     def validate(self) -> None:
-        if self.tasks_per_env < 0 or self.avoid < 0:
-            raise ConfigError("tasks_per_env and avoid must be >= 0")
+        if self.tasks_per_env < 0 or self.avoid < 0 or self.max_new_tokens < 1:
+            raise ConfigError("tasks_per_env and avoid must be >= 0, max_new_tokens >= 1")
 
 
 def choose_bases(train: Mapping[str, Sequence[Any]], n: int, rng: random.Random) -> list[Any]:
@@ -77,7 +82,11 @@ def build(
 
 
 def rebuild(proposals: Sequence[Proposal], train: Mapping[str, Sequence[Any]], configs: Mapping[str, Any]) -> list[Any]:
-    """The env tasks of stored valid proposals, built again from their text (on ``--resume``)."""
+    """The env tasks of stored valid proposals, built again from their text (on ``--resume``).
+
+    A proposal that no longer builds (its SQL timed out on a busy machine, say) is left out with
+    a warning: its stage then plays without it, and the trials it stored are not used.
+    """
     by_id = {(name, t.task.task_id): t for name, tasks in train.items() for t in tasks}
     tasks = []
     for p in proposals:
@@ -85,7 +94,8 @@ def rebuild(proposals: Sequence[Proposal], train: Mapping[str, Sequence[Any]], c
             base = by_id[p.env, p.base_task_id]
             made = envs.definition(p.env).imagination.build(base, p.text, configs[p.env], p.task_id)
             if isinstance(made, str):
-                raise RuntimeError(f"imagined task {p.task_id} was valid when made and is not now: {made}")
+                logger.warning("imagined task %s was valid when made and is not now (%s): left out", p.task_id, made)
+                continue
             tasks.append(made)
     return tasks
 

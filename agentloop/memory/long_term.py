@@ -96,12 +96,15 @@ class LongTermMemory:
         if self._embed is None:
             self._embed = minilm()
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        if missing:
-            for text, vector in zip(missing, np.asarray(self._embed(missing), dtype=np.float32), strict=True):
-                self._cache[text] = vector
-            while len(self._cache) > CACHED_VECTORS:
-                self._cache.popitem(last=False)
-        return np.ascontiguousarray(np.stack([self._cache[t] for t in texts]))
+        found = dict(zip(missing, np.asarray(self._embed(missing), dtype=np.float32), strict=True)) if missing else {}
+        for text in texts:
+            if text not in found:
+                found[text] = self._cache[text]
+                self._cache.move_to_end(text)  # recently used: evicted last
+        self._cache.update((text, found[text]) for text in missing)
+        while len(self._cache) > CACHED_VECTORS:
+            self._cache.popitem(last=False)
+        return np.ascontiguousarray(np.stack([found[t] for t in texts]))
 
     def add(self, experiences: Sequence[Experience], vectors: Any = None) -> None:
         """Remembers ``experiences``, embedded by their task's text (:func:`key_text`) unless their

@@ -34,6 +34,18 @@ def test_a_rollout_left_over_from_an_earlier_deal_takes_nothing_of_the_next():
     assert dealer.take("a", 5, second) == (["db/2", "db/3"], None)
 
 
+def test_a_dead_workers_chains_go_back_with_their_trials_in_the_same_call():
+    dealer = Dealer()
+    dealer.deal(["db/a", "db/b", "db/c"], begun={"db/c": ["c0"]})
+    dealer.take("w1", 2)
+    returned = {"db/a": ["a0", "a1"], "db/c": ["c0"]}  # chains under way, as the driver saw them come back
+    assert dealer.give_back("w1", finished=[], begun=returned) == ["db/a", "db/b"]
+    # Whoever takes a lost chain next finds its trials already recorded: it goes on after a1.
+    keys, _ = dealer.take("w2", 1)
+    assert keys == ["db/a"] and dealer.earlier(keys) == {"db/a": ["a0", "a1"]}
+    assert dealer.earlier(["db/b", "db/c"]) == {"db/c": ["c0"]}
+
+
 def test_gpu_shares():
     assert gpu_shares(0, 2, -1) == (0.0, 0.0)  # a CPU cluster
     assert gpu_shares(5, 4, -1) == (1.0, 1.0)  # a GPU for each rollout actor and the learner

@@ -84,7 +84,9 @@ def test_proposals_are_asked_with_remembered_tasks_to_avoid_and_built_into_score
         ('DELETE FROM "{t}";', "a DELETE statement"),
         ('SELECT "{c}" FROM "{t}" WHERE 1 = 0;', "returns 0 values"),
         ('SELECT "{c}" FROM "{t}";', "values (1 to 10 are scored)"),
-        ('UPDATE "{t}" SET "{c}" = 1 WHERE 1 = 0;', "changes no row"),
+        ('UPDATE "{t}" SET "{c}" = 1 WHERE 1 = 0;', "leaves the table as it was"),
+        ('UPDATE "{t}" SET "{c}" = "{c}";', "leaves the table as it was"),  # rows "changed", solved by doing nothing
+        ("SELECT random();", "random() is not available"),  # nothing that varies between runs is allowed
         ('SELECT nothing FROM "{t}";', "the SQL fails"),
         ("SELECT 1; SELECT 2;", "more than one statement"),
     ],

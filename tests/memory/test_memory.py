@@ -165,3 +165,23 @@ def test_distill_keeps_task_outcome_reflection_and_actions():
     t = trial(task(3), 2, ["SELECT a", "Action: Answer"], success=True, reflection="Done.")
     e = distill(t, "explore/4")
     assert e == Experience(t.task, True, 1.0, "Done.", ("SELECT a", "Action: Answer"), "explore/4", trial=2)
+
+
+def test_the_embedding_cache_serves_repeated_texts_and_evicts_the_least_recently_used(monkeypatch):
+    import numpy as np
+
+    from agentloop.memory import long_term
+
+    calls = []
+
+    def embed(texts):
+        calls.append(list(texts))
+        return np.eye(8, dtype=np.float32)[[len(t) % 8 for t in texts]]
+
+    monkeypatch.setattr(long_term, "CACHED_VECTORS", 2)
+    memory = LongTermMemory(embed=embed)
+    memory.embed(["a", "bb"])
+    memory.embed(["a", "ccc"])  # "a" is used again, so "bb" is the one evicted
+    found = memory.embed(["a", "ccc", "bb"])
+    assert calls == [["a", "bb"], ["ccc"], ["bb"]]
+    assert found.shape == (3, 8) and found[0].argmax() == 1 and found[2].argmax() == 2

@@ -4,18 +4,21 @@ The explorer is shown a training task's table (name, columns, a few rows) and th
 already asked of similar tables, and proposes a new question with the one SQL statement that
 answers it. :func:`imagined_task` keeps a proposal only when its SQL runs on a fresh copy of
 the table and gives an answer the environment can score: a SELECT that returns between one
-and :data:`MAX_VALUES` values (the label), or an INSERT or UPDATE that changes at least one
-row (scored by the table it leaves, like dbbench's own write tasks). Whether the question and
-the SQL agree is decided afterwards, by an independent attempt or a judge.
+and :data:`MAX_VALUES` values (the label), or an INSERT or UPDATE that changes the table
+(scored by the table it leaves, like dbbench's own write tasks; one that leaves the table as
+it was would be solved by doing nothing). The SQL runs twice, and an answer that varies
+(``random()``, say) is refused. Whether the question and the SQL agree is decided
+afterwards, by an independent attempt.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 from agentloop.envs.db.config import SQLEnvConfig
-from agentloop.envs.db.engine import quote_identifier, run_on_template, sqlite_type
+from agentloop.envs.db.engine import EpisodeDB, SQLResult, build_template, leased_worker, quote_identifier, sqlite_type
 from agentloop.envs.db.tasks import ENV_NAME, DBTask
 from agentloop.types import Task
 
@@ -26,7 +29,6 @@ SAMPLE_ROWS = 3
 
 _QUESTION_RE = re.compile(r"Question:\s*(.+?)\s*(?:\n\s*SQL:|$)", re.IGNORECASE | re.DOTALL)
 _SQL_RE = re.compile(r"```(?:[ \t]*(?:sqlite|sql)\b)?(.*?)```", re.IGNORECASE | re.DOTALL)
-_AFFECTED_RE = re.compile(r"Query OK, (\d+) rows? affected")
 
 
 def proposal_prompt(base: DBTask, avoid: Sequence[str] = ()) -> str:
@@ -59,6 +61,14 @@ def parse_proposal(text: str) -> tuple[str, str] | str:
     return " ".join(question.group(1).split()), block.group(1).strip()
 
 
+def _outcome(base: DBTask, sql: str, config: SQLEnvConfig) -> tuple[SQLResult, Counter | None]:
+    """What ``sql`` returns on a fresh copy of ``base``'s table, and the table it leaves (a multiset of rows)."""
+    with leased_worker(config) as worker:
+        db = EpisodeDB(build_template(base))
+        result = worker.run(db, sql, config)
+        return result, worker.read_table(db, config)
+
+
 def imagined_task(base: DBTask, text: str, config: SQLEnvConfig, task_id: str) -> DBTask | str:
     """The task a proposal describes over ``base``'s table, or a sentence saying why it is not kept.
 
@@ -75,11 +85,14 @@ def imagined_task(base: DBTask, text: str, config: SQLEnvConfig, task_id: str) -
     kind = sql.lstrip("( \n").split(None, 1)[0].upper() if sql.strip() else ""
     if kind not in ("SELECT", "WITH", "INSERT", "UPDATE"):
         return f"a {kind or 'blank'} statement: only SELECT, INSERT and UPDATE tasks are scored"
-    result = run_on_template(base, sql, config)
+    runs = [_outcome(base, sql, config) for _ in range(2)]  # twice: an answer that varies cannot be scored
+    result, table = runs[0]
     if result.several:
         return "more than one statement"
     if result.error:
         return f"the SQL fails: {result.text[:200]}"
+    if runs[1] != runs[0]:
+        return "the SQL gives a different result each time it runs"
     task = Task(ENV_NAME, task_id, "imagined", "SELECT" if kind in ("SELECT", "WITH") else kind, question)
     if task.kind == "SELECT":
         values = [v for row in result.rows or () for v in row]
@@ -87,9 +100,9 @@ def imagined_task(base: DBTask, text: str, config: SQLEnvConfig, task_id: str) -
             return f"the SELECT returns {len(values)} values (1 to {MAX_VALUES} are scored)"
         label = tuple(str(v) for v in values)
     else:
-        changed = _AFFECTED_RE.search(result.text)
-        if changed is None or int(changed.group(1)) == 0:
-            return f"the {kind} changes no row"
+        # Scored by the table it leaves: one left as it was would be solved by doing nothing.
+        if table == _outcome(base, "SELECT 1", config)[1]:
+            return f"the {kind} leaves the table as it was"
         label = ()
     return DBTask(
         task=task,
