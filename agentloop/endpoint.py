@@ -79,6 +79,18 @@ class Endpoint:
                 )
             return self._client
 
+    def check(self, key: str) -> None:
+        """Asks the endpoint one short question, so a wrong url or model fails before any work
+        starts, naming the config section ``key`` (e.g. ``memory.teacher``).
+
+        Raises:
+            EndpointError: When the endpoint does not answer.
+        """
+        try:
+            self.chat([{"role": "user", "content": "Reply with OK."}])
+        except EndpointError as e:
+            raise EndpointError(f"{key}: {e}") from e
+
     def chat(self, messages: Sequence[dict[str, str]]) -> str:
         """The endpoint's answer to a conversation of ``{"role": ..., "content": ...}`` messages.
 

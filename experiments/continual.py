@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from eto import FREE_SETTINGS, Run, episode, parse_args
-from ste import STAGE_READS, LongTermMemory, STEConfig, ste_round
+from ste import STAGE_READS, LongTermMemory, STEConfig, check_endpoints, ste_round
 
 from agentloop.config import ConfigError
 from agentloop.learners.sft import SFTLearnerConfig
@@ -46,6 +46,7 @@ class ContinualConfig(STEConfig):
 
 def main(argv: list[str] | None = None) -> None:
     config, run_dir, saved = parse_args(argv, ContinualConfig, "continual", __doc__)
+    check_endpoints(config)
     # Rounds are numbered across phases, so a resumed run keeps its rounds per phase (iterations).
     free = tuple(key for key in FREE_SETTINGS if key != "iterations")
     reads = {**STAGE_READS, "sft": ("sft", "policy.model", "phases", "seed", "iterations")}

@@ -86,6 +86,7 @@ STAGE_READS = {
 
 def main(argv: list[str] | None = None) -> None:
     config, run_dir, saved = parse_args(argv, STEConfig, "ste", __doc__)
+    check_endpoints(config)
     run = Run(config, run_dir, saved, STAGE_READS, FREE_SETTINGS)
     memory = LongTermMemory(run)  # rebuilt from the store's experiences on --resume
 
@@ -103,6 +104,16 @@ def main(argv: list[str] | None = None) -> None:
         run.evaluate(f"eval/{it}", version=version, iteration=it, baseline="eval/sft")
 
     run.finish()
+
+
+def check_endpoints(config) -> None:
+    """A configured teacher or explorer must answer before any work starts (a mis-set one would
+    otherwise fail every reflection of a stage, and a resumed run could not change it)."""
+    from agentloop.endpoint import Endpoint
+
+    for key, endpoint in (("memory.teacher", config.memory.teacher), ("imagine.explorer", config.imagine.explorer)):
+        if endpoint.enabled:
+            Endpoint(endpoint).check(key)
 
 
 def ste_round(run: Run, memory: LongTermMemory, it: int, version: int, explore_ids: list[str], experts) -> int:

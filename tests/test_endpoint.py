@@ -139,5 +139,7 @@ def test_a_dead_endpoint_fails_loudly_and_a_teacher_failure_keeps_the_trial(data
     dead = Endpoint(EndpointConfig(url=f"http://127.0.0.1:{_free_port()}/v1", model="m", retries=0, timeout_s=5))
     with pytest.raises(EndpointError, match="127.0.0.1"):
         dead.chat([{"role": "user", "content": "hello"}])
+    with pytest.raises(EndpointError, match=r"^memory.teacher: http://127.0.0.1"):
+        dead.check("memory.teacher")
     trials, stats = _teacher_rollout(data_dir, tiny_model_dir, dead)
     assert len(trials) == 6 and stats.failed_reflections == 6 and all(t.reflection == "" for t in trials)
