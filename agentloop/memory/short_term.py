@@ -24,13 +24,15 @@ def outcome(trajectory: Trajectory) -> str:
 
 
 def trial_lines(trajectory: Trajectory, number: int) -> list[str]:
-    """One earlier trial as lines: a heading, each action and what came back, the reflection."""
+    """One earlier trial as lines: a heading, each turn's action and what came back, the reflection."""
     lines = [f"Attempt {number}: {outcome(trajectory)}."]
     messages = trajectory.messages
+    turn = 0
     for i, message in enumerate(messages):
         if message.role != "assistant":
             continue
-        lines.append("Action: " + _shorten(message.content, ACTION_CHARS))
+        turn += 1
+        lines.append(f"Turn {turn}: " + _shorten(message.content, ACTION_CHARS))
         reply = messages[i + 1] if i + 1 < len(messages) else None
         if reply is not None and reply.role == "user":
             lines.append("Result: " + _shorten(reply.content, RESULT_CHARS))

@@ -50,9 +50,9 @@ def test_earlier_trials_are_shown_oldest_first_with_outcomes_actions_results_and
     assert text == (
         f"{HEADER}\n"
         "Attempt 1: not solved (reward 0.00).\n"
-        "Action: SELECT a\nResult: result of SELECT a\nAction: SELECT b\n"
+        "Turn 1: SELECT a\nResult: result of SELECT a\nTurn 2: SELECT b\n"
         "Reflection: Column a is wrong.\n"
-        "Attempt 2: not solved (reward 0.00).\nAction: SELECT c\n"
+        "Attempt 2: not solved (reward 0.00).\nTurn 1: SELECT c\n"
         f"{FOOTER}\n\n"
     )
 
