@@ -162,7 +162,7 @@ def _chains(trajectories: Iterable[Trajectory]) -> dict[str, list[Trajectory]]:
     """Stored trials by their task's key (``"<env>/<task_id>"``), each chain in trial order."""
     chains: dict[str, list[Trajectory]] = {}
     for t in trajectories:
-        chains.setdefault(f"{t.task.env}/{t.task.task_id}", []).append(t)
+        chains.setdefault(t.task.key, []).append(t)
     return {k: sorted(v, key=lambda t: t.trial) for k, v in chains.items()}
 
 
@@ -231,18 +231,13 @@ class Stages:
         Returns:
             The stage's trajectories in ``keys`` order.
         """
-        from agentloop.replay.store import episode_key
-
         if self.done(stage, step):
             return self.store.trajectories(stage=stage)
-        chains = _chains(self.store.trajectories(stage=stage) if ends else [])
-        if ends is None:
-            stored = self.store.episodes(stage)
-            todo, begun = [k for k in keys if k not in stored], {}
-        else:
-            stored = {k for k, trials in chains.items() if ends(trials[-1])}
-            todo = [k for k in keys if k not in stored]
-            begun = {k: chains[k] for k in todo if k in chains}
+        ends = ends or (lambda _: True)  # without trials, a key's one episode ends it
+        chains = _chains(self.store.trajectories(stage=stage))
+        stored = {k for k, trials in chains.items() if ends(trials[-1])}
+        todo = [k for k in keys if k not in stored]
+        begun = {k: chains[k] for k in todo if k in chains}
         if stored or begun:
             logger.info(
                 "%s: %d of %d episodes stored before (%d more begun); playing the other %d",
@@ -262,12 +257,8 @@ class Stages:
                     memory.add(experiences)
             else:
                 stats = item
-        if ends is None:
-            found = {episode_key(t): [t] for t in self.store.trajectories(stage=stage)}
-            missing = [k for k in keys if k not in found]
-        else:
-            found = _chains(self.store.trajectories(stage=stage))
-            missing = [k for k in keys if k not in found or not ends(found[k][-1])]
+        found = _chains(self.store.trajectories(stage=stage))
+        missing = [k for k in keys if k not in found or not ends(found[k][-1])]
         if missing:
             raise RuntimeError(f"{stage}: {len(missing)} episodes were never returned, e.g. {missing[:3]}")
         trajectories = [t for k in keys for t in found[k]]

@@ -318,21 +318,18 @@ class Rollout:
                         prompt_tokens += len(episode.prompt)
                         continue
                     trajectory = _trajectory(policy, episode, outcome, self.source, self.iteration)
-                    if cache is not None and self.reflect is None:  # no next turn will resume from its last one
+                    prompt = self._reflection_prompt(trajectory)
+                    if prompt:  # the policy reflects: one more turn, resuming from the cached conversation
+                        episode.ended, episode.reflecting = trajectory, prompt
+                        stream.add(index, prompt)
+                        prompt_tokens += len(prompt)
+                        continue
+                    if cache is not None:  # no next turn will resume from this episode's last one
                         cache.pop(trajectory.token_ids, reuse=False)
                     if self.teacher is not None:
                         episode.ended = trajectory
                         taught[env_work(self.teacher, trajectory)] = index
                         continue
-                    question = self.reflect(trajectory) if self.reflect is not None else ""
-                    prompt = trajectory.token_ids + policy.chat.user_segment(question, first=False) if question else []
-                    if prompt and len(prompt) + config.sampling.max_new_tokens <= config.max_context_tokens:
-                        episode.ended, episode.reflecting = trajectory, prompt
-                        stream.add(index, prompt)
-                        prompt_tokens += len(prompt)
-                        continue
-                    if cache is not None and self.reflect is not None:
-                        cache.pop(trajectory.token_ids, reuse=False)
                     ended.append((index, trajectory))
                 for index, trajectory in ended:
                     episode = active.pop(index)
@@ -361,6 +358,15 @@ class Rollout:
             reflection_tokens=reflection_tokens,
             failed_reflections=failed_reflections,
         )
+
+    def _reflection_prompt(self, trajectory: Trajectory) -> list[int]:
+        """The prompt of the policy's reflection on an ended episode; empty when it does not reflect,
+        or the reflection would not fit the context."""
+        if self.reflect is None:
+            return []
+        prompt = trajectory.token_ids + self.policy.chat.user_segment(self.reflect(trajectory), first=False)
+        fits = len(prompt) + self.config.sampling.max_new_tokens <= self.config.max_context_tokens
+        return prompt if fits else []
 
 
 def _start(policy: Policy, env: Any, attempt: Attempt) -> _Episode:

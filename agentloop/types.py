@@ -32,6 +32,12 @@ class Task:
     instruction: str
     """The natural-language goal, as a person would read it."""
 
+    @property
+    def key(self) -> str:
+        """``"<env>/<task_id>"``: how a stage, the replay store and the rollout fleet name the task's episode
+        (or, with STE's trials, its chain of trials)."""
+        return f"{self.env}/{self.task_id}"
+
 
 @dataclass(frozen=True)
 class Message:

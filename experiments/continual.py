@@ -21,8 +21,8 @@ import random
 from dataclasses import dataclass, field
 from functools import partial
 
-from eto import FREE_SETTINGS, Run, episode, parse_args
-from ste import STAGE_READS, LongTermMemory, STEConfig, check_endpoints, ste_round
+from eto import FREE_SETTINGS, Run, parse_args
+from ste import STAGE_READS, RunMemory, STEConfig, check_endpoints, ste_round
 
 from agentloop.config import ConfigError
 from agentloop.learners.sft import SFTLearnerConfig
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     free = tuple(key for key in FREE_SETTINGS if key != "iterations")
     reads = {**STAGE_READS, "sft": ("sft", "policy.model", "phases", "seed", "iterations")}
     run = Run(config, run_dir, saved, reads, free)
-    memory = LongTermMemory(run)
+    memory = RunMemory(run)
 
     experts = run.stages.rollout("experts", 0, run.make_experts)
     run.evaluate("eval/base", version=0, iteration=0)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         seen = [t for t in experts if t.task.env in trained]  # the SFT data its rounds may replay
         for _ in range(config.iterations):
             rounds += 1
-            version = ste_round(run, memory, rounds, version, [episode(t.task) for t in mine], seen)
+            version = ste_round(run, memory, rounds, version, [t.task.key for t in mine], seen)
             run.evaluate(f"eval/{rounds}", version=version, iteration=rounds, extra=partial(forgetting, run, earlier))
 
     run.finish()

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 1. Expert demonstrations, replayed through the real environment; only successes kept.
     experts = run.stages.rollout("experts", 0, run.make_experts)
-    explore_ids = [episode(t.task) for t in experts]  # every training task with a demonstration, as in ETO
+    explore_ids = [t.task.key for t in experts]  # every training task with a demonstration, as in ETO
 
     # 2. The base model, then behaviour cloning on the experts.
     run.evaluate("eval/base", version=0, iteration=0)
@@ -312,7 +312,7 @@ class Run:
                 metrics |= paired_comparison(before, trajectories, f"eval/vs_{baseline.split('/')[-1]}")
             return metrics | (extra(metrics) if extra is not None else {})
 
-        keys = [episode(t.task) for t in self.held_out]
+        keys = [t.task.key for t in self.held_out]
         return self.stages.stream(stage, version, keys, self.play("eval", version, iteration), measure)
 
     def make_experts(self):
@@ -375,11 +375,6 @@ def local_cpus(config) -> int:
     import math
 
     return max(len(os.sched_getaffinity(0)), math.ceil(config.rollout.actors * config.rollout.num_cpus) + 1)
-
-
-def episode(task) -> str:
-    """A task's episode key in a stage (``"<env>/<task_id>"``, as the replay store keys it)."""
-    return f"{task.env}/{task.task_id}"
 
 
 def rollout_metrics(stats, prefix: str) -> dict[str, float]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 
-from eto import FREE_SETTINGS, ETOConfig, Run, episode, parse_args, rollout_metrics
+from eto import FREE_SETTINGS, ETOConfig, Run, parse_args, rollout_metrics
 
 from agentloop import envs
 from agentloop.config import ConfigError
@@ -88,11 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     config, run_dir, saved = parse_args(argv, STEConfig, "ste", __doc__)
     check_endpoints(config)
     run = Run(config, run_dir, saved, STAGE_READS, FREE_SETTINGS)
-    memory = LongTermMemory(run)  # rebuilt from the store's experiences on --resume
+    memory = RunMemory(run)  # rebuilt from the store's experiences on --resume
 
     # 1. Expert demonstrations, then the base model and behaviour cloning, as in ETO.
     experts = run.stages.rollout("experts", 0, run.make_experts)
-    explore_ids = [episode(t.task) for t in experts]
+    explore_ids = [t.task.key for t in experts]
     run.evaluate("eval/base", version=0, iteration=0)
     run.adapters[1] = run.stages.train("sft", 1, partial(run.sft, experts))
     run.evaluate("eval/sft", version=1, iteration=0, baseline="eval/base")
@@ -116,7 +116,7 @@ def check_endpoints(config) -> None:
             Endpoint(endpoint).check(key)
 
 
-def ste_round(run: Run, memory: LongTermMemory, it: int, version: int, explore_ids: list[str], experts) -> int:
+def ste_round(run: Run, memory: RunMemory, it: int, version: int, explore_ids: list[str], experts) -> int:
     """One STE round from policy ``version`` on the tasks ``explore_ids`` (and those it imagines);
     ``experts`` are the demonstrations replayed in its SFT. Returns the version it trained."""
     config = run.config
@@ -133,7 +133,7 @@ def ste_round(run: Run, memory: LongTermMemory, it: int, version: int, explore_i
         run.fleet.add_tasks(imagined)
     # Every task played in a chain of trials, each shown long- and short-term memory.
     stage = f"explore/{it}"
-    keys = explore_ids + [episode(t.task) for t in imagined]
+    keys = explore_ids + [t.task.key for t in imagined]
     play = run.play("explore", version, it, trials=config.memory, memory=memory.actor, stage=stage)
     trials = run.stages.stream(
         stage, it, keys, play, partial(explored, run, version, it), ends=config.memory.last_trial, memory=memory
@@ -153,7 +153,7 @@ def ste_round(run: Run, memory: LongTermMemory, it: int, version: int, explore_i
     return version
 
 
-class LongTermMemory:
+class RunMemory:
     """The run's long-term memory: a :class:`agentloop.memory.LongTermMemory` Ray actor that the
     rollout actors ask, fed from the replay store (rebuilt from it on ``--resume``)."""
 
@@ -189,7 +189,7 @@ class LongTermMemory:
             ray.get(self.actor.add.remote(experiences))
 
 
-def imagine(run: Run, memory: LongTermMemory, version: int, it: int, names: set[str], made: dict):
+def imagine(run: Run, memory: RunMemory, version: int, it: int, names: set[str], made: dict):
     """Proposals of new tasks near a seeded sample of the training tasks of envs ``names``, by the
     policy (or the configured explorer), each shown the remembered tasks most like its base as ones to avoid."""
     import random
@@ -241,7 +241,7 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
         else []
     )
     trials = [t for t in trials if t.task.split != "imagined"]
-    last = {episode(t.task): t for t in trials}  # a chain's trials come in order: its last one wins
+    last = {t.task.key: t for t in trials}  # a chain's trials come in order: its last one wins
     first = [t for t in trials if t.trial == 0]
     solved = [t for t in last.values() if t.success]
     metrics = {

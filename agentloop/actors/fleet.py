@@ -355,7 +355,7 @@ class Fleet:
             name, item = out.get()
             if isinstance(item, list):
                 for t in item:
-                    key = f"{t.task.env}/{t.task.task_id}"
+                    key = t.task.key
                     if trials is None or trials.last_trial(t):
                         finished[name].append(key)
                         chains.pop(key, None)

@@ -230,13 +230,12 @@ class RolloutWorker:
         from agentloop.endpoint import Endpoint
         from agentloop.memory import Trials
         from agentloop.memory.reflection import TeacherReflection, reflection_prompt
-        from agentloop.memory.trials import chain_key
 
         def recall(tasks):
             return ray.get(memory.recall.remote(list(tasks), trials.long_term_k, stage))
 
         def earlier(tasks):
-            return ray.get(dealer.earlier.remote([chain_key(t) for t in tasks]))
+            return ray.get(dealer.earlier.remote([t.key for t in tasks]))
 
         chained = Trials(
             feed, trials, self.policy.chat.count, recall=recall if memory is not None else None, earlier=earlier

@@ -22,12 +22,7 @@ Recall = Callable[[Sequence[Task]], list[list[Experience]]]
 """Tasks in, for each the experiences long-term memory holds for it, most similar first."""
 Earlier = Callable[[Sequence[Task]], Mapping[str, Sequence[Trajectory]]]
 """Tasks in, the trials already played of those whose chains were begun elsewhere (a resumed
-stage, an actor that died), by :func:`chain_key`."""
-
-
-def chain_key(task: Task) -> str:
-    """The key of a task's chain of trials: its episode key, ``"<env>/<task_id>"``."""
-    return f"{task.env}/{task.task_id}"
+stage, an actor that died), by their task's ``key``."""
 
 
 class Trials:
@@ -66,7 +61,7 @@ class Trials:
 
     def finished(self, trajectory: Trajectory) -> bool:
         """Records a finished trial; returns whether its chain goes on (its next trial is then ready)."""
-        key = chain_key(trajectory.task)
+        key = trajectory.task.key
         if self.config.last_trial(trajectory):
             self.chains.pop(key, None)
             return False
@@ -81,7 +76,7 @@ class Trials:
             recalled = self.recall(tasks)
         attempts = []
         for task, found in zip(tasks, recalled, strict=True):
-            earlier = self.chains.setdefault(chain_key(task), [])
+            earlier = self.chains.setdefault(task.key, [])
             memory = render_experiences(found, config.long_term_tokens, self.count)
             memory += render_trials(earlier, config.short_term_tokens, self.count)
             attempts.append(Attempt(task, trial=len(earlier), memory=memory))

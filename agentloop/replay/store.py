@@ -219,15 +219,9 @@ class ReplayStore:
                 for r in session.scalars(stmt)
             ]
 
-    def experiences(self, *, before: int | None = None) -> list[Experience]:
-        """The stored experiences, oldest first: long-term memory as the run has kept it.
-
-        Args:
-            before: Only those whose id is below this (the memory as it was); None = all.
-        """
+    def experiences(self) -> list[Experience]:
+        """The stored experiences, oldest first: long-term memory as the run has kept it."""
         stmt = select(ExperienceRow).order_by(ExperienceRow.id)
-        if before is not None:
-            stmt = stmt.where(ExperienceRow.id < before)
         with Session(self._engine) as session:
             return [_experience(row) for row in session.scalars(stmt)]
 
@@ -562,7 +556,7 @@ def episode_key(t: Trajectory) -> str:
 
 def trial_key(task: Task, trial: int = 0) -> str:
     """The episode key of ``task``'s trial ``trial`` (see :func:`episode_key`)."""
-    return f"{task.env}/{task.task_id}" + (f"#{trial}" if trial else "")
+    return task.key + (f"#{trial}" if trial else "")
 
 
 def _experience_key(e: Experience) -> str:
