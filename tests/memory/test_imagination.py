@@ -86,7 +86,9 @@ def test_proposals_are_asked_with_remembered_tasks_to_avoid_and_built_into_score
         ('SELECT "{c}" FROM "{t}";', "values (1 to 10 are scored)"),
         ('UPDATE "{t}" SET "{c}" = 1 WHERE 1 = 0;', "leaves the table as it was"),
         ('UPDATE "{t}" SET "{c}" = "{c}";', "leaves the table as it was"),  # rows "changed", solved by doing nothing
-        ("SELECT random();", "random() is not available"),  # nothing that varies between runs is allowed
+        ("SELECT random();", "random() is not available"),
+        ("SELECT 1;", "does not use the table"),  # an easy win the explorer would imagine for itself
+        ('SELECT "{c}" FROM "{t}" WHERE hex(randomblob(2)) > 0;', "not available"),  # nothing that varies
         ('SELECT nothing FROM "{t}";', "the SQL fails"),
         ("SELECT 1; SELECT 2;", "more than one statement"),
     ],

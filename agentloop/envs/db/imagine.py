@@ -6,9 +6,10 @@ answers it. :func:`imagined_task` keeps a proposal only when its SQL runs on a f
 the table and gives an answer the environment can score: a SELECT that returns between one
 and :data:`MAX_VALUES` values (the label), or an INSERT or UPDATE that changes the table
 (scored by the table it leaves, like dbbench's own write tasks; one that leaves the table as
-it was would be solved by doing nothing). The SQL runs twice, and an answer that varies
-(``random()``, say) is refused. Whether the question and the SQL agree is decided
-afterwards, by an independent attempt.
+it was would be solved by doing nothing). The SQL must use the table (a constant ``SELECT 1``
+would be an answer the explorer knows before it asks); it runs twice, and an answer that
+varies is refused. Whether the question and the SQL agree is decided afterwards, by an
+independent attempt.
 """
 
 from __future__ import annotations
@@ -61,6 +62,19 @@ def parse_proposal(text: str) -> tuple[str, str] | str:
     return " ".join(question.group(1).split()), block.group(1).strip()
 
 
+def _reads_table(sql: str, table: str) -> bool:
+    """Whether ``sql`` names ``table`` (as SQLite reads it); False for SQL sqlglot cannot parse."""
+    import sqlglot
+    from sqlglot import exp
+    from sqlglot.errors import ParseError
+
+    try:
+        tree = sqlglot.parse_one(sql, read="sqlite")
+    except ParseError:
+        return False
+    return any(t.name.lower() == table.lower() for t in tree.find_all(exp.Table))
+
+
 def _outcome(base: DBTask, sql: str, config: SQLEnvConfig) -> tuple[SQLResult, Counter | None]:
     """What ``sql`` returns on a fresh copy of ``base``'s table, and the table it leaves (a multiset of rows)."""
     with leased_worker(config) as worker:
@@ -85,13 +99,14 @@ def imagined_task(base: DBTask, text: str, config: SQLEnvConfig, task_id: str) -
     kind = sql.lstrip("( \n").split(None, 1)[0].upper() if sql.strip() else ""
     if kind not in ("SELECT", "WITH", "INSERT", "UPDATE"):
         return f"a {kind or 'blank'} statement: only SELECT, INSERT and UPDATE tasks are scored"
-    runs = [_outcome(base, sql, config) for _ in range(2)]  # twice: an answer that varies cannot be scored
-    result, table = runs[0]
+    result, table = _outcome(base, sql, config)
     if result.several:
         return "more than one statement"
     if result.error:
         return f"the SQL fails: {result.text[:200]}"
-    if runs[1] != runs[0]:
+    if not _reads_table(sql, base.table_name):  # "SELECT 1" would let the explorer imagine its own easy wins
+        return f'the SQL does not use the table "{base.table_name}"'
+    if _outcome(base, sql, config) != (result, table):  # an answer that varies cannot be scored
         return "the SQL gives a different result each time it runs"
     task = Task(ENV_NAME, task_id, "imagined", "SELECT" if kind in ("SELECT", "WITH") else kind, question)
     if task.kind == "SELECT":
