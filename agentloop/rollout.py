@@ -307,14 +307,14 @@ class Rollout:
                 for future in [f for f in resets if f.done()]:
                     index = resets.pop(future)
                     episode = active[index] = future.result()
-                    stream.add(index, episode.prompt)
+                    stream.add(index, episode.prompt, episode.attempt.temperature)
                     prompt_tokens += len(episode.prompt)
                     memory_tokens += episode.memory_tokens
                 for future in [f for f in steps if f.done()]:
                     index = steps.pop(future)
                     episode, outcome = active[index], future.result()
                     if outcome is None:  # the episode goes on: its next turn joins the stream
-                        stream.add(index, episode.prompt)
+                        stream.add(index, episode.prompt, episode.attempt.temperature)
                         prompt_tokens += len(episode.prompt)
                         continue
                     trajectory = _trajectory(policy, episode, outcome, self.source, self.iteration)

@@ -131,6 +131,8 @@ class Attempt:
     """The attempt's number among the task's trials in its stage (0 = first or only)."""
     memory: str = ""
     """Text shown before the task's first observation (see :attr:`Trajectory.memory`)."""
+    temperature: float | None = None
+    """Sampling temperature of the attempt's turns (0 = greedy); None: the rollout's own."""
 
 
 @dataclass(frozen=True)

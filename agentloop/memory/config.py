@@ -24,6 +24,9 @@ class MemoryConfig:
     """Budget of the retrieved experiences shown at the start of a trial (0 = no long-term memory)."""
     long_term_k: int = 3
     """Experiences retrieved per trial, most similar first."""
+    retry_temperature: float = 0.7
+    """Sampling temperature of every trial after the first (0 = greedy, as the first trial always
+    is): a small policy shown its failure mostly repeats it when decoding greedily."""
     reflect: bool = True
     """After each trial the policy writes a short reflection (one more turn of the same
     conversation, within the rollout's ``max_new_tokens``), kept for later trials and long-term
@@ -37,6 +40,8 @@ class MemoryConfig:
             raise ConfigError(f"trials must be >= 1, got {self.trials}")
         if min(self.short_term_tokens, self.long_term_tokens, self.long_term_k) < 0:
             raise ConfigError("short_term_tokens, long_term_tokens and long_term_k must be >= 0")
+        if self.retry_temperature < 0:
+            raise ConfigError(f"retry_temperature must be >= 0, got {self.retry_temperature}")
         if self.long_term_tokens and not self.long_term_k:
             raise ConfigError("long_term_k must be >= 1 when long_term_tokens is set")
 

@@ -79,7 +79,8 @@ class Trials:
             earlier = self.chains.setdefault(task.key, [])
             memory = render_experiences(found, config.long_term_tokens, self.count)
             memory += render_trials(earlier, config.short_term_tokens, self.count)
-            attempts.append(Attempt(task, trial=len(earlier), memory=memory))
+            retry = config.retry_temperature if earlier else None  # a first trial samples as the rollout does
+            attempts.append(Attempt(task, trial=len(earlier), memory=memory, temperature=retry))
         return attempts
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 from agentloop.config import ConfigError
@@ -102,8 +102,9 @@ class Generation:
 class GenerationStream(Protocol):
     """Requests in, finished generations out, as they finish (continuous batching)."""
 
-    def add(self, key: Hashable, prompt: Sequence[int]) -> None:
-        """Queues a prompt; ``key`` names it in what :meth:`step` returns."""
+    def add(self, key: Hashable, prompt: Sequence[int], temperature: float | None = None) -> None:
+        """Queues a prompt; ``key`` names it in what :meth:`step` returns. ``temperature``
+        overrides the stream's sampling temperature for this request (0 = greedy)."""
         ...
 
     @property
@@ -121,10 +122,10 @@ class LockstepStream:
 
     def __init__(self, policy: Policy, sampling: SamplingConfig) -> None:
         self.policy, self.sampling = policy, sampling
-        self.queue: list[tuple[Hashable, Sequence[int]]] = []
+        self.queue: list[tuple[Hashable, Sequence[int], float | None]] = []
 
-    def add(self, key: Hashable, prompt: Sequence[int]) -> None:
-        self.queue.append((key, prompt))
+    def add(self, key: Hashable, prompt: Sequence[int], temperature: float | None = None) -> None:
+        self.queue.append((key, prompt, temperature))
 
     @property
     def busy(self) -> bool:
@@ -132,8 +133,13 @@ class LockstepStream:
 
     def step(self) -> list[tuple[Hashable, Generation]]:
         queue, self.queue = self.queue, []
-        generations = self.policy.generate([prompt for _, prompt in queue], self.sampling) if queue else []
-        return [(key, gen) for (key, _), gen in zip(queue, generations, strict=True)]
+        done = []
+        for temperature in dict.fromkeys(t for _, _, t in queue):  # one call per temperature asked for
+            group = [(key, prompt) for key, prompt, t in queue if t == temperature]
+            sampling = self.sampling if temperature is None else replace(self.sampling, temperature=temperature)
+            generations = self.policy.generate([prompt for _, prompt in group], sampling)
+            done += [(key, gen) for (key, _), gen in zip(group, generations, strict=True)]
+        return done
 
 
 def open_stream(policy: Policy, sampling: SamplingConfig) -> GenerationStream:

@@ -244,7 +244,7 @@ class DecodeEngine:
         max_new_tokens: int,
         stop_ids: Sequence[int],
         pad_id: int,
-        pick: Callable[[torch.Tensor], torch.Tensor],
+        pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         max_rows: int,
         cache: PrefixCache | None = None,
     ) -> None:
@@ -258,16 +258,19 @@ class DecodeEngine:
         self.prompts: dict[Hashable, tuple[int, ...]] = {}
         self.outputs: dict[Hashable, list[int]] = {}
         self.logprobs: dict[Hashable, list[float]] = {}  # of each generated token, raw model distribution
+        self.temperatures: dict[Hashable, float] = {}  # of each request (0 = greedy)
         self.kv: KVBuffer | None = None  # keys and values of the slots
         self.key_pos: torch.Tensor | None = None
         self.next_tokens: torch.Tensor | None = None  # each slot's last sampled token, not yet fed
 
-    def add(self, key: Hashable, prompt: Sequence[int]) -> None:
+    def add(self, key: Hashable, prompt: Sequence[int], temperature: float = 0.0) -> None:
+        """Queues ``prompt``; its tokens are drawn at ``temperature`` (0 = greedy) by ``pick``."""
         if key in self.prompts:
             raise ValueError(f"request {key!r} is already running")
         if not prompt:
             raise ValueError(f"request {key!r} has an empty prompt")
         self.prompts[key] = tuple(prompt)
+        self.temperatures[key] = temperature
         self.waiting.append((key, tuple(prompt)))
 
     def restart(self) -> None:
@@ -326,8 +329,9 @@ class DecodeEngine:
             input_ids[r, width_new - len(tokens) :] = torch.tensor(tokens)
             key_pos[r, width_cached + width_new - len(tokens) :] = torch.arange(c, c + len(tokens))
         key_pos = key_pos.to(self.device)
-        tokens, logprobs = self._forward(input_ids.to(self.device), key_pos[:, width_cached:], key_pos, kv)
         keys = [key for key, _ in group]
+        temperatures = torch.tensor([self.temperatures[key] for key in keys], device=self.device)
+        tokens, logprobs = self._forward(input_ids.to(self.device), key_pos[:, width_cached:], key_pos, kv, temperatures)
         for key in keys:
             self.outputs[key], self.logprobs[key] = [], []
         going, finished = self._record(keys, tokens, logprobs, kv, key_pos)
@@ -341,7 +345,8 @@ class DecodeEngine:
         idle = torch.tensor([key is None for key in self.slots], device=self.device)
         query_pos = (self.key_pos.max(dim=1).values + 1).masked_fill(idle, -1).unsqueeze(1)
         key_pos = torch.cat([self.key_pos, query_pos], dim=1)
-        tokens, logprobs = self._forward(self.next_tokens.unsqueeze(1), query_pos, key_pos, self.kv)
+        temperatures = torch.tensor([0.0 if key is None else self.temperatures[key] for key in self.slots], device=self.device)
+        tokens, logprobs = self._forward(self.next_tokens.unsqueeze(1), query_pos, key_pos, self.kv, temperatures)
         going, finished = self._record(self.slots, tokens, logprobs, self.kv, key_pos)
         kept = set(going)
         ended = [s for s, key in enumerate(self.slots) if key is not None and s not in kept]
@@ -367,7 +372,7 @@ class DecodeEngine:
                 going.append(row)
                 continue
             prompt = self.prompts.pop(key)
-            del self.outputs[key]
+            del self.outputs[key], self.temperatures[key]
             if self.cache is not None:
                 self.cache.put(_extract(kv, row, key_pos[row], prompt + tuple(generated[:-1])))
             finished.append((key, generated, self.logprobs.pop(key)))
@@ -425,9 +430,9 @@ class DecodeEngine:
         if self._sparse():
             self.kv, self.key_pos = _compact(self.kv, self.key_pos)
 
-    def _forward(self, input_ids, query_pos, key_pos, kv) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model on ``input_ids`` (run inside :meth:`step`'s inference mode); the sampled next
-        tokens and their log-probs under the model's own (raw) distribution."""
+    def _forward(self, input_ids, query_pos, key_pos, kv, temperatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model on ``input_ids`` (run inside :meth:`step`'s inference mode); the next tokens,
+        drawn at each row's temperature, and their log-probs under the model's own (raw) distribution."""
         import torch
 
         out = self.model.get_decoder()(
@@ -445,7 +450,7 @@ class DecodeEngine:
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        tokens = self.pick(logits)
+        tokens = self.pick(logits, temperatures)
         # log p = logit - logsumexp: two passes over the vocabulary, no full log_softmax written.
         return tokens, logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Hashable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,20 +111,23 @@ class HFPolicy:
     def stream(self, sampling: SamplingConfig) -> GenerationStream:
         """Continuous batching: prompts join and leave the running batch token by token."""
         import torch
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+        from transformers import TopPLogitsWarper
 
         self._wake()
-        if sampling.temperature == 0:
-            pick = partial(torch.argmax, dim=-1)
-        else:
-            warpers = LogitsProcessorList(
-                [TemperatureLogitsWarper(sampling.temperature), TopPLogitsWarper(sampling.top_p)]
-            )
-            generator = torch.Generator().manual_seed(sampling.seed + self._streams)
+        top_p = TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1 else None
+        generator = torch.Generator().manual_seed(sampling.seed + self._streams)
 
-            def pick(logits: torch.Tensor) -> torch.Tensor:
-                probs = warpers(None, logits).softmax(-1).cpu()
-                return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+        def pick(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+            """Greedy where a row's temperature is 0, else a draw from its tempered, top-p distribution."""
+            tokens = logits.argmax(-1)
+            rows = (temperatures > 0).nonzero().squeeze(1)
+            if len(rows):
+                scaled = logits[rows] / temperatures[rows].unsqueeze(1)
+                if top_p is not None:
+                    scaled = top_p(None, scaled)
+                drawn = torch.multinomial(scaled.softmax(-1).cpu(), 1, generator=generator).squeeze(1)
+                tokens[rows] = drawn.to(logits.device)
+            return tokens
 
         self._streams += 1
         engine = DecodeEngine(
@@ -137,7 +139,7 @@ class HFPolicy:
             max_rows=self.config.batch_size,
             cache=self.prefix_cache,
         )
-        stream = _Stream(engine, self._completion)
+        stream = _Stream(engine, self._completion, sampling.temperature)
         self._open.add(stream)
         return stream
 
@@ -157,11 +159,11 @@ class HFPolicy:
 class _Stream:
     """A :class:`DecodeEngine` that hands out :class:`Generation` records."""
 
-    def __init__(self, engine: DecodeEngine, completion) -> None:
-        self.engine, self.completion = engine, completion
+    def __init__(self, engine: DecodeEngine, completion, temperature: float) -> None:
+        self.engine, self.completion, self.temperature = engine, completion, temperature
 
-    def add(self, key: Hashable, prompt: Sequence[int]) -> None:
-        self.engine.add(key, prompt)
+    def add(self, key: Hashable, prompt: Sequence[int], temperature: float | None = None) -> None:
+        self.engine.add(key, prompt, self.temperature if temperature is None else temperature)
 
     @property
     def busy(self) -> bool:

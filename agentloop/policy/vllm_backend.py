@@ -231,20 +231,22 @@ class _Stream:
             logprobs=0,  # the sampled token's log-prob, from the raw distribution (vLLM's default mode)
             detokenize=False,
         )
-        self.running: dict[str, tuple[Hashable, tuple[int, ...]]] = {}  # request id -> key, prompt
+        self.running: dict[str, tuple[Hashable, tuple[int, ...], float | None]] = {}  # id -> key, prompt, temperature
         self.done: list[tuple[Hashable, Generation]] = []
 
-    def add(self, key: Hashable, prompt: Sequence[int]) -> None:
+    def add(self, key: Hashable, prompt: Sequence[int], temperature: float | None = None) -> None:
         from vllm.inputs import TokensPrompt
 
         if not prompt:
             raise ValueError(f"request {key!r} has an empty prompt")
         request_id = self.policy._request_id()
         params = self.params.clone()
-        if self.sampling.temperature > 0:
+        if temperature is not None:
+            params.temperature = temperature
+        if params.temperature > 0:
             params.seed = self.sampling.seed + self.policy._requests  # reproducible per request
         self.policy.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
-        self.running[request_id] = (key, tuple(prompt))
+        self.running[request_id] = (key, tuple(prompt), temperature)
         self.policy._owner[request_id] = self
 
     @property
@@ -258,21 +260,21 @@ class _Stream:
         return done
 
     def finish(self, request_id: str, completion) -> None:
-        key, _ = self.running.pop(request_id)
+        key, _, _ = self.running.pop(request_id)
         self.done.append((key, self._generation(completion)))
 
     def restart(self) -> None:
         """Aborts the running requests and adds them again (after a weight reload)."""
         running = self._drop()
-        for key, prompt in running.values():
-            self.add(key, prompt)
+        for key, prompt, temperature in running.values():
+            self.add(key, prompt, temperature)
 
     def close(self) -> None:
         self._drop()
         if self in self.policy._streams:
             self.policy._streams.remove(self)
 
-    def _drop(self) -> dict[str, tuple[Hashable, tuple[int, ...]]]:
+    def _drop(self) -> dict[str, tuple[Hashable, tuple[int, ...], float | None]]:
         running, self.running = self.running, {}
         for request_id in running:
             self.policy._owner.pop(request_id, None)

@@ -135,6 +135,7 @@ def test_a_trials_feed_chains_each_tasks_trials_and_stops_at_success():
     assert not feed.finished(trial(tasks[1], 0, ["SELECT b"], success=True))  # solved: its chain ends
     later = feed.take(5)
     assert [(a.task, a.trial) for a in later] == [(tasks[0], 1), (tasks[2], 0)]  # next trials come first
+    assert [a.temperature for a in first + later] == [None, None, 0.7, None]  # retries sample, first trials do not
     assert "Attempt 1: not solved" in later[0].memory and "Wrong column." in later[0].memory
     assert feed.finished(trial(tasks[0], 1, ["SELECT c"]))
     third = feed.take(5)

@@ -68,6 +68,26 @@ def test_sampling_is_seeded(policy, tiny_model_dir):
     assert runs[0][0] != policy.generate(prompts, SamplingConfig(max_new_tokens=8))
 
 
+def test_a_request_can_sample_while_the_rest_of_its_batch_stays_greedy(policy):
+    prompts = [policy.chat.user_segment(text, first=True) for text in ["a", "bb cc", "SELECT 1", "x y z w"]]
+    greedy = policy.generate(prompts, SamplingConfig(max_new_tokens=8))
+    stream = policy.stream(SamplingConfig(max_new_tokens=8, seed=5))
+    for i, prompt in enumerate(prompts):
+        stream.add(i, prompt, temperature=2.0 if i % 2 else None)  # odd rows sample, even ones keep the stream's 0
+    out = {}
+    while stream.busy:
+        out.update(stream.step())
+    assert_same_generations([out[0], out[2]], [greedy[0], greedy[2]])
+    assert [out[1].token_ids, out[3].token_ids] != [greedy[1].token_ids, greedy[3].token_ids]
+    # and the other way round: a greedy request inside a sampling stream
+    stream = policy.stream(SamplingConfig(max_new_tokens=8, temperature=2.0, seed=5))
+    stream.add("greedy", prompts[1], temperature=0.0)
+    stream.add("hot", prompts[1])
+    while stream.busy:
+        out.update(stream.step())
+    assert out["greedy"].token_ids == greedy[1].token_ids != out["hot"].token_ids
+
+
 def test_later_turns_resume_from_the_prefix_cache_with_the_same_result(tiny_model_dir):
     cached = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=3))
     plain = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=3, prefix_cache_tokens=0))

@@ -91,6 +91,20 @@ def test_sampling_is_seeded_per_request(served):
     assert all(len(g.logprobs) == len(g.token_ids) for g in first + second)
 
 
+def test_a_request_can_sample_while_the_rest_of_its_stream_stays_greedy(served):
+    prompts = _prompts(served)
+    greedy = served.generate(prompts, SamplingConfig(max_new_tokens=8))
+    stream = served.stream(SamplingConfig(max_new_tokens=8, seed=5))
+    for i, prompt in enumerate(prompts):
+        stream.add(i, prompt, temperature=2.0 if i % 2 else None)
+    out = {}
+    while stream.busy:
+        out.update(stream.step())
+    stream.close()
+    assert [out[i].token_ids for i in range(0, len(prompts), 2)] == [g.token_ids for g in greedy[::2]]
+    assert [out[i].token_ids for i in range(1, len(prompts), 2)] != [g.token_ids for g in greedy[1::2]]
+
+
 def test_an_adapter_is_served_as_its_version_and_the_base_comes_back(served, reference, adapter):
     sampling = SamplingConfig(max_new_tokens=10)
     base = served.generate(_prompts(served), sampling)
