@@ -173,6 +173,9 @@ class Proposal:
     """Whether the environment built a task it can score from it."""
     reason: str = ""
     """Why the environment could not (empty when valid)."""
+    judged: bool | None = None
+    """The judge's verdict on a valid proposal: does its own solution do what it asks? (None:
+    not judged). A task the judge accepts is verified, and its solution becomes a demonstration."""
 
 
 @dataclass(frozen=True)

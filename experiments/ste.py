@@ -111,7 +111,11 @@ def check_endpoints(config) -> None:
     otherwise fail every reflection of a stage, and a resumed run could not change it)."""
     from agentloop.endpoint import Endpoint
 
-    for key, endpoint in (("memory.teacher", config.memory.teacher), ("imagine.explorer", config.imagine.explorer)):
+    for key, endpoint in (
+        ("memory.teacher", config.memory.teacher),
+        ("imagine.explorer", config.imagine.explorer),
+        ("imagine.judge", config.imagine.judge),
+    ):
         if endpoint.enabled:
             Endpoint(endpoint).check(key)
 
@@ -120,8 +124,9 @@ def ste_round(run: Run, memory: RunMemory, it: int, version: int, explore_ids: l
     """One STE round from policy ``version`` on the tasks ``explore_ids`` (and those it imagines);
     ``experts`` are the demonstrations replayed in its SFT. Returns the version it trained."""
     config = run.config
-    # The explorer imagines tasks near a sample of the training tasks, unlike those remembered.
-    imagined = []
+    # The explorer imagines tasks near a sample of the training tasks, unlike those remembered;
+    # the judge's accepted ones are verified, their own solutions replayed as demonstrations.
+    imagined, accepted = [], []
     if config.imagine.tasks_per_env:
         from agentloop.memory.imagination import rebuild
 
@@ -131,6 +136,7 @@ def ste_round(run: Run, memory: RunMemory, it: int, version: int, explore_ids: l
         proposals = run.stages.imagine(stage, it, partial(imagine, run, memory, version, it, names, made))
         imagined = made.get("tasks") or rebuild(proposals, run.train, env_configs(config))
         run.fleet.add_tasks(imagined)
+        accepted = imagined_experts(run, proposals, imagined)
     # Every task played in a chain of trials, each shown long- and short-term memory.
     stage = f"explore/{it}"
     keys = explore_ids + [t.task.key for t in imagined]
@@ -139,12 +145,12 @@ def ste_round(run: Run, memory: RunMemory, it: int, version: int, explore_ids: l
         stage, it, keys, play, partial(explored, run, version, it), ends=config.memory.last_trial, memory=memory
     )
     # SFT on the round's successes, then DPO on expert and trial pairs (reference: the policy after SFT).
-    if config.mix.successes and any(t.success for t in trials):
-        data = round_sft_data(run, it, trials, experts)
+    if config.mix.successes and (accepted or any(t.success for t in trials)):
+        data = round_sft_data(run, it, trials, experts, accepted)
         train = partial(train_round_sft, run, version, data)
         run.adapters[version + 1] = run.stages.train(f"round_sft/{it}", it, train)
         version += 1
-    pairs = round_pairs(config.mix, experts, trials, it)
+    pairs = round_pairs(config.mix, experts + accepted, trials, it)
     if pairs:
         run.adapters[version + 1] = run.stages.train(
             f"dpo/{it}", it, partial(run.dpo, it, pairs, start=version), pairs=pairs
@@ -205,22 +211,51 @@ def imagine(run: Run, memory: RunMemory, version: int, it: int, names: set[str],
     else:
         texts = run.fleet.complete(asked, version, run.adapters[version], config.imagine.max_new_tokens)
     proposals, made["tasks"] = build(bases, texts, env_configs(config), f"imagine/{it}")
+    if config.imagine.judged:
+        from agentloop.memory.judge import SYSTEM, judge
+
+        if config.imagine.judge.enabled:
+            ask = partial(ask_endpoint, config.imagine.judge, system=SYSTEM)
+        else:
+            ask = partial(run.fleet.complete, version=version, files=run.adapters[version], max_new_tokens=8)
+        proposals = judge(proposals, made["tasks"], ask)
     metrics = {}
     for env in sorted({p.env for p in proposals}):
         mine = [p for p in proposals if p.env == env]
-        metrics |= {f"imagine/env/{env}/proposed": len(mine), f"imagine/env/{env}/valid": sum(p.valid for p in mine)}
+        metrics |= {
+            f"imagine/env/{env}/proposed": len(mine),
+            f"imagine/env/{env}/valid": sum(p.valid for p in mine),
+            f"imagine/env/{env}/judged": sum(p.judged is True for p in mine),
+            f"imagine/env/{env}/judge_undecided": sum(p.valid and p.judged is None for p in mine),
+        }
     return proposals, metrics
 
 
-def ask_endpoint(endpoint_config, prompts: list[str]) -> list[str]:
+def imagined_experts(run: Run, proposals, imagined) -> list:
+    """Demonstrations of the imagined tasks the judge accepted: each proposal's own solution,
+    replayed through the env (only those that succeed are kept; the same on every resume)."""
+    accepted = {(p.env, p.task_id) for p in proposals if p.judged}
+    demos = []
+    for name in sorted({env for env, _ in accepted}):
+        tasks = [t for t in imagined if (name, t.task.task_id) in accepted]
+        config = run.config
+        found, _ = envs.build_experts(
+            name, tasks, config.env_config(name), config.expert_config(name), seed=config.seed
+        )
+        demos += found
+    return demos
+
+
+def ask_endpoint(endpoint_config, prompts: list[str], system: str = "") -> list[str]:
     """Each prompt's answer from an OpenAI-compatible endpoint, eight requests at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     from agentloop.endpoint import Endpoint
 
     endpoint = Endpoint(endpoint_config)
+    preamble = [{"role": "system", "content": system}] if system else []
     with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda p: endpoint.chat([{"role": "user", "content": p}]), prompts))
+        return list(pool.map(lambda p: endpoint.chat([*preamble, {"role": "user", "content": p}]), prompts))
 
 
 def env_configs(config) -> dict:
@@ -254,7 +289,7 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
         "explore/solved_trial_mean": sum(t.trial + 1 for t in solved) / max(len(solved), 1),
         "explore/reflections": float(sum(bool(t.reflection) for t in trials)),
         "explore/memory_trials": float(sum(bool(t.memory) for t in trials)),
-        **{k: v for k, v in imagination_metrics(made, imagined, "imagine").items() if k.endswith("/solved")},
+        **{k: v for k, v in imagination_metrics(made, imagined, "imagine").items() if k.endswith(("/solved", "/verified"))},
         "imagine/trials": float(len(imagined)),
     }
     if stats is not None:
@@ -265,9 +300,10 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
     return metrics | run.mismatch(trials, version, "explore")
 
 
-def round_sft_data(run: Run, it: int, trials, experts) -> dict[str, list]:
-    """A round's SFT data: its successful trials, and a replayed share of earlier rounds' (the
-    expert demonstrations and earlier rounds' successes), per env."""
+def round_sft_data(run: Run, it: int, trials, experts, accepted=()) -> dict[str, list]:
+    """A round's SFT data: its successful trials and the demonstrations of the imagined tasks the
+    judge accepted, and a replayed share of earlier rounds' (the expert demonstrations and
+    earlier rounds' successes), per env."""
     import random
 
     from agentloop.learners.data import mix_replay_per_env
@@ -275,7 +311,7 @@ def round_sft_data(run: Run, it: int, trials, experts) -> dict[str, list]:
     earlier = list(experts)
     for before in range(1, it):
         earlier += [t for t in run.store.trajectories(stage=f"explore/{before}", source="explore") if t.success]
-    new = [t for t in trials if t.success]
+    new = [t for t in trials if t.success] + list(accepted)
     mixed = mix_replay_per_env(new, earlier, run.config.round_sft.replay_fraction, random.Random(run.config.seed + it))
     return {"new": new, "all": mixed}
 

@@ -4,8 +4,9 @@ For a seeded sample of each environment's training tasks, the explorer is asked 
 task near it (:attr:`agentloop.envs.registry.EnvDefinition.imagination`), shown the tasks of
 long-term memory most similar to it as ones to avoid (STE shows every past query). The
 environment builds a task it can score from each proposal, or says why it cannot; the kept
-ones are then explored like training tasks, and count as verified once a trial solves them:
-an independent attempt then agrees with the proposal's own answer.
+ones are then explored like training tasks. A task is verified when a trial solves it (an
+independent attempt agrees with the proposal's own answer) or a judge accepts it
+(:mod:`agentloop.memory.judge`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ class ImagineConfig:
     """Longest proposal, in generated tokens (a question and its SQL need more than an action)."""
     explorer: EndpointConfig = field(default_factory=EndpointConfig)
     """Who imagines: empty ``url`` = the policy; else a model behind an OpenAI-compatible endpoint."""
+    judged: bool = True
+    """A judge reads each valid proposal of an env that writes evidence and says whether its own
+    solution does what it asks; one it accepts is verified at once, and its solution, replayed
+    through the env, becomes a demonstration (SFT data and ETO's expert pairs)."""
+    judge: EndpointConfig = field(default_factory=EndpointConfig)
+    """Who judges: empty ``url`` = the policy; else a model behind an OpenAI-compatible endpoint."""
 
     def validate(self) -> None:
         if self.tasks_per_env < 0 or self.avoid < 0 or self.max_new_tokens < 1:
@@ -101,12 +108,17 @@ def rebuild(proposals: Sequence[Proposal], train: Mapping[str, Sequence[Any]], c
 
 
 def imagination_metrics(proposals: Sequence[Proposal], explored: Sequence[Trajectory], prefix: str) -> dict[str, float]:
-    """Per env: tasks proposed, valid (the env could score them) and solved by a trial (verified)."""
+    """Per env: tasks proposed, valid (the env could score them), accepted by the judge, solved by
+    a trial, and verified (accepted or solved)."""
     solved = {(t.task.env, t.task.task_id) for t in explored if t.success and t.task.split == "imagined"}
     metrics: dict[str, float] = {}
     for env in sorted({p.env for p in proposals}):
         mine = [p for p in proposals if p.env == env]
         metrics[f"{prefix}/env/{env}/proposed"] = float(len(mine))
         metrics[f"{prefix}/env/{env}/valid"] = float(sum(p.valid for p in mine))
+        metrics[f"{prefix}/env/{env}/judged"] = float(sum(p.judged is True for p in mine))
         metrics[f"{prefix}/env/{env}/solved"] = float(sum((env, p.task_id) in solved for p in mine))
+        metrics[f"{prefix}/env/{env}/verified"] = float(
+            sum(p.judged is True or (env, p.task_id) in solved for p in mine)
+        )
     return metrics

@@ -331,7 +331,9 @@ class DecodeEngine:
         key_pos = key_pos.to(self.device)
         keys = [key for key, _ in group]
         temperatures = torch.tensor([self.temperatures[key] for key in keys], device=self.device)
-        tokens, logprobs = self._forward(input_ids.to(self.device), key_pos[:, width_cached:], key_pos, kv, temperatures)
+        tokens, logprobs = self._forward(
+            input_ids.to(self.device), key_pos[:, width_cached:], key_pos, kv, temperatures
+        )
         for key in keys:
             self.outputs[key], self.logprobs[key] = [], []
         going, finished = self._record(keys, tokens, logprobs, kv, key_pos)
@@ -345,7 +347,9 @@ class DecodeEngine:
         idle = torch.tensor([key is None for key in self.slots], device=self.device)
         query_pos = (self.key_pos.max(dim=1).values + 1).masked_fill(idle, -1).unsqueeze(1)
         key_pos = torch.cat([self.key_pos, query_pos], dim=1)
-        temperatures = torch.tensor([0.0 if key is None else self.temperatures[key] for key in self.slots], device=self.device)
+        temperatures = torch.tensor(
+            [0.0 if key is None else self.temperatures[key] for key in self.slots], device=self.device
+        )
         tokens, logprobs = self._forward(self.next_tokens.unsqueeze(1), query_pos, key_pos, self.kv, temperatures)
         going, finished = self._record(self.slots, tokens, logprobs, self.kv, key_pos)
         kept = set(going)

@@ -215,7 +215,7 @@ class ReplayStore:
         stmt = select(ProposalRow).where(ProposalRow.stage.in_(select(StageRow.name))).order_by(ProposalRow.id)
         with Session(self._engine) as session:
             return [
-                Proposal(r.env, r.base_task_id, r.task_id, r.text, r.stage, r.valid, r.reason)
+                Proposal(r.env, r.base_task_id, r.task_id, r.text, r.stage, r.valid, r.reason, r.judged)
                 for r in session.scalars(stmt)
             ]
 
@@ -591,6 +591,7 @@ def _proposal_row(p: Proposal, stage: str) -> ProposalRow:
         text=p.text,
         valid=p.valid,
         reason=p.reason,
+        judged=p.judged,
     )
 
 

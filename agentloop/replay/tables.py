@@ -21,12 +21,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from agentloop.types import Source
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Version of the table layout below; stored in ``meta`` under ``schema_version``.
 
 Alembic revision ``f"{SCHEMA_VERSION:04d}"`` of :mod:`agentloop.replay.migrations` brings a
 database to it (2: ``trajectories.tamper_attempts``; 3: ``trajectories.episode``, unique per
-stage; 4: ``trajectories.trial``, ``memory`` and ``reflection``, and the ``experiences`` and ``proposals`` tables).
+stage; 4: ``trajectories.trial``, ``memory`` and ``reflection``, and the ``experiences`` and ``proposals`` tables;
+5: ``proposals.judged``).
 """
 
 SOURCES = typing.get_args(Source)
@@ -156,7 +157,7 @@ class ExperienceRow(Base):
 
 
 class ProposalRow(Base):
-    """One stored :class:`agentloop.types.Proposal`: an imagined task, kept or not (schema 4)."""
+    """One stored :class:`agentloop.types.Proposal`: an imagined task, kept or not (schema 4; ``judged`` since 5)."""
 
     __tablename__ = "proposals"
     __table_args__ = (Index("ix_proposals_stage", "stage"),)
@@ -169,6 +170,7 @@ class ProposalRow(Base):
     text: Mapped[str] = mapped_column(Text)
     valid: Mapped[bool] = mapped_column(Boolean)
     reason: Mapped[str] = mapped_column(Text)
+    judged: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # schema 5
 
 
 class StageRow(Base):

@@ -62,6 +62,10 @@ def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_mo
     made = store.proposals()
     assert len(made) == 2 and all(p.stage == "imagine/1" and p.env == "db" for p in made)
     assert sum(p.valid for p in made) == records[4]["imagine/env/db/valid"]
+    # The policy judged every valid proposal (a random model rarely answers Yes or No: undecided).
+    assert sum(p.judged is True for p in made) == records[4]["imagine/env/db/judged"]
+    assert sum(p.valid and p.judged is None for p in made) == records[4]["imagine/env/db/judge_undecided"]
+    assert all(p.judged is None for p in made if not p.valid)
     assert all(t.memory == "" for t in store.trajectories(stage="eval/1"))  # evaluation has no memory
     store.close()
 

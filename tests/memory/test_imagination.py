@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
-from agentloop.envs import load_tasks, make_env
-from agentloop.envs.db import SQLEnvConfig
+from agentloop.envs import build_experts, load_tasks, make_env
+from agentloop.envs.db import DBExpertConfig, SQLEnvConfig
 from agentloop.memory.imagination import build, choose_bases, imagination_metrics, rebuild, requests
+from agentloop.memory.judge import judge, parse_verdict
 from agentloop.replay import ReplayStore
 from agentloop.types import Experience, Message, Trajectory
 
@@ -74,8 +76,44 @@ def test_proposals_are_asked_with_remembered_tasks_to_avoid_and_built_into_score
     assert imagination_metrics(proposals, [solved], "imagine") == {
         "imagine/env/db/proposed": 3.0,
         "imagine/env/db/valid": 2.0,
+        "imagine/env/db/judged": 0.0,
         "imagine/env/db/solved": 1.0,
+        "imagine/env/db/verified": 1.0,
     }
+    accepted = [replace(p, judged=p.task_id == "imagine-2-1") if p.valid else p for p in proposals]
+    assert imagination_metrics(accepted, [solved], "imagine")["imagine/env/db/verified"] == 2.0
+
+
+def test_the_judge_reads_each_valid_task_with_its_solution_and_its_verdict_is_kept(train):
+    a, b, c = train["db"][:3]
+    texts = [
+        proposal(a, f"The {column(a)} of the first row?", f'SELECT "{column(a)}" FROM "{a.table_name}" LIMIT 1;'),
+        "no proposal here",
+        proposal(b, "Add a row.", f'INSERT INTO "{b.table_name}" ("{column(b)}") VALUES (\'new one\');'),
+        proposal(c, "Count the rows.", f'SELECT COUNT(*) FROM "{c.table_name}";'),
+    ]
+    proposals, tasks = build([a, a, b, c], texts, {"db": SQLEnvConfig()}, "imagine/1")
+    asked = []
+
+    def judge_model(prompts):  # stands in for the judge model; answers as a model may, or not at all
+        asked.extend(prompts)
+        return ["Yes, it does.", " no", "Maybe."][: len(prompts)]
+
+    judged = judge(proposals, tasks, judge_model)
+    assert [p.judged for p in judged] == [True, None, False, None]  # "Maybe." is no verdict
+    assert [replace(p, judged=None) for p in judged] == proposals
+    first, insert, count = asked
+    assert "Task: The" in first and "LIMIT 1;" in first and f"Its answer: ['{a.rows[0][0]}']" in first
+    assert "It adds 1 rows and removes 0." in insert and "Added: ('new one'" in insert
+    assert count.endswith("Answer Yes or No.") and f"Its answer: ['{len(c.rows)}']" in count
+    assert [parse_verdict(t) for t in ("YES.", "**No**", "Yesterday", "")] == [True, False, None, None]
+    with pytest.raises(ValueError, match="valid proposals"):
+        judge(proposals, tasks[:1], judge_model)
+
+    # An accepted task's own solution, replayed through the env, is a demonstration that succeeds.
+    demos, _ = build_experts("db", tasks, SQLEnvConfig(), DBExpertConfig(recovery_fraction=0.0), seed=0)
+    assert [d.task for d in demos] == [t.task for t in tasks] and all(d.success for d in demos)
+    assert demos[1].messages[1].content.startswith("Action: Operation")
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from test_store import INSERT, REPO, SELECT, cut, episode
 from agentloop.replay import ReplayStore, SchemaVersionError, migrations
 from agentloop.replay.store import SCHEMA_LOCK
 from agentloop.replay.tables import SCHEMA_VERSION
-from agentloop.types import Experience, Pair, Trajectory
+from agentloop.types import Experience, Pair, Proposal, Trajectory
 
 SCHEMA_1 = """
 CREATE TABLE meta ("key" VARCHAR NOT NULL, value VARCHAR NOT NULL, PRIMARY KEY ("key"));
@@ -212,15 +212,15 @@ def migration_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_revisions_are_numbered_by_schema_version() -> None:
     script = ScriptDirectory.from_config(migrations.config())
-    assert script.get_heads() == [migrations.revision(SCHEMA_VERSION)] == ["0004"]
+    assert script.get_heads() == [migrations.revision(SCHEMA_VERSION)] == ["0005"]
     chain = [(r.revision, r.down_revision) for r in script.walk_revisions()]
-    assert chain == [("0004", "0003"), ("0003", "0002"), ("0002", "0001"), ("0001", None)]
+    assert chain == [("0005", "0004"), ("0004", "0003"), ("0003", "0002"), ("0002", "0001"), ("0001", None)]
 
 
 def test_a_new_database_is_created_at_the_current_version_and_stamped(store_url: str) -> None:
     ReplayStore(store_url).close()
-    assert scalars(store_url, "SELECT version_num FROM alembic_version") == ["0004"]
-    assert scalars(store_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["4"]
+    assert scalars(store_url, "SELECT version_num FROM alembic_version") == ["0005"]
+    assert scalars(store_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["5"]
 
 
 def test_revision_0001_builds_schema_1(store_url: str, other_store_url: str) -> None:
@@ -240,7 +240,7 @@ def test_a_schema_1_database_is_migrated_keeping_every_row(schema_1_url: str, ca
     with caplog.at_level(logging.INFO):
         store = ReplayStore(schema_1_url)
     with store:
-        assert migration_lines(caplog) == [f"replay store {schema_1_url} migrated from schema 1 to 4"]
+        assert migration_lines(caplog) == [f"replay store {schema_1_url} migrated from schema 1 to 5"]
         assert store.trajectories() == [EXPERT, FAILED, SOLVED]
         assert [t.tamper_attempts for t in store.trajectories()] == [0, 0, 0]
         assert store.pairs() == [PAIR]
@@ -263,8 +263,15 @@ def test_a_schema_1_database_is_migrated_keeping_every_row(schema_1_url: str, ca
         store.add_episodes([later], stage="explore/4", experiences=[lesson])
         assert store.trajectories(stage="explore/4") == [later] and store.experiences() == [lesson]
         assert store.episodes("explore/4") == {"db/train-1#2"}
-    assert scalars(schema_1_url, "SELECT version_num FROM alembic_version") == ["0004"]
-    assert scalars(schema_1_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["4"]
+        # Schema 5: a proposal keeps its judge's verdict (None: not judged).
+        judged = [
+            Proposal("db", "train-1", f"imagine-5-{i}", "Question: ...", "imagine/5", True, "", v)
+            for i, v in enumerate((True, False, None))
+        ]
+        store.commit_stage("imagine/5", metrics={}, proposals=judged)
+        assert store.proposals() == judged
+    assert scalars(schema_1_url, "SELECT version_num FROM alembic_version") == ["0005"]
+    assert scalars(schema_1_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["5"]
 
 
 def test_a_migrated_database_has_the_layout_of_a_new_one(schema_1_url: str, other_store_url: str) -> None:
@@ -358,7 +365,7 @@ def schema_lock_held(url: str) -> Iterator[None]:
         engine.dispose()
 
 
-@pytest.mark.parametrize("version", ["5", "12"])
+@pytest.mark.parametrize("version", ["6", "12"])
 def test_a_newer_database_is_refused_untouched(store_url: str, version: str) -> None:
     ReplayStore(store_url).close()
     engine = create_engine(store_url)
@@ -367,7 +374,7 @@ def test_a_newer_database_is_refused_untouched(store_url: str, version: str) -> 
         connection.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": f"{int(version):04d}"})
     engine.dispose()
     before = layout(store_url)
-    with pytest.raises(SchemaVersionError, match=f"version {version}, newer than this code's 4"):
+    with pytest.raises(SchemaVersionError, match=f"version {version}, newer than this code's 5"):
         ReplayStore(store_url)
     assert layout(store_url) == before
     assert scalars(store_url, "SELECT value FROM meta") == [version]

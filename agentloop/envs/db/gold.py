@@ -79,12 +79,15 @@ def _point_names_at_task(tree: exp.Expression, task: DBTask) -> None:
 
 
 def _canonical_tree(task: DBTask) -> exp.Expression | None:
-    """The gold SQL parsed as MySQL with its names repaired, or None if it cannot be read."""
+    """The gold SQL parsed in its dialect (dbbench's MySQL with its names repaired; an imagined
+    task's SQLite as written), or None if it cannot be read."""
     import sqlglot
     from sqlglot.errors import SqlglotError
 
+    mysql = task.gold_dialect == "mysql"
+    sql = _repair_gold_sql(task.gold_sql, task) if mysql else task.gold_sql
     try:
-        trees = [t for t in sqlglot.parse(_repair_gold_sql(task.gold_sql, task), read="mysql") if t is not None]
+        trees = [t for t in sqlglot.parse(sql, read=task.gold_dialect) if t is not None]
         if len(trees) != 1:
             return None
         _point_names_at_task(trees[0], task)

@@ -9,7 +9,7 @@ and :data:`MAX_VALUES` values (the label), or an INSERT or UPDATE that changes t
 it was would be solved by doing nothing). The SQL must use the table (a constant ``SELECT 1``
 would be an answer the explorer knows before it asks); it runs twice, and an answer that
 varies is refused. Whether the question and the SQL agree is decided afterwards, by an
-independent attempt.
+independent attempt, or by a judge reading :func:`judge_evidence`.
 """
 
 from __future__ import annotations
@@ -129,3 +129,27 @@ def imagined_task(base: DBTask, text: str, config: SQLEnvConfig, task_id: str) -
         gold_sql=sql,
         gold_dialect="sqlite",
     )
+
+
+def judge_evidence(task: DBTask, config: SQLEnvConfig | None = None) -> str:
+    """What a judge reads of an imagined task: the table, the question, the SQL, and its answer
+    (a SELECT's values; for a write, the rows it adds and removes)."""
+    config = config or SQLEnvConfig()
+    columns = ", ".join(quote_identifier(name) for name, _ in task.columns)
+    lines = [
+        f"Table {quote_identifier(task.table_name)} ({columns}), first rows:",
+        *(repr(tuple(row)) for row in task.rows[:SAMPLE_ROWS]),
+        f"Task: {task.task.instruction}",
+        f"Solution (SQLite):\n{task.gold_sql}",
+    ]
+    if task.is_write:
+        before = _outcome(task, "SELECT 1", config)[1] or Counter()
+        after = _outcome(task, task.gold_sql, config)[1] or Counter()
+        added, removed = list((after - before).elements()), list((before - after).elements())
+        lines.append(f"It adds {len(added)} rows and removes {len(removed)}.")
+        lines += [f"Added: {row!r}" for row in added[:SAMPLE_ROWS]] + [
+            f"Removed: {row!r}" for row in removed[:SAMPLE_ROWS]
+        ]
+    else:
+        lines.append(f"Its answer: {list(task.label)}")
+    return "\n".join(lines)
