@@ -262,10 +262,14 @@ def env_configs(config) -> dict:
     return {spec.name: config.env_config(spec.name) for spec in config.envs}
 
 
+AFTER_EXPLORING = ("/solved", "/verified")
+"""The imagination metrics known only once the imagined tasks were explored."""
+
+
 def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]:
     """An exploration stage's metrics: per training task (its last trial), for the first trials alone
     (the single greedy pass), a paired test of the two, trials per task, memory's prompt tokens, and
-    how many imagined tasks a trial solved (verified), per env."""
+    how many imagined tasks a trial solved, and how many are verified (solved or accepted by the judge), per env."""
     from agentloop.memory.imagination import imagination_metrics
     from agentloop.metrics import paired_comparison, trajectory_metrics
 
@@ -289,7 +293,7 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
         "explore/solved_trial_mean": sum(t.trial + 1 for t in solved) / max(len(solved), 1),
         "explore/reflections": float(sum(bool(t.reflection) for t in trials)),
         "explore/memory_trials": float(sum(bool(t.memory) for t in trials)),
-        **{k: v for k, v in imagination_metrics(made, imagined, "imagine").items() if k.endswith(("/solved", "/verified"))},
+        **{k: v for k, v in imagination_metrics(made, imagined, "imagine").items() if k.endswith(AFTER_EXPLORING)},
         "imagine/trials": float(len(imagined)),
     }
     if stats is not None:
