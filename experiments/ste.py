@@ -218,7 +218,7 @@ def imagine(run: Run, memory: RunMemory, version: int, it: int, names: set[str],
             ask = partial(ask_endpoint, config.imagine.judge, system=SYSTEM)
         else:
             ask = partial(run.fleet.complete, version=version, files=run.adapters[version], max_new_tokens=8)
-        proposals = judge(proposals, made["tasks"], ask)
+        proposals = judge(proposals, made["tasks"], env_configs(config), ask)
     metrics = {}
     for env in sorted({p.env for p in proposals}):
         mine = [p for p in proposals if p.env == env]

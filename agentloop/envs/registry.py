@@ -45,8 +45,8 @@ class Imagination:
     build: Callable[[Any, str, Any, str], Any]
     """``build(base, proposal, config, task_id)``: the env task object the proposal describes
     (its ``.task.split`` is ``imagined``), or a sentence saying why it cannot be scored."""
-    evidence: Callable[[Any], str] | None = None
-    """``evidence(task)``: what a judge reads of a built task to decide whether the proposal's own
+    evidence: Callable[[Any, Any], str] | None = None
+    """``evidence(task, config)``: what a judge reads of a built task to decide whether the proposal's own
     solution does what it asks (the task and its solution, as text); None: the env is not judged."""
 
 

@@ -10,7 +10,7 @@ policy itself or any model behind an OpenAI-compatible endpoint (``imagine.judge
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -36,12 +36,18 @@ def parse_verdict(text: str) -> bool | None:
     return None if found is None else found.group(1).lower() == "yes"
 
 
-def judge(proposals: Sequence[Proposal], tasks: Sequence[Any], ask: Callable[[list[str]], list[str]]) -> list[Proposal]:
+def judge(
+    proposals: Sequence[Proposal],
+    tasks: Sequence[Any],
+    configs: Mapping[str, Any],
+    ask: Callable[[list[str]], list[str]],
+) -> list[Proposal]:
     """The proposals with the judge's verdict on each valid one whose env writes evidence.
 
     Args:
         proposals: Every proposal of a stage, valid or not, in order.
         tasks: The env tasks of the valid ones, in the same order.
+        configs: Each env's config, by name (the evidence may run the task's solution).
         ask: The judge: prompts in, answers out (the policy or an endpoint).
     """
     valid = [p for p in proposals if p.valid]
@@ -51,6 +57,6 @@ def judge(proposals: Sequence[Proposal], tasks: Sequence[Any], ask: Callable[[li
     for proposal, task in zip(valid, tasks, strict=True):
         evidence = envs.definition(proposal.env).imagination.evidence
         if evidence is not None:
-            asked[proposal.task_id] = judge_prompt(evidence(task))
+            asked[proposal.task_id] = judge_prompt(evidence(task, configs[proposal.env]))
     answers = dict(zip(asked, ask(list(asked.values())), strict=True)) if asked else {}
     return [replace(p, judged=parse_verdict(answers[p.task_id])) if p.task_id in answers else p for p in proposals]

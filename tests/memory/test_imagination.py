@@ -99,7 +99,7 @@ def test_the_judge_reads_each_valid_task_with_its_solution_and_its_verdict_is_ke
         asked.extend(prompts)
         return ["Yes, it does.", " no", "Maybe."][: len(prompts)]
 
-    judged = judge(proposals, tasks, judge_model)
+    judged = judge(proposals, tasks, {"db": SQLEnvConfig()}, judge_model)
     assert [p.judged for p in judged] == [True, None, False, None]  # "Maybe." is no verdict
     assert [replace(p, judged=None) for p in judged] == proposals
     first, insert, count = asked
@@ -108,7 +108,7 @@ def test_the_judge_reads_each_valid_task_with_its_solution_and_its_verdict_is_ke
     assert count.endswith("Answer Yes or No.") and f"Its answer: ['{len(c.rows)}']" in count
     assert [parse_verdict(t) for t in ("YES.", "**No**", "Yesterday", "")] == [True, False, None, None]
     with pytest.raises(ValueError, match="valid proposals"):
-        judge(proposals, tasks[:1], judge_model)
+        judge(proposals, tasks[:1], {"db": SQLEnvConfig()}, judge_model)
 
     # An accepted task's own solution, replayed through the env, is a demonstration that succeeds.
     demos, _ = build_experts("db", tasks, SQLEnvConfig(), DBExpertConfig(recovery_fraction=0.0), seed=0)

@@ -131,10 +131,9 @@ def imagined_task(base: DBTask, text: str, config: SQLEnvConfig, task_id: str) -
     )
 
 
-def judge_evidence(task: DBTask, config: SQLEnvConfig | None = None) -> str:
+def judge_evidence(task: DBTask, config: SQLEnvConfig) -> str:
     """What a judge reads of an imagined task: the table, the question, the SQL, and its answer
     (a SELECT's values; for a write, the rows it adds and removes)."""
-    config = config or SQLEnvConfig()
     columns = ", ".join(quote_identifier(name) for name, _ in task.columns)
     lines = [
         f"Table {quote_identifier(task.table_name)} ({columns}), first rows:",

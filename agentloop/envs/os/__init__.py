@@ -180,8 +180,9 @@ successes (991 of train's 1,000, 24 of dev's 25, 124 of test's 131).
 from agentloop.envs.os.config import OSEnvConfig
 from agentloop.envs.os.env import OSEnv
 from agentloop.envs.os.experts import build_os_experts
+from agentloop.envs.os.imagine import imagined_task, judge_evidence, proposal_prompt
 from agentloop.envs.os.tasks import SPLITS, OSTask, load_os_tasks
-from agentloop.envs.registry import EnvDefinition
+from agentloop.envs.registry import EnvDefinition, Imagination
 
 ENV = EnvDefinition(
     name="os",
@@ -194,6 +195,7 @@ ENV = EnvDefinition(
     build_experts=build_os_experts,
     context_tokens=4096,  # 8 turns of up to 128 new tokens and ~300-token outputs, after a ~280-token start
     median_episode_tokens=278,  # bench/episode_tokens.py: median of 200 train experts
+    imagination=Imagination(prompt=proposal_prompt, build=imagined_task, evidence=judge_evidence),
 )
 """The Operating System environment's registration (``agentloop.envs``)."""
 

@@ -35,7 +35,7 @@ def expert_actions(task: OSTask, env: OSEnv) -> list[str] | None:
     answers its expected string; any other task ends with ``Act: finish``.
     """
     example = task.example
-    steps = [] if example is None else [_bash(_as_bash(example))]
+    steps = [] if example is None else [_bash(as_bash(example))]
     if task.match is not None:
         return [*steps, _answer(task.match)]
     if task.match_regex is not None or example is None:
@@ -54,7 +54,7 @@ _USES_ANSWER_RE = re.compile(r"argv\[1\]|\$1\b|\$\{1\}|\$@|\$\*")
 """How a check script reads the answer it is given."""
 
 
-def _as_bash(script: Script) -> str:
+def as_bash(script: Script) -> str:
     if script.language == "bash":
         return script.code
     return "python3 -c " + "'" + script.code.replace("'", "'\\''") + "'"
@@ -65,7 +65,7 @@ def _example_output(task: OSTask, env: OSEnv) -> str | None:
     env.reset(options={"task_id": task.task.task_id})
     assert env._sandbox is not None
     try:
-        result = env._sandbox.run(_as_bash(task.example or Script("bash", "")), env.config.command_timeout_s, 1 << 16)
+        result = env._sandbox.run(as_bash(task.example or Script("bash", "")), env.config.command_timeout_s, 1 << 16)
     finally:
         env._close_sandbox()
         env._done = True
