@@ -56,11 +56,12 @@ opens it, clicks each goal option and buys; :func:`build_webshop_experts` replay
 :class:`WebShopEnv` and keeps the successes.
 """
 
-from agentloop.envs.registry import EnvDefinition
+from agentloop.envs.registry import EnvDefinition, Imagination
 from agentloop.envs.webshop.catalog import SPLITS, WebShopTask, load_webshop_tasks
 from agentloop.envs.webshop.config import WebShopEnvConfig
 from agentloop.envs.webshop.env import WebShopEnv
 from agentloop.envs.webshop.experts import build_webshop_experts
+from agentloop.envs.webshop.imagine import imagined_task, judge_evidence, proposal_prompt
 
 ENV = EnvDefinition(
     name="webshop",
@@ -73,6 +74,7 @@ ENV = EnvDefinition(
     build_experts=build_webshop_experts,
     context_tokens=4096,
     median_episode_tokens=1145,  # bench/episode_tokens.py: median of 200 train experts
+    imagination=Imagination(prompt=proposal_prompt, build=imagined_task, evidence=judge_evidence),
 )
 """The WebShop environment's registration (``agentloop.envs``)."""
 

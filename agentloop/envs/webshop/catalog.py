@@ -88,9 +88,11 @@ class Goal:
 class Catalog:
     """The products of one data directory, with a BM25 index over their text built on first use."""
 
-    def __init__(self, products: Sequence[Product]) -> None:
+    def __init__(self, products: Sequence[Product], goal_asins: frozenset[str] = frozenset()) -> None:
         self.products = tuple(products)
         self.by_asin = {p.asin: p for p in self.products}
+        self.goal_asins = goal_asins
+        """The products some goal (of any split) was made from; the others are only ever found."""
         self._index: Any = None
         self._tokenizer: Any = None
         self._empty_id = -1
@@ -188,7 +190,7 @@ def _load_folder(folder: Path) -> tuple[Catalog, dict[str, tuple[str, tuple[str,
         }
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{paths[1]}: malformed goal file ({e!r})") from e
-    return Catalog(products), instructions
+    return Catalog(products, frozenset(instructions)), instructions
 
 
 def _parse_product(entry: dict[str, Any]) -> Product:
@@ -212,23 +214,32 @@ def _parse_product(entry: dict[str, Any]) -> Product:
     )
 
 
+def price_bound(product: Product, rng: np.random.Generator) -> float:
+    """A goal's price bound, as WebShop draws it: the higher of two of the four price steps above the price."""
+    steps = [p for p in PRICE_STEPS if p > product.price][:4]
+    return float(max(rng.choice(steps, 2, replace=False))) if len(steps) >= 2 else NO_PRICE_BOUND
+
+
+def option_values(product: Product, index: int) -> tuple[tuple[str, str], ...]:
+    """The ``index``-th combination of the product's option values (the last option varies fastest)."""
+    chosen, rest = [], int(index)
+    for name, values in reversed(product.options):
+        rest, digit = divmod(rest, len(values))
+        chosen.append((name, values[digit]))
+    return tuple(reversed(chosen))
+
+
 def _product_tasks(
     catalog: Catalog, product: Product, instruction: str, attributes: tuple[str, ...], split: str
 ) -> list[WebShopTask]:
     """The goals of one product: up to :data:`GOALS_PER_PRODUCT` option combinations."""
     rng = np.random.default_rng([SPLIT_SEED, zlib.crc32(product.asin.encode())])
-    sizes = [len(values) for _, values in product.options]
-    total = math.prod(sizes)
+    total = math.prod(len(values) for _, values in product.options)
     picks = range(total) if total <= GOALS_PER_PRODUCT else sorted(rng.choice(total, GOALS_PER_PRODUCT, replace=False))
-    steps = [p for p in PRICE_STEPS if p > product.price][:4]
     tasks = []
     for index in picks:
-        upper = float(max(rng.choice(steps, 2, replace=False))) if len(steps) >= 2 else NO_PRICE_BOUND
-        chosen, rest = [], int(index)
-        for (name, values), size in zip(reversed(product.options), reversed(sizes), strict=True):
-            rest, digit = divmod(rest, size)
-            chosen.append((name, values[digit]))
-        goal = Goal(product.asin, instruction, attributes, tuple(reversed(chosen)), upper)
+        upper = price_bound(product, rng)
+        goal = Goal(product.asin, instruction, attributes, option_values(product, index), upper)
         task = Task(ENV_NAME, f"{split}-{product.asin}-{int(index):03d}", split, product.shop, goal.text)
         tasks.append(WebShopTask(task, goal, catalog))
     return tasks
