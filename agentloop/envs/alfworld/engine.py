@@ -109,6 +109,17 @@ def new_engine() -> Any:
     return AlfredDemangler(shuffle=False)(PddlEnv(textworld.EnvInfos(won=True, admissible_commands=True)))
 
 
+def planning_engine() -> Any:
+    """An engine like :func:`new_engine` that also reports the planner's plan from each state
+    (``policy_commands``: TextWorld asks fast-downward for it)."""
+    import textworld
+    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
+    from textworld.envs.pddl import PddlEnv
+
+    infos = textworld.EnvInfos(won=True, admissible_commands=True, policy_commands=True)
+    return AlfredDemangler(shuffle=False)(PddlEnv(infos))
+
+
 POOL = EnginePool()
 ENGINE_LOCK = threading.Lock()
 """Serialises every engine call of the process: textworld parses games and text with module-level

@@ -69,6 +69,8 @@ class ALFWorldEnv(gymnasium.Env[str, str]):
         unknown = [t for t in task_ids if t not in self.tasks]
         if unknown:
             raise KeyError(f"unknown task ids: {unknown[:5]}")
+        for t in task_ids:
+            self.tasks[t].ensure_file()
         POOL.plan([self.tasks[t].game_file for t in task_ids], self.config.lookahead)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
@@ -76,6 +78,7 @@ class ALFWorldEnv(gymnasium.Env[str, str]):
         super().reset(seed=seed)
         task = self._choose(options or {})
         self._release()
+        task.ensure_file()
         self._engine, state = POOL.take(task.game_file, self.config.load_timeout_s)
         self._admissible = list(state["admissible_commands"])
         self._task, self._steps, self._done = task, 0, False

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentloop.types import Task
@@ -32,6 +34,30 @@ class ALFWorldTask:
     task: Task
     game_file: Path
     walkthrough: tuple[str, ...]
+    game_text: str = field(default="", repr=False)
+    """An imagined game's file content ("" for the data's games): an environment writes it to
+    ``game_file`` where that is missing (on another machine of the cluster, say)."""
+
+    def ensure_file(self) -> None:
+        """Writes an imagined game's file if it is missing."""
+        if self.game_text:
+            write_once(self.game_file, self.game_text)
+
+
+def write_once(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` unless the file exists, atomically: a reader sees all of it or none."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        partial.write_text(text)
+        partial.replace(path)
+
+
+def task_sentence(grammar: str, sentence: str) -> str:
+    """A game grammar with its task sentence ("Your task is to: ...") replaced by ``sentence``."""
+    if not _TASK_SENTENCE.search(grammar):
+        raise ValueError("the grammar holds no task sentence")
+    return _TASK_SENTENCE.sub(lambda _: f"Your task is to: {sentence}", grammar, count=1)
 
 
 def load_alfworld_tasks(data_dir: Path, split: str) -> list[ALFWorldTask]:
