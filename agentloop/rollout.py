@@ -193,6 +193,7 @@ class Rollout:
         teacher: Instead, writes an ended episode's ``reflection`` itself (a teacher model behind
             an endpoint), in the environment threads; a reflection that fails is logged, counted
             in ``stats.failed_reflections`` and left empty.
+        reflection_tokens: Most tokens of the policy's reflection (None: ``sampling.max_new_tokens``).
     """
 
     def __init__(
@@ -207,6 +208,7 @@ class Rollout:
         progress: bool = False,
         reflect: Callable[[Trajectory], str] | None = None,
         teacher: Callable[[Trajectory], str] | None = None,
+        reflection_tokens: int | None = None,
     ) -> None:
         if config.max_context_tokens < 1:
             raise ValueError("rollout needs max_context_tokens set (0 means an experiment fits it to its envs first)")
@@ -217,6 +219,7 @@ class Rollout:
         self.policy, self.make_env, self.config, self.total = policy, make_env, config, total
         self.source, self.iteration, self.progress = source, iteration, progress
         self.reflect, self.teacher = reflect, teacher
+        self.reflection_tokens = reflection_tokens or config.sampling.max_new_tokens
         self.stats: RolloutStats | None = None
 
     def __iter__(self) -> Iterator[tuple[int, Trajectory]]:
@@ -321,7 +324,7 @@ class Rollout:
                     prompt = self._reflection_prompt(trajectory)
                     if prompt:  # the policy reflects: one more turn, resuming from the cached conversation
                         episode.ended, episode.reflecting = trajectory, prompt
-                        stream.add(index, prompt)
+                        stream.add(index, prompt, max_new_tokens=self.reflection_tokens)
                         prompt_tokens += len(prompt)
                         continue
                     if cache is not None:  # no next turn will resume from this episode's last one
@@ -365,7 +368,7 @@ class Rollout:
         if self.reflect is None:
             return []
         prompt = trajectory.token_ids + self.policy.chat.user_segment(self.reflect(trajectory), first=False)
-        fits = len(prompt) + self.config.sampling.max_new_tokens <= self.config.max_context_tokens
+        fits = len(prompt) + self.reflection_tokens <= self.config.max_context_tokens
         return prompt if fits else []
 
 

@@ -205,6 +205,7 @@ class RolloutWorker:
             progress=True,
             reflect=reflect,
             teacher=teacher,
+            reflection_tokens=trials.reflection_tokens if trials is not None else None,
         )
         batch: list[Trajectory] = []
         try:

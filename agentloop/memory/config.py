@@ -29,8 +29,11 @@ class MemoryConfig:
     is): a small policy shown its failure mostly repeats it when decoding greedily."""
     reflect: bool = True
     """After each trial the policy writes a short reflection (one more turn of the same
-    conversation, within the rollout's ``max_new_tokens``), kept for later trials and long-term
+    conversation, at most ``reflection_tokens``), kept for later trials and long-term
     memory; it is never trained on."""
+    reflection_tokens: int = 64
+    """Most tokens of the policy's reflection (STE's are a sentence or two; 0 = the rollout's
+    ``max_new_tokens``)."""
     teacher: EndpointConfig = field(default_factory=EndpointConfig)
     """Who reflects: empty ``url`` = the policy; else a teacher model behind an OpenAI-compatible
     endpoint reads each trial's transcript and writes the reflection."""
@@ -40,6 +43,8 @@ class MemoryConfig:
             raise ConfigError(f"trials must be >= 1, got {self.trials}")
         if min(self.short_term_tokens, self.long_term_tokens, self.long_term_k) < 0:
             raise ConfigError("short_term_tokens, long_term_tokens and long_term_k must be >= 0")
+        if self.reflection_tokens < 0:
+            raise ConfigError(f"reflection_tokens must be >= 0, got {self.reflection_tokens}")
         if self.retry_temperature < 0:
             raise ConfigError(f"retry_temperature must be >= 0, got {self.retry_temperature}")
         if self.long_term_tokens and not self.long_term_k:

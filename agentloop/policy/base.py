@@ -102,9 +102,11 @@ class Generation:
 class GenerationStream(Protocol):
     """Requests in, finished generations out, as they finish (continuous batching)."""
 
-    def add(self, key: Hashable, prompt: Sequence[int], temperature: float | None = None) -> None:
-        """Queues a prompt; ``key`` names it in what :meth:`step` returns. ``temperature``
-        overrides the stream's sampling temperature for this request (0 = greedy)."""
+    def add(
+        self, key: Hashable, prompt: Sequence[int], temperature: float | None = None, max_new_tokens: int | None = None
+    ) -> None:
+        """Queues a prompt; ``key`` names it in what :meth:`step` returns. ``temperature`` and
+        ``max_new_tokens`` override the stream's sampling for this request (temperature 0 = greedy)."""
         ...
 
     @property
@@ -122,10 +124,17 @@ class LockstepStream:
 
     def __init__(self, policy: Policy, sampling: SamplingConfig) -> None:
         self.policy, self.sampling = policy, sampling
-        self.queue: list[tuple[Hashable, Sequence[int], float | None]] = []
+        self.queue: list[tuple[Hashable, Sequence[int], SamplingConfig]] = []
 
-    def add(self, key: Hashable, prompt: Sequence[int], temperature: float | None = None) -> None:
-        self.queue.append((key, prompt, temperature))
+    def add(
+        self, key: Hashable, prompt: Sequence[int], temperature: float | None = None, max_new_tokens: int | None = None
+    ) -> None:
+        sampling = self.sampling
+        if temperature is not None:
+            sampling = replace(sampling, temperature=temperature)
+        if max_new_tokens is not None:
+            sampling = replace(sampling, max_new_tokens=max_new_tokens)
+        self.queue.append((key, prompt, sampling))
 
     @property
     def busy(self) -> bool:
@@ -134,9 +143,12 @@ class LockstepStream:
     def step(self) -> list[tuple[Hashable, Generation]]:
         queue, self.queue = self.queue, []
         done = []
-        for temperature in dict.fromkeys(t for _, _, t in queue):  # one call per temperature asked for
-            group = [(key, prompt) for key, prompt, t in queue if t == temperature]
-            sampling = self.sampling if temperature is None else replace(self.sampling, temperature=temperature)
+        samplings: list[SamplingConfig] = []  # one call per sampling asked for (configs are not hashable)
+        for _, _, sampling in queue:
+            if sampling not in samplings:
+                samplings.append(sampling)
+        for sampling in samplings:
+            group = [(key, prompt) for key, prompt, s in queue if s == sampling]
             generations = self.policy.generate([prompt for _, prompt in group], sampling)
             done += [(key, gen) for (key, _), gen in zip(group, generations, strict=True)]
         return done

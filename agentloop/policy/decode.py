@@ -259,18 +259,23 @@ class DecodeEngine:
         self.outputs: dict[Hashable, list[int]] = {}
         self.logprobs: dict[Hashable, list[float]] = {}  # of each generated token, raw model distribution
         self.temperatures: dict[Hashable, float] = {}  # of each request (0 = greedy)
+        self.limits: dict[Hashable, int] = {}  # most new tokens of each request
         self.kv: KVBuffer | None = None  # keys and values of the slots
         self.key_pos: torch.Tensor | None = None
         self.next_tokens: torch.Tensor | None = None  # each slot's last sampled token, not yet fed
 
-    def add(self, key: Hashable, prompt: Sequence[int], temperature: float = 0.0) -> None:
-        """Queues ``prompt``; its tokens are drawn at ``temperature`` (0 = greedy) by ``pick``."""
+    def add(
+        self, key: Hashable, prompt: Sequence[int], temperature: float = 0.0, max_new_tokens: int | None = None
+    ) -> None:
+        """Queues ``prompt``; its tokens are drawn at ``temperature`` (0 = greedy) by ``pick``, at most
+        ``max_new_tokens`` of them (None: the engine's ``max_new_tokens``)."""
         if key in self.prompts:
             raise ValueError(f"request {key!r} is already running")
         if not prompt:
             raise ValueError(f"request {key!r} has an empty prompt")
         self.prompts[key] = tuple(prompt)
         self.temperatures[key] = temperature
+        self.limits[key] = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         self.waiting.append((key, tuple(prompt)))
 
     def restart(self) -> None:
@@ -372,11 +377,11 @@ class DecodeEngine:
             generated = self.outputs[key]
             generated.append(token)
             self.logprobs[key].append(logprob)
-            if token not in self.stops and len(generated) < self.max_new_tokens:
+            if token not in self.stops and len(generated) < self.limits[key]:
                 going.append(row)
                 continue
             prompt = self.prompts.pop(key)
-            del self.outputs[key], self.temperatures[key]
+            del self.outputs[key], self.temperatures[key], self.limits[key]
             if self.cache is not None:
                 self.cache.put(_extract(kv, row, key_pos[row], prompt + tuple(generated[:-1])))
             finished.append((key, generated, self.logprobs.pop(key)))

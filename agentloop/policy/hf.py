@@ -162,8 +162,10 @@ class _Stream:
     def __init__(self, engine: DecodeEngine, completion, temperature: float) -> None:
         self.engine, self.completion, self.temperature = engine, completion, temperature
 
-    def add(self, key: Hashable, prompt: Sequence[int], temperature: float | None = None) -> None:
-        self.engine.add(key, prompt, self.temperature if temperature is None else temperature)
+    def add(
+        self, key: Hashable, prompt: Sequence[int], temperature: float | None = None, max_new_tokens: int | None = None
+    ) -> None:
+        self.engine.add(key, prompt, self.temperature if temperature is None else temperature, max_new_tokens)
 
     @property
     def busy(self) -> bool:

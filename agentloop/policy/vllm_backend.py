@@ -231,10 +231,12 @@ class _Stream:
             logprobs=0,  # the sampled token's log-prob, from the raw distribution (vLLM's default mode)
             detokenize=False,
         )
-        self.running: dict[str, tuple[Hashable, tuple[int, ...], float | None]] = {}  # id -> key, prompt, temperature
+        self.running: dict[str, tuple[Hashable, tuple[int, ...], float | None, int | None]] = {}  # id -> add()'s args
         self.done: list[tuple[Hashable, Generation]] = []
 
-    def add(self, key: Hashable, prompt: Sequence[int], temperature: float | None = None) -> None:
+    def add(
+        self, key: Hashable, prompt: Sequence[int], temperature: float | None = None, max_new_tokens: int | None = None
+    ) -> None:
         from vllm.inputs import TokensPrompt
 
         if not prompt:
@@ -243,10 +245,12 @@ class _Stream:
         params = self.params.clone()
         if temperature is not None:
             params.temperature = temperature
+        if max_new_tokens is not None:
+            params.max_tokens = max_new_tokens
         if params.temperature > 0:
             params.seed = self.sampling.seed + self.policy._requests  # reproducible per request
         self.policy.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
-        self.running[request_id] = (key, tuple(prompt), temperature)
+        self.running[request_id] = (key, tuple(prompt), temperature, max_new_tokens)
         self.policy._owner[request_id] = self
 
     @property
@@ -260,21 +264,21 @@ class _Stream:
         return done
 
     def finish(self, request_id: str, completion) -> None:
-        key, _, _ = self.running.pop(request_id)
+        key = self.running.pop(request_id)[0]
         self.done.append((key, self._generation(completion)))
 
     def restart(self) -> None:
         """Aborts the running requests and adds them again (after a weight reload)."""
         running = self._drop()
-        for key, prompt, temperature in running.values():
-            self.add(key, prompt, temperature)
+        for args in running.values():
+            self.add(*args)
 
     def close(self) -> None:
         self._drop()
         if self in self.policy._streams:
             self.policy._streams.remove(self)
 
-    def _drop(self) -> dict[str, tuple[Hashable, tuple[int, ...], float | None]]:
+    def _drop(self) -> dict[str, tuple[Hashable, tuple[int, ...], float | None, int | None]]:
         running, self.running = self.running, {}
         for request_id in running:
             self.policy._owner.pop(request_id, None)

@@ -27,10 +27,12 @@ REFLECTION = "I answered without looking at the table; query it first."
 
 
 class LearnsFromMemory:
-    """Wrong until its prompt shows an earlier attempt; then the gold actions. Reflects when asked."""
+    """Wrong until its prompt shows an earlier attempt; then the gold actions. Reflects when asked.
+    Records how it was asked to sample each turn and reflection."""
 
     def __init__(self, chat: ChatTokenizer, gold: dict[str, list[str]]) -> None:
         self.chat, self.gold, self.version = chat, gold, 3
+        self.asked: list[tuple[str, float, int]] = []  # (what was generated, temperature, max_new_tokens)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Generation]:
         out = []
@@ -43,6 +45,7 @@ class LearnsFromMemory:
                 turn = (sum(t == self.chat.stop_id for t in prompt) - 1) // 2
                 script = actions if "Attempt 1:" in text else [WRONG]
                 action = script[turn] if turn < len(script) else "no idea"
+            self.asked.append((action, sampling.temperature, sampling.max_new_tokens))
             out.append(Generation(tuple(self.chat.assistant_segment(action)), action, True))
         return out
 
@@ -69,13 +72,14 @@ def played(data_dir, tiny_model_dir):
         source="explore",
         iteration=1,
         reflect=reflection_prompt,
+        reflection_tokens=MemoryConfig().reflection_tokens,
     )
     trajectories = [t for _, t in run]
-    return chat, tasks, trajectories, run.stats
+    return chat, tasks, trajectories, run.stats, policy.asked
 
 
 def test_each_task_gets_a_second_trial_shown_the_first_and_stops_at_its_success(played):
-    chat, tasks, trajectories, stats = played
+    chat, tasks, trajectories, stats, asked = played
     assert len(trajectories) == 8 and stats.episodes == 8
     by_task = {
         t.task.task_id: sorted((x for x in trajectories if x.task == t.task), key=lambda x: x.trial) for t in tasks
@@ -100,6 +104,13 @@ def test_each_task_gets_a_second_trial_shown_the_first_and_stops_at_its_success(
     assert stats.memory_tokens == extra > 0
     reflected = sum(len(chat.assistant_segment(REFLECTION)) for _ in trajectories)
     assert stats.reflection_tokens == reflected
+    # First trials decode greedily, retries at memory.retry_temperature; reflections within their own budget.
+    config = MemoryConfig()
+    assert {(t, n) for a, t, n in asked if a == REFLECTION} == {(0.0, config.reflection_tokens)}
+    turns = {(t, n) for a, t, n in asked if a != REFLECTION}
+    budget = SamplingConfig().max_new_tokens
+    assert turns == {(0.0, budget), (config.retry_temperature, budget)}
+    assert sum(a == WRONG for a, _, _ in asked) == 4 and all(t == 0.0 for a, t, _ in asked if a == WRONG)
     assert stats.generated_tokens == sum(t.generated_tokens for t in trajectories)
     assert all(
         t.generated_tokens == reflected // 8 + sum(len(m.token_ids) for m in t.messages if m.role == "assistant")
@@ -108,7 +119,7 @@ def test_each_task_gets_a_second_trial_shown_the_first_and_stops_at_its_success(
 
 
 def test_stripped_memory_leaves_the_prompt_a_rollout_without_memory_sees_and_the_policys_own_tokens(played):
-    chat, _, trajectories, _ = played
+    chat, _, trajectories, _, _ = played
     for later in (t for t in trajectories if t.trial):
         first = next(t for t in trajectories if t.task == later.task and t.trial == 0)
         bare = strip_memory(later, chat)
@@ -123,7 +134,7 @@ def test_stripped_memory_leaves_the_prompt_a_rollout_without_memory_sees_and_the
 
 
 def test_trials_of_a_task_pair_its_success_against_its_failure_on_the_tasks_own_prompt(played):
-    chat, tasks, trajectories, _ = played
+    chat, tasks, trajectories, _, _ = played
     pairs = trial_pairs(trajectories, iteration=1)
     assert len(pairs) == len(tasks)
     for pair in pairs:

@@ -86,6 +86,13 @@ def test_a_request_can_sample_while_the_rest_of_its_batch_stays_greedy(policy):
     while stream.busy:
         out.update(stream.step())
     assert out["greedy"].token_ids == greedy[1].token_ids != out["hot"].token_ids
+    # and a request with a shorter budget of new tokens than the stream's
+    stream = policy.stream(SamplingConfig(max_new_tokens=8))
+    stream.add("short", prompts[3], max_new_tokens=3)
+    stream.add("long", prompts[3])
+    while stream.busy:
+        out.update(stream.step())
+    assert out["long"].token_ids == greedy[3].token_ids and out["short"].token_ids == greedy[3].token_ids[:3]
 
 
 def test_later_turns_resume_from_the_prefix_cache_with_the_same_result(tiny_model_dir):

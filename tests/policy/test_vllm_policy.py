@@ -103,6 +103,12 @@ def test_a_request_can_sample_while_the_rest_of_its_stream_stays_greedy(served):
     stream.close()
     assert [out[i].token_ids for i in range(0, len(prompts), 2)] == [g.token_ids for g in greedy[::2]]
     assert [out[i].token_ids for i in range(1, len(prompts), 2)] != [g.token_ids for g in greedy[1::2]]
+    stream = served.stream(SamplingConfig(max_new_tokens=8))
+    stream.add("short", prompts[0], max_new_tokens=3)
+    while stream.busy:
+        out.update(stream.step())
+    stream.close()
+    assert out["short"].token_ids == greedy[0].token_ids[:3]
 
 
 def test_an_adapter_is_served_as_its_version_and_the_base_comes_back(served, reference, adapter):
