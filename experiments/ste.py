@@ -153,7 +153,7 @@ def ste_round(run: Run, memory: RunMemory, it: int, version: int, explore_ids: l
     pairs = round_pairs(config.mix, experts + accepted, trials, it)
     if pairs:
         run.adapters[version + 1] = run.stages.train(
-            f"dpo/{it}", it, partial(run.dpo, it, pairs, start=version), pairs=pairs
+            f"dpo/{it}", it, partial(train_dpo, run, it, pairs, version), pairs=pairs
         )
         version += 1
     return version
@@ -324,10 +324,29 @@ def train_round_sft(run: Run, version: int, data: dict[str, list]):
     """SFT on a round's data, continuing the adapter of ``version``; its share of new and replayed data logged."""
     files, metrics = run.sft(data["all"], run.adapters[version], run.config.round_sft)
     new, total = len(data["new"]), len(data["all"])
+    imagined = [t for t in data["new"] if t.task.split == "imagined"]
     shares = {
-        "round_sft/successes": new,
+        "round_sft/successes": sum(t.source == "explore" for t in data["new"]),
+        "round_sft/judged_demos": sum(t.source == "expert" for t in imagined),
+        "round_sft/imagined": len(imagined),
+        "round_sft/imagined_share": len(imagined) / total,
         "round_sft/replayed": total - new,
         "round_sft/replay_share": (total - new) / total,
+    }
+    return files, {**metrics, **shares}
+
+
+def train_dpo(run: Run, it: int, pairs, version: int):
+    """DPO on a round's pairs (and replayed ones) from policy ``version``; the share of each source of pairs logged."""
+    files, metrics = run.dpo(it, pairs, start=version)
+    expert = sum(p.chosen.source == "expert" for p in pairs)
+    imagined = sum(p.task.split == "imagined" for p in pairs)
+    shares = {
+        "dpo/expert_pairs": expert,
+        "dpo/trial_pairs": len(pairs) - expert,
+        "dpo/expert_pair_share": expert / len(pairs),
+        "dpo/imagined_pairs": imagined,
+        "dpo/imagined_pair_share": imagined / len(pairs),
     }
     return files, {**metrics, **shares}
 

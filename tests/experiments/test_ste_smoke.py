@@ -50,6 +50,8 @@ def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_mo
     assert stages == ["experts", "eval/base", "sft", "eval/sft", "imagine/1", "explore/1", "dpo/1", "eval/1"]
     assert records[4]["imagine/env/db/proposed"] == 2 and "imagine/env/webshop/proposed" not in records[4]
     explore = records[5]
+    dpo = records[6]  # the round logs where its pairs came from
+    assert dpo["dpo/expert_pairs"] + dpo["dpo/trial_pairs"] == dpo["dpo/pairs_built"] and dpo["dpo/expert_pairs"] > 0
     tasks = records[0]["experts/successes"]
     assert explore["explore/episodes"] == tasks and explore["explore/first_trial/episodes"] == tasks
     assert explore["explore/trials"] == 2 * tasks and explore["explore/reflections"] == 2 * tasks
