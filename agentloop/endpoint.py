@@ -91,6 +91,18 @@ class Endpoint:
         except EndpointError as e:
             raise EndpointError(f"{key}: {e}") from e
 
+    def answers(self, prompts: Sequence[str], system: str = "", threads: int = 8) -> list[str]:
+        """The answer to each prompt (one user turn after ``system``, if any), ``threads`` requests at a time.
+
+        Raises:
+            EndpointError: When a request fails (see :meth:`chat`).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        preamble = [{"role": "system", "content": system}] if system else []
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(lambda p: self.chat([*preamble, {"role": "user", "content": p}]), prompts))
+
     def chat(self, messages: Sequence[dict[str, str]]) -> str:
         """The endpoint's answer to a conversation of ``{"role": ..., "content": ...}`` messages.
 

@@ -200,6 +200,7 @@ def imagine(run: Run, memory: RunMemory, version: int, it: int, names: set[str],
     policy (or the configured explorer), each shown the remembered tasks most like its base as ones to avoid."""
     import random
 
+    from agentloop.endpoint import Endpoint
     from agentloop.memory.imagination import build, choose_bases, requests
 
     config = run.config
@@ -207,7 +208,7 @@ def imagine(run: Run, memory: RunMemory, version: int, it: int, names: set[str],
     bases = choose_bases(train, config.imagine.tasks_per_env, random.Random(config.seed * 1000 + it))
     asked = requests(bases, memory.recall(config.imagine.avoid) if config.imagine.avoid else None)
     if config.imagine.explorer.enabled:
-        texts = ask_endpoint(config.imagine.explorer, asked)
+        texts = Endpoint(config.imagine.explorer).answers(asked)
     else:
         texts = run.fleet.complete(asked, version, run.adapters[version], config.imagine.max_new_tokens)
     proposals, made["tasks"] = build(bases, texts, env_configs(config), f"imagine/{it}")
@@ -215,7 +216,7 @@ def imagine(run: Run, memory: RunMemory, version: int, it: int, names: set[str],
         from agentloop.memory.judge import SYSTEM, judge
 
         if config.imagine.judge.enabled:
-            ask = partial(ask_endpoint, config.imagine.judge, system=SYSTEM)
+            ask = partial(Endpoint(config.imagine.judge).answers, system=SYSTEM)
         else:
             ask = partial(run.fleet.complete, version=version, files=run.adapters[version], max_new_tokens=8)
         proposals = judge(proposals, made["tasks"], env_configs(config), ask)
@@ -244,18 +245,6 @@ def imagined_experts(run: Run, proposals, imagined) -> list:
         )
         demos += found
     return demos
-
-
-def ask_endpoint(endpoint_config, prompts: list[str], system: str = "") -> list[str]:
-    """Each prompt's answer from an OpenAI-compatible endpoint, eight requests at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from agentloop.endpoint import Endpoint
-
-    endpoint = Endpoint(endpoint_config)
-    preamble = [{"role": "system", "content": system}] if system else []
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda p: endpoint.chat([*preamble, {"role": "user", "content": p}]), prompts))
 
 
 def env_configs(config) -> dict:

@@ -135,6 +135,36 @@ def test_a_teacher_behind_the_endpoint_writes_each_trials_reflection(server, dat
     assert all(first[t.task].reflection in t.memory for t in second)  # the next trial is shown it
 
 
+@pytest.mark.slow
+def test_an_explorer_and_a_judge_behind_the_endpoint_imagine_and_judge_db_tasks(server, data_dir):
+    from agentloop.envs import load_tasks
+    from agentloop.envs.db import SQLEnvConfig
+    from agentloop.envs.db.imagine import judge_evidence
+    from agentloop.memory.imagination import build, requests
+    from agentloop.memory.judge import SYSTEM, judge, judge_prompt, parse_verdict
+
+    endpoint = Endpoint(EndpointConfig(url=server, model="tiny", max_tokens=24))
+    bases = load_tasks("db", data_dir, "train")[:4]
+    asked = requests(bases, None)
+    texts = endpoint.answers(asked)
+    assert texts == [endpoint.chat([{"role": "user", "content": p}]) for p in asked]  # the explorer's proposals
+    proposals, tasks = build(bases, texts, {"db": SQLEnvConfig()}, "imagine/1")
+    assert [p.text for p in proposals] == texts and all(p.reason for p in proposals if not p.valid)
+    # A random model proposes nothing the env keeps: the judge reads tasks written as a good explorer would.
+    texts = []
+    for base in bases:
+        column = base.columns[0][0]
+        sql = f'SELECT "{column}" FROM "{base.table_name}" LIMIT 1;'
+        texts.append(f"Question: What is the first {column}?\nSQL:\n```sql\n{sql}\n```")
+    proposals, tasks = build(bases, texts, {"db": SQLEnvConfig()}, "imagine/1")
+    assert all(p.valid for p in proposals)
+    judged = judge(proposals, tasks, {"db": SQLEnvConfig()}, lambda prompts: endpoint.answers(prompts, system=SYSTEM))
+    for proposal, task in zip(judged, tasks, strict=True):  # each verdict is the server's answer, read
+        prompt = judge_prompt(judge_evidence(task, SQLEnvConfig()))
+        answer = endpoint.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}])
+        assert proposal.judged == parse_verdict(answer)
+
+
 def test_a_dead_endpoint_fails_loudly_and_a_teacher_failure_keeps_the_trial(data_dir, tiny_model_dir):
     dead = Endpoint(EndpointConfig(url=f"http://127.0.0.1:{_free_port()}/v1", model="m", retries=0, timeout_s=5))
     with pytest.raises(EndpointError, match="127.0.0.1"):
