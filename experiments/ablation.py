@@ -122,42 +122,62 @@ def fork(trunk: Path, target: Path) -> None:
 
 
 def ablation_table(out: Path, seeds: list[int], rows: list[str], iterations: int) -> str:
-    """The markdown table: per seed, row and env, held-out successes of the last round and the test against eto."""
+    """The markdown tables: per seed, row and env, held-out successes of the last round with exact
+    McNemar tests against eto and against the SFT policy the row started from; then, per row and
+    env, the spread over seeds."""
     from agentloop.metrics import mcnemar_exact, wilson_interval
-    from agentloop.replay import ReplayStore
 
     lines = [
-        f"Held-out success after {iterations} rounds (stage eval/{iterations}); p: exact McNemar against eto, "
-        "same seed and tasks.",
+        f"Held-out success after {iterations} rounds (stage eval/{iterations}; sft: eval/sft of the trunk). "
+        "Exact McNemar tests on the same tasks and seed: gained/lost and p against eto, and p against sft.",
         "",
-        "| seed | row | env | successes | rate | 95% CI | gained | lost | p vs eto |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| seed | row | env | successes | rate | 95% CI | gained | lost | p vs eto | p vs sft |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rates: dict[tuple[str, str], list[float]] = {}
     for seed in seeds:
-        found = {}
-        for row in ["sft", *rows]:
-            path = out / f"{'trunk' if row == 'sft' else row}-seed{seed}" / "replay.db"
-            if not path.is_file():
-                continue
-            stage = "eval/sft" if row == "sft" else f"eval/{iterations}"
-            with ReplayStore(f"sqlite:///{path.resolve()}") as store:
-                if stage in store.completed_stages():
-                    found[row] = {(t.task.env, t.task.task_id): t.success for t in store.trajectories(stage=stage)}
-        baseline = found.get("eto", {})
+        found = _outcomes(out, seed, rows, iterations)
         for row, outcomes in found.items():
             for env in sorted({e for e, _ in outcomes}):
                 mine = {k: v for k, v in outcomes.items() if k[0] == env}
                 k, n = sum(mine.values()), len(mine)
                 low, high = wilson_interval(k, n)
-                paired = [(baseline[key], v) for key, v in mine.items() if key in baseline]
-                gained = sum(now and not was for was, now in paired)
-                lost = sum(was and not now for was, now in paired)
-                p = f"{mcnemar_exact(gained, lost):.3f}" if paired and row != "eto" else "-"
+                rates.setdefault((row, env), []).append(k / n)
+                against = {}
+                for other in ("eto", "sft"):
+                    paired = [(found[other][key], v) for key, v in mine.items() if key in found.get(other, {})]
+                    gained = sum(now and not was for was, now in paired)
+                    lost = sum(was and not now for was, now in paired)
+                    against[other] = (gained, lost, mcnemar_exact(gained, lost)) if paired and row != other else None
+                eto, sft = against["eto"], against["sft"]
                 lines.append(
                     f"| {seed} | {row} | {env} | {k}/{n} | {k / n:.3f} | [{low:.3f}, {high:.3f}] "
-                    f"| {gained if p != '-' else '-'} | {lost if p != '-' else '-'} | {p} |"
+                    + (f"| {eto[0]} | {eto[1]} | {eto[2]:.3f} " if eto else "| - | - | - ")
+                    + (f"| {sft[2]:.3f} |" if sft else "| - |")
                 )
+    lines += ["", "Spread over seeds:", "", "| row | env | seeds | mean rate | min | max |", "|" + "---|" * 6]
+    for (row, env), found_rates in rates.items():
+        mean = sum(found_rates) / len(found_rates)
+        lines.append(
+            f"| {row} | {env} | {len(found_rates)} | {mean:.3f} | {min(found_rates):.3f} | {max(found_rates):.3f} |"
+        )
     return "\n".join(lines) + "\n"
+
+
+def _outcomes(out: Path, seed: int, rows: list[str], iterations: int) -> dict[str, dict[tuple[str, str], bool]]:
+    """Each completed row's held-out outcome per (env, task id), with the trunk's SFT evaluation as ``sft``."""
+    from agentloop.replay import ReplayStore
+
+    found = {}
+    for row in ["sft", *rows]:
+        path = out / f"{'trunk' if row == 'sft' else row}-seed{seed}" / "replay.db"
+        if not path.is_file():
+            continue
+        stage = "eval/sft" if row == "sft" else f"eval/{iterations}"
+        with ReplayStore(f"sqlite:///{path.resolve()}") as store:
+            if stage in store.completed_stages():
+                found[row] = {(t.task.env, t.task.task_id): t.success for t in store.trajectories(stage=stage)}
+    return found
 
 
 if __name__ == "__main__":

@@ -68,4 +68,7 @@ def test_the_ablation_runs_its_rows_from_one_trunk_and_writes_the_table(tmp_path
     table = (out / "table.md").read_text()
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| 0 |")]
     assert [(r[1], r[2], r[3]) for r in rows][0] == ("sft", "db", rows[0][3]) and len(rows) == 3
-    assert rows[1][1] == "eto" and rows[1][-1] == "- |" and rows[2][1] == "trials" and rows[2][-1] != "- |"
+    assert rows[0][-2:] == ["-", "- |"]  # sft: no test against itself or eto
+    assert rows[1][1] == "eto" and rows[1][-2] == "-" and rows[1][-1] != "- |"  # eto: tested against sft
+    assert rows[2][1] == "trials" and "-" not in (rows[2][-2], rows[2][-1])
+    assert "| trials | db | 1 |" in table.split("Spread over seeds:")[1]
