@@ -148,7 +148,8 @@ def ablation_table(out: Path, seeds: list[int], rows: list[str], iterations: int
                     paired = [(found[other][key], v) for key, v in mine.items() if key in found.get(other, {})]
                     gained = sum(now and not was for was, now in paired)
                     lost = sum(was and not now for was, now in paired)
-                    against[other] = (gained, lost, mcnemar_exact(gained, lost)) if paired and row != other else None
+                    baseline = row in (other, "sft")  # sft is every row's starting point, eto the other baseline
+                    against[other] = (gained, lost, mcnemar_exact(gained, lost)) if paired and not baseline else None
                 eto, sft = against["eto"], against["sft"]
                 lines.append(
                     f"| {seed} | {row} | {env} | {k}/{n} | {k / n:.3f} | [{low:.3f}, {high:.3f}] "

@@ -169,7 +169,8 @@ def experience_line(e: Experience) -> str:
 def render_experiences(experiences: Sequence[Experience], budget: int, count: Callable[[str], int]) -> str:
     """Retrieved experiences, most similar first, as one text of at most ``budget`` tokens.
 
-    Experiences are added in order while they fit; ``""`` when none does.
+    Experiences are added most similar first while the budget lasts; one too long for what is
+    left is skipped (a shorter, less similar one may still fit); ``""`` when none fits.
     """
     if not experiences or budget <= 0:
         return ""
@@ -178,7 +179,7 @@ def render_experiences(experiences: Sequence[Experience], budget: int, count: Ca
         line = experience_line(e)
         size = count(line + "\n")
         if used + size > budget:
-            break
+            continue
         lines.append(line)
         used += size
     return "\n".join([HEADER, *lines]) + "\n\n" if lines else ""

@@ -39,6 +39,7 @@ def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_mo
         "webshop.max_steps=3",
         "rollout.sampling.max_new_tokens=12",
         "memory.trials=2",
+        "memory.reflection_tokens=12",
         "imagine.tasks_per_env=2",
         "mismatch_episodes=2",
     ]
@@ -48,7 +49,8 @@ def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_mo
     stages = [r["stage"] for r in records]
     # A random model solves nothing: no successes to imitate, so the round is DPO on ETO's pairs only.
     assert stages == ["experts", "eval/base", "sft", "eval/sft", "imagine/1", "explore/1", "dpo/1", "eval/1"]
-    assert records[4]["imagine/env/db/proposed"] == 2 and records[4]["imagine/env/webshop/proposed"] == 2
+    # WebShop takes imagined tasks too, but with 3 steps no expert succeeds there: it is not explored.
+    assert records[4]["imagine/env/db/proposed"] == 2 and "imagine/env/webshop/proposed" not in records[4]
     explore = records[5]
     dpo = records[6]  # the round logs where its pairs came from
     assert dpo["dpo/expert_pairs"] + dpo["dpo/trial_pairs"] == dpo["dpo/pairs_built"] and dpo["dpo/expert_pairs"] > 0
@@ -62,14 +64,11 @@ def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_mo
     assert all(t.memory.count("Attempt 1:") == 1 for t in trials if t.trial == 1)
     assert len(store.experiences()) == 2 * tasks  # every trial distilled into long-term memory
     made = store.proposals()
-    assert len(made) == 4 and all(p.stage == "imagine/1" for p in made)
-    for env in ("db", "webshop"):
-        mine = [p for p in made if p.env == env]
-        assert len(mine) == 2 and sum(p.valid for p in mine) == records[4][f"imagine/env/{env}/valid"]
-        # The policy judged every valid proposal (a random model rarely answers Yes or No: undecided).
-        assert sum(p.judged is True for p in mine) == records[4][f"imagine/env/{env}/judged"]
-        undecided = sum(p.valid and p.judged is None for p in mine)
-        assert undecided == records[4][f"imagine/env/{env}/judge_undecided"]
+    assert len(made) == 2 and all(p.stage == "imagine/1" and p.env == "db" for p in made)
+    assert sum(p.valid for p in made) == records[4]["imagine/env/db/valid"]
+    # The policy judged every valid proposal (a random model rarely answers Yes or No: undecided).
+    assert sum(p.judged is True for p in made) == records[4]["imagine/env/db/judged"]
+    assert sum(p.valid and p.judged is None for p in made) == records[4]["imagine/env/db/judge_undecided"]
     assert all(p.judged is None and p.reason for p in made if not p.valid)
     assert all(t.memory == "" for t in store.trajectories(stage="eval/1"))  # evaluation has no memory
     store.close()

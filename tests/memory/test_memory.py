@@ -94,6 +94,9 @@ def test_experiences_render_most_similar_first_within_the_budget():
     one = render_experiences(found, budget=words(text) - 1, count=words)
     assert "how many rows" in one and "list the names" not in one
     assert render_experiences(found, budget=3, count=words) == ""
+    # One too long for the budget is skipped; a shorter, less similar one still fits.
+    shorter = render_experiences(found, budget=words(text.splitlines()[2]) + 8, count=words)
+    assert "how many rows" not in shorter and "list the names" in shorter
 
 
 @pytest.fixture(scope="module")
