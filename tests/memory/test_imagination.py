@@ -10,6 +10,7 @@ import pytest
 
 from agentloop.envs import build_experts, load_tasks, make_env
 from agentloop.envs.db import DBExpertConfig, SQLEnvConfig
+from agentloop.envs.db.gold import canonical_sql
 from agentloop.memory.imagination import build, choose_bases, imagination_metrics, rebuild, requests
 from agentloop.memory.judge import judge, parse_verdict
 from agentloop.replay import ReplayStore
@@ -36,6 +37,10 @@ def test_proposals_are_asked_with_remembered_tasks_to_avoid_and_built_into_score
     asked = requests(bases, lambda tasks: [[remembered, remembered] for _ in tasks])
     for base, prompt in zip(bases, asked, strict=True):
         assert f'Table: "{base.table_name}"' in prompt
+        assert f"Question: {base.task.instruction}\nSQL:\n```sql\n{canonical_sql(base)}\n```" in prompt  # the form
+        copy = proposal(base, base.task.instruction, canonical_sql(base))
+        copied = build([base], [copy], {"db": SQLEnvConfig()}, "imagine/1")
+        assert copied[0][0].reason == "the example task itself"
         assert prompt.count(f"- {remembered.task.instruction}") == 1  # shown once, as one to avoid
     a, b, c = bases
     texts = [

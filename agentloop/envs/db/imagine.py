@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from agentloop.envs.db.config import SQLEnvConfig
 from agentloop.envs.db.engine import EpisodeDB, SQLResult, build_template, leased_worker, quote_identifier, sqlite_type
+from agentloop.envs.db.gold import canonical_sql
 from agentloop.envs.db.tasks import ENV_NAME, DBTask
 from agentloop.types import Task
 
@@ -46,7 +47,13 @@ def proposal_prompt(base: DBTask, avoid: Sequence[str] = ()) -> str:
     if avoid:
         lines.append("Tasks already tried on similar tables (ask something different):")
         lines += [f"- {question}" for question in avoid]
-    lines.append("Reply exactly as:\nQuestion: ...\nSQL:\n```sql\n...\n```")
+    example = canonical_sql(base)
+    if example is not None:  # a worked example in the reply's own format: small explorers copy the form
+        lines.append("An example task for this table, in the form to reply in:")
+        lines.append(f"Question: {base.task.instruction.splitlines()[0]}\nSQL:\n```sql\n{example}\n```")
+        lines.append("Now write a different task, in the same form.")
+    else:
+        lines.append("Reply exactly as:\nQuestion: ...\nSQL:\n```sql\n...\n```")
     lines.append("Write table and column names in double quotes.")
     return "\n".join(lines)
 
@@ -96,6 +103,8 @@ def imagined_task(base: DBTask, text: str, config: SQLEnvConfig, task_id: str) -
     if isinstance(parsed, str):
         return parsed
     question, sql = parsed
+    if " ".join(question.lower().split()) == " ".join(base.task.instruction.lower().split()):
+        return "the example task itself"
     kind = sql.lstrip("( \n").split(None, 1)[0].upper() if sql.strip() else ""
     if kind not in ("SELECT", "WITH", "INSERT", "UPDATE"):
         return f"a {kind or 'blank'} statement: only SELECT, INSERT and UPDATE tasks are scored"
