@@ -39,9 +39,9 @@ class Imagination:
     """How an environment takes new tasks an explorer imagines (STE): what the explorer is asked,
     and how a proposal becomes a task the environment can score."""
 
-    prompt: Callable[[Any, Sequence[str]], str]
-    """``prompt(base, avoid)``: the request for a new task near the training task ``base``, unlike
-    the tasks described in ``avoid`` (already explored)."""
+    prompt: Callable[[Any], str]
+    """``prompt(base)``: the request for a new task near the training task ``base`` (the tasks to
+    avoid, already explored, are added after it by :func:`agentloop.memory.imagination.requests`)."""
     build: Callable[[Any, str, Any, str], Any]
     """``build(base, proposal, config, task_id)``: the env task object the proposal describes
     (its ``.task.split`` is ``imagined``), or a sentence saying why it cannot be scored."""

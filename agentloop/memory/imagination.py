@@ -63,8 +63,11 @@ def requests(bases: Sequence[Any], recall: Callable[[Sequence[Task]], list[list[
     recalled = recall([b.task for b in bases]) if recall is not None and bases else [[] for _ in bases]
     asked = []
     for base, found in zip(bases, recalled, strict=True):
+        prompt = envs.definition(base.task.env).imagination.prompt(base)
         avoid = list(dict.fromkeys(e.task.instruction for e in found))
-        asked.append(envs.definition(base.task.env).imagination.prompt(base, avoid))
+        if avoid:
+            prompt += "\n" + "\n".join(["Tasks already tried (write a different one):", *(f"- {t}" for t in avoid)])
+        asked.append(prompt)
     return asked
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,8 +111,8 @@ def _game(base: ALFWorldTask) -> dict:
     return json.loads(base.game_text or base.game_file.read_text())
 
 
-def proposal_prompt(base: ALFWorldTask, avoid: Sequence[str] = ()) -> str:
-    """What the explorer is asked: a new task in ``base``'s scene, unlike those in ``avoid``."""
+def proposal_prompt(base: ALFWorldTask) -> str:
+    """What the explorer is asked: a new task in ``base``'s scene."""
     found = scene(_game(base)["pddl_problem"])
     movable = sorted(found.name(k) for k, props in found.objects.items() if "pickupable" in props)
     lamps = sorted(found.name(k) for k in found.objects if k in LAMPS)
@@ -125,9 +124,6 @@ def proposal_prompt(base: ALFWorldTask, avoid: Sequence[str] = ()) -> str:
         f"Lamps: {', '.join(lamps) or '(none)'}",
         f"The room's own task: {base.task.instruction}",
     ]
-    if avoid:
-        lines.append("Tasks already tried (invent a different one):")
-        lines += [f"- {sentence}" for sentence in avoid]
     lines.append("Reply exactly as:\nTask: ...")
     return "\n".join(lines)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
 
 from agentloop.envs.db.config import SQLEnvConfig
 from agentloop.envs.db.engine import EpisodeDB, SQLResult, build_template, leased_worker, quote_identifier, sqlite_type
@@ -33,8 +32,8 @@ _QUESTION_RE = re.compile(r"Question:\s*(.+?)\s*(?:\n\s*SQL:|$)", re.IGNORECASE 
 _SQL_RE = re.compile(r"```(?:[ \t]*(?:sqlite|sql)\b)?(.*?)```", re.IGNORECASE | re.DOTALL)
 
 
-def proposal_prompt(base: DBTask, avoid: Sequence[str] = ()) -> str:
-    """What the explorer is asked: a new question over ``base``'s table, unlike those in ``avoid``."""
+def proposal_prompt(base: DBTask) -> str:
+    """What the explorer is asked: a new question over ``base``'s table."""
     columns = ", ".join(f"{quote_identifier(name)} {sqlite_type(kind).split()[0]}" for name, kind in base.columns)
     rows = "\n".join(repr(tuple(row)) for row in base.rows[:SAMPLE_ROWS])
     lines = [
@@ -44,9 +43,6 @@ def proposal_prompt(base: DBTask, avoid: Sequence[str] = ()) -> str:
         f"Columns: {columns}",
         f"First rows:\n{rows}",
     ]
-    if avoid:
-        lines.append("Tasks already tried on similar tables (ask something different):")
-        lines += [f"- {question}" for question in avoid]
     example = canonical_sql(base)
     if example is not None:  # a worked example in the reply's own format: small explorers copy the form
         lines.append("An example task for this table, in the form to reply in:")

@@ -17,7 +17,6 @@ measured by replaying the solution and that answer through the real environment.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 from agentloop.envs.experts import replay_actions
 from agentloop.envs.os.config import OSEnvConfig
@@ -42,8 +41,8 @@ _QUESTION_RE = re.compile(r"Task:\s*(.+?)\s*(?:\n\s*(?:Setup|Solution):|$)", re.
 _BLOCK_RE = r"{}:\s*```(?:[ \t]*(?:bash|sh|shell)\b)?(.*?)```"
 
 
-def proposal_prompt(base: OSTask, avoid: Sequence[str] = ()) -> str:
-    """What the explorer is asked: a new task like ``base``, unlike those in ``avoid``."""
+def proposal_prompt(base: OSTask) -> str:
+    """What the explorer is asked: a new task like ``base``."""
     setup = "\n".join(s.code for s in base.init if s.language == "bash").strip() or "# (none)"
     kind = ANSWER_KINDS.get(base.task.kind, "a short answer")
     lines = [
@@ -55,9 +54,6 @@ def proposal_prompt(base: OSTask, avoid: Sequence[str] = ()) -> str:
     ]
     if base.example is not None and base.example.language == "bash":
         lines.append(f"Example solution:\n```bash\n{base.example.code.strip()}\n```")
-    if avoid:
-        lines.append("Tasks already tried (ask something different):")
-        lines += [f"- {question}" for question in avoid]
     lines.append("Reply exactly as:\nTask: ...\nSetup:\n```bash\n...\n```\nSolution:\n```bash\n...\n```")
     return "\n".join(lines)
 

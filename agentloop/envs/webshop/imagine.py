@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -52,7 +51,7 @@ def product_for(base: WebShopTask) -> Product:
     return others[zlib.crc32(base.task.task_id.encode()) % len(others)] if others else own
 
 
-def proposal_prompt(base: WebShopTask, avoid: Sequence[str] = ()) -> str:
+def proposal_prompt(base: WebShopTask) -> str:
     """What the explorer is asked: a shopper's instruction for the product near ``base``."""
     product = product_for(base)
     options = "; ".join(f"{name}: {', '.join(values)}" for name, values in product.options) or "(none)"
@@ -66,9 +65,6 @@ def proposal_prompt(base: WebShopTask, avoid: Sequence[str] = ()) -> str:
         f"Options: {options}",
         f"An example instruction, for a similar product: {base.goal.instruction}",
     ]
-    if avoid:
-        lines.append("Instructions already tried (write a different one):")
-        lines += [f"- {instruction}" for instruction in avoid]
     lines.append("Reply exactly as:\nInstruction: ...\nAttributes: first attribute; second attribute")
     return "\n".join(lines)
 
