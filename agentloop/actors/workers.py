@@ -233,7 +233,7 @@ class RolloutWorker:
         from agentloop.memory.reflection import TeacherReflection, reflection_prompt
 
         def recall(tasks):
-            return ray.get(memory.recall.remote(list(tasks), trials.long_term_k, stage))
+            return ray.get(memory.recall.remote(list(tasks), trials.long_term_k, stage, trials.recall == "solved"))
 
         def earlier(tasks):
             return ray.get(dealer.earlier.remote([t.key for t in tasks]))

@@ -8,6 +8,8 @@ from agentloop.config import ConfigError
 from agentloop.endpoint import EndpointConfig
 from agentloop.types import Trajectory
 
+RECALL = ("solved", "all")
+
 
 @dataclass
 class MemoryConfig:
@@ -24,6 +26,12 @@ class MemoryConfig:
     """Budget of the retrieved experiences shown at the start of a trial (0 = no long-term memory)."""
     long_term_k: int = 3
     """Experiences retrieved per trial, most similar first."""
+    recall: str = "solved"
+    """Which experiences a trial is shown: ``solved`` (those that solved their task, each with its
+    actions: worked examples) or ``all`` (every outcome, as STE's memory lists its queries). With
+    ``all``, the 270M default solved 35 of 242 training tasks at its first trial against 52
+    without memory (exact McNemar p = 0.0015): the similar tasks it was shown had mostly failed.
+    Imagination's tasks to avoid always come from every experience."""
     retry_temperature: float = 0.7
     """Sampling temperature of every trial after the first (0 = greedy, as the first trial always
     is): a small policy shown its failure mostly repeats it when decoding greedily."""
@@ -47,6 +55,8 @@ class MemoryConfig:
             raise ConfigError(f"reflection_tokens must be >= 0, got {self.reflection_tokens}")
         if self.retry_temperature < 0:
             raise ConfigError(f"retry_temperature must be >= 0, got {self.retry_temperature}")
+        if self.recall not in RECALL:
+            raise ConfigError(f"recall must be one of {', '.join(RECALL)}, got {self.recall!r}")
         if self.long_term_tokens and not self.long_term_k:
             raise ConfigError("long_term_k must be >= 1 when long_term_tokens is set")
 

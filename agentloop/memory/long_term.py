@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from agentloop.memory.short_term import _shorten
+from agentloop.memory.short_term import _shorten, is_reflection
 from agentloop.types import Experience, Task
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ class LongTermMemory:
         self._cache: OrderedDict[str, Any] = OrderedDict()  # text -> its vector, the newest last
         self._index: Any = None
         self.experiences: list[Experience] = []
+        self._solved_index: Any = None  # the solved experiences alone: recall(solved=True) searches them
+        self.solved: list[Experience] = []
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -113,35 +115,46 @@ class LongTermMemory:
             return
         if vectors is None:
             vectors = self.embed([key_text(e.task) for e in experiences])
+        import numpy as np
+
+        solved = [i for i, e in enumerate(experiences) if e.success]
         with self._lock:
             if self._index is None:
-                self._index = hnsw_index(vectors.shape[1])
+                self._index, self._solved_index = hnsw_index(vectors.shape[1]), hnsw_index(vectors.shape[1])
             self._index.add(vectors)
             self.experiences += experiences
+            if solved:
+                self._solved_index.add(np.ascontiguousarray(vectors[solved]))
+                self.solved += [experiences[i] for i in solved]
 
-    def recall(self, tasks: Sequence[Task], k: int, skip_stage: str = "") -> list[list[Experience]]:
+    def recall(
+        self, tasks: Sequence[Task], k: int, skip_stage: str = "", solved: bool = False
+    ) -> list[list[Experience]]:
         """For each task, up to ``k`` experiences of the most similar tasks, most similar first.
 
         Experiences of the same task from ``skip_stage`` are left out (its trials there are
-        short-term memory already).
+        short-term memory already). ``solved``: only experiences that solved their task (worked
+        examples), searched in their own index so that failures never crowd them out.
         """
-        if not tasks or k < 1 or not self.experiences:
+        kept = len(self.solved if solved else self.experiences)
+        if not tasks or k < 1 or not kept:
             return [[] for _ in tasks]
         import faiss
 
         queries = self.embed([key_text(t) for t in tasks])
         faiss.omp_set_num_threads(1)  # one query's search: threads only fight torch's (bench/memory_retrieval.py)
         with self._lock:  # experiences only grow: the first len() of them match the index searched
-            kept = len(self.experiences)
+            pool, index = (self.solved, self._solved_index) if solved else (self.experiences, self._index)
+            kept = len(pool)
             # Over-fetch: the same task's own trials of this stage may take up to trials-many places.
-            _, found = self._index.search(queries, min(kept, 4 * k + 8))
+            _, found = index.search(queries, min(kept, 4 * k + 8))
         out = []
         for task, row in zip(tasks, found, strict=True):
             picked = []
             for i in row:
                 if i < 0:
                     break
-                e = self.experiences[i]
+                e = pool[i]
                 if skip_stage and e.stage == skip_stage and (e.task.env, e.task.task_id) == (task.env, task.task_id):
                     continue
                 picked.append(e)
@@ -157,11 +170,15 @@ def key_text(task: Task) -> str:
 
 
 def experience_line(e: Experience) -> str:
-    """One retrieved experience as a line of memory."""
+    """One retrieved experience as a line of memory: a solved task with its actions in order (a
+    worked example), an unsolved one with its last action; the lesson when one was written."""
     parts = [f"- Task: {_shorten(e.task.instruction, 200)}", f"Solved: {'yes' if e.success else 'no'}."]
-    if e.actions:
-        parts.append(f"{'Final' if e.success else 'Last'} action: {_shorten(e.actions[-1], 200)}")
-    if e.reflection:
+    if e.actions and e.success:
+        steps = [_shorten(a, 200) for a in e.actions]
+        parts.append("Actions: " + " Then: ".join(steps))
+    elif e.actions:
+        parts.append(f"Last action: {_shorten(e.actions[-1], 200)}")
+    if is_reflection(e.reflection, e.actions):
         parts.append(f"Lesson: {_shorten(e.reflection, 240)}")
     return " ".join(parts)
 

@@ -36,9 +36,34 @@ def trial_lines(trajectory: Trajectory, number: int) -> list[str]:
         reply = messages[i + 1] if i + 1 < len(messages) else None
         if reply is not None and reply.role == "user":
             lines.append("Result: " + _shorten(reply.content, RESULT_CHARS))
-    if trajectory.reflection:
+    if is_reflection(trajectory.reflection, [m.content for m in messages if m.role == "assistant"]):
         lines.append("Reflection: " + trajectory.reflection.strip())
     return lines
+
+
+def is_reflection(text: str, actions: Sequence[str]) -> bool:
+    """Whether ``text``, written after a trial whose actions were ``actions``, reads as a reflection.
+
+    A small policy asked to reflect often acts instead (with the 270M default, most of its
+    "reflections" were an ``Action: Answer`` with an empty answer). Memory does not show those: text
+    with a code block, or whose first line repeats an action's first line or starts with the
+    same ``Word:`` as one (``Action:``, ``Act:``, ``Think:``), is an action, not a lesson.
+    """
+    text = text.strip()
+    if not text or "```" in text:
+        return False
+    first = text.splitlines()[0].strip()
+    for action in actions:
+        head = action.strip().splitlines()[0].strip() if action.strip() else ""
+        if head and (first == head or (_label(head) and _label(first) == _label(head))):
+            return False
+    return True
+
+
+def _label(line: str) -> str:
+    """The ``Word:`` a line starts with (``Action``, ``Think``), lower-cased; "" when none."""
+    word, colon, _ = line.partition(":")
+    return word.strip().lower() if colon and word.strip().isalpha() and len(word) <= 12 else ""
 
 
 def render_trials(trials: Sequence[Trajectory], budget: int, count: Callable[[str], int]) -> str:

@@ -183,7 +183,9 @@ def test_chains_of_trials_with_long_term_memory_survive_an_actor_killed_mid_stag
     from agentloop.memory import LongTermMemory, MemoryConfig, distill
 
     # Budgets in the tiny model's tokens, about one per character.
-    trials = MemoryConfig(trials=3, short_term_tokens=1500, long_term_tokens=1000, long_term_k=2)
+    trials = MemoryConfig(
+        trials=3, short_term_tokens=1500, long_term_tokens=1000, long_term_k=2, recall="all"
+    )  # a random model solves nothing
     memory = ray.remote(num_cpus=0)(LongTermMemory).remote()
     longer = ["rollout.concurrent_episodes=2", "rollout.sampling.max_new_tokens=24", "db.max_turns=3"]
     longer.append("rollout.max_context_tokens=6144")

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from agentloop.memory import LongTermMemory, MemoryConfig, Trials, distill, render_experiences, render_trials
-from agentloop.memory.short_term import FOOTER, HEADER
+from agentloop.memory.short_term import FOOTER, HEADER, is_reflection
 from agentloop.types import Experience, Message, Task, Trajectory
 
 
@@ -82,13 +82,19 @@ def test_the_budget_drops_the_oldest_material_first():
 def test_experiences_render_most_similar_first_within_the_budget():
     found = [
         Experience(
-            task(1, "how many rows"), True, 1.0, "Count with COUNT(*).", ("SELECT COUNT(*) FROM t",), "explore/1"
+            task(1, "how many rows"),
+            True,
+            1.0,
+            "Count with COUNT(*).",
+            ("SELECT COUNT(*) FROM t", "Final Answer: [3]"),
+            "explore/1",
         ),
-        Experience(task(2, "list the names"), False, 0.0, "", ("SELECT x",), "explore/1"),
+        Experience(task(2, "list the names"), False, 0.0, "", ("SELECT y", "SELECT x"), "explore/1"),
     ]
     text = render_experiences(found, budget=1000, count=words)
-    assert text.splitlines()[1] == (
-        "- Task: how many rows Solved: yes. Final action: SELECT COUNT(*) FROM t Lesson: Count with COUNT(*)."
+    assert text.splitlines()[1] == (  # a solved task: every action, a worked example
+        "- Task: how many rows Solved: yes. Actions: SELECT COUNT(*) FROM t Then: Final Answer: [3] "
+        "Lesson: Count with COUNT(*)."
     )
     assert text.splitlines()[2] == "- Task: list the names Solved: no. Last action: SELECT x"
     one = render_experiences(found, budget=words(text) - 1, count=words)
@@ -97,6 +103,26 @@ def test_experiences_render_most_similar_first_within_the_budget():
     # One too long for the budget is skipped; a shorter, less similar one still fits.
     shorter = render_experiences(found, budget=words(text.splitlines()[2]) + 8, count=words)
     assert "how many rows" not in shorter and "list the names" in shorter
+
+
+def test_a_reflection_written_as_an_action_is_not_shown():
+    actions = ["Action: Operation\n```sql\nSELECT 1\n```", "Action: Answer\nFinal Answer: [1]"]
+    acted = [
+        "Action: Answer\nFinal Answer: []",  # the 270M policy's usual "reflection"
+        "Action: Operation\nSELECT 2",  # an action's label
+        "I should query first.\n```sql\nSELECT 2\n```",  # a code block
+        "   ",
+    ]
+    for text in acted:
+        assert not is_reflection(text, actions), text
+    assert is_reflection("The column was wrong: use Score, not Points.", actions)
+    assert is_reflection("Lesson: answer only after querying.", actions)  # a label no action has
+    assert not is_reflection("go to desk 1", ["go to desk 1", "take pen 1 from desk 1"])  # ALFWorld's bare actions
+    t = task(0)
+    shown = render_trials([trial(t, 0, actions, reflection=acted[0])], budget=1000, count=words)
+    assert "Reflection:" not in shown
+    e = Experience(t, False, 0.0, acted[0], tuple(actions), "explore/1")
+    assert "Lesson" not in render_experiences([e], budget=1000, count=words)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +153,12 @@ def test_long_term_memory_recalls_the_most_similar_tasks_and_skips_the_stages_ow
     assert own[0] == experiences[3] and all(e.stage != "explore/2" for e in own)
     assert memory.recall([experiences[3].task], k=1)[0][0].task == experiences[3].task
     assert LongTermMemory(embed=memory.embed).recall(probe, k=2) == [[], []]  # empty memory
+    # Solved ones only: the nearest solved tasks, however many failures are nearer.
+    assert memory.recall(probe, k=2, solved=True) == [[], []]
+    solved = Experience(task(7, "Which team lost the final in 2004?"), True, 1.0, "", ("SELECT 1",), "explore/1")
+    memory.add([solved])
+    assert memory.recall(probe, k=2, solved=True) == [[solved], [solved]]
+    assert solved not in memory.recall(probe, k=2)[0]
 
 
 def test_a_trials_feed_chains_each_tasks_trials_and_stops_at_success():
