@@ -13,7 +13,7 @@ are real). Then, for exact numpy search (the baseline), faiss IndexFlatIP, faiss
 hnswlib and usearch (f32, f16, i8), it prints: build time (all cores), serialized size, the latency
 of adding one item to the built index, search-only latency p50/p95 (one query at a time, one
 thread), recall@k against exact search, and end-to-end latency p50/p95 (embedding a fresh query
-string in ``--dtype`` with torch on all cores, then searching; the indexes take turns per query, in
+string in ``--dtype`` on one torch thread as agentloop does, then searching; the indexes take turns per query, in
 an order rotating by one each query), with ratios against the numpy baseline. numpy and faiss are
 measured again with their process-wide BLAS/OpenMP pools at all cores ("2thr" rows): those pools
 spin after a search and compete with torch's. The last row is
@@ -47,7 +47,7 @@ from threadpoolctl import threadpool_limits
 from usearch.index import Index as UsearchIndex
 
 from agentloop.memory import LongTermMemory
-from agentloop.memory.long_term import key_text, minilm
+from agentloop.memory.long_term import encode, key_text, minilm
 from agentloop.types import Experience, Task
 
 TARGET_MS = 20.0
@@ -289,13 +289,11 @@ def load_models() -> dict[str, Any]:
 def embed(model: Any, texts: list[str] | str) -> np.ndarray:
     """Embeds one text (a vector) or a list (rows), normalized, as float32; the model's dtype computes.
 
-    The same calls as :func:`agentloop.memory.long_term.minilm`: inference mode, a tensor cast to float32.
+    The same call as :func:`agentloop.memory.long_term.minilm` (one query on one torch thread, a batch on all).
     """
-    with torch.inference_mode():
-        vectors = model.encode(
-            texts, batch_size=EMBED_BATCH, normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False
-        )
-    return vectors.float().numpy()
+    if isinstance(texts, str):
+        return encode(model, [texts], EMBED_BATCH)[0]
+    return encode(model, texts, EMBED_BATCH)
 
 
 def embed_within_budget(model: Any, texts: list[str], budget_s: float) -> tuple[np.ndarray, float]:
