@@ -140,7 +140,7 @@ def ste_round(run: Run, memory: RunMemory, it: int, version: int, explore_ids: l
     # Every task played in a chain of trials, each shown long- and short-term memory.
     stage = f"explore/{it}"
     keys = explore_ids + [t.task.key for t in imagined]
-    play = run.play("explore", version, it, trials=config.memory, memory=memory.actor, stage=stage)
+    play = run.play("explore", version, it, trials=config.memory, memory=memory.actor)
     trials = run.stages.stream(
         stage, it, keys, play, partial(explored, run, version, it), ends=config.memory.last_trial, memory=memory
     )

@@ -287,15 +287,14 @@ class Fleet:
         trials: Any = None,
         begun: dict[str, list[Trajectory]] | None = None,
         memory: Any = None,
-        stage: str = "",
     ) -> Iterator[list[Trajectory] | RolloutStats]:
         """Plays one episode per key (``"<env>/<task_id>"``) on the fleet; yields lists of finished
         trajectories as actors return them, then the stage's combined throughput stats.
 
         With ``trials`` (a :class:`~agentloop.memory.MemoryConfig`), each key is a chain of
         trials of its task played by one actor (STE): ``begun`` holds the trials played before
-        of chains to continue, ``memory`` is a long-term memory actor (or None) and ``stage``
-        the stage whose own trials it leaves to short-term memory. A chain an actor left
+        of chains to continue, ``memory`` is a long-term memory actor (or None), recalled from
+        for other tasks than each trial's own. A chain an actor left
         unfinished when it died goes on elsewhere from its last returned trial.
 
         Raises:
@@ -316,7 +315,7 @@ class Fleet:
         def pump(name: str, actor: Any) -> None:
             try:
                 for ref in actor.serve.options(num_returns="streaming").remote(
-                    self.dealer, name, source, iteration, batch_size, deal, trials, memory, stage
+                    self.dealer, name, source, iteration, batch_size, deal, trials, memory
                 ):
                     out.put((name, ray.get(ref)))
                 out.put((name, _DONE))

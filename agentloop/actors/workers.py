@@ -172,7 +172,6 @@ class RolloutWorker:
         deal: int | None = None,
         trials: Any = None,
         memory: Any = None,
-        stage: str = "",
     ) -> Iterator[Any]:
         """Plays the episodes ``dealer`` (a :class:`~agentloop.actors.fleet.Dealer` actor) hands
         out, taking more as episodes end, until it has none left: yields finished trajectories in
@@ -187,14 +186,14 @@ class RolloutWorker:
         With ``trials`` (a :class:`~agentloop.memory.MemoryConfig`) each task taken is played
         as a chain of trials (:class:`~agentloop.memory.Trials`), shown what long-term
         ``memory`` (a :class:`~agentloop.memory.LongTermMemory` actor, or None) recalls for it,
-        except its own trials of ``stage``."""
+        from other tasks than its own."""
         from agentloop.envs import make_env
         from agentloop.rollout import Rollout
 
         feed: Any = _DealerFeed(self, dealer, name, deal)
         reflect = teacher = None
         if trials is not None:
-            feed, reflect, teacher = self._trials(feed, dealer, trials, memory, stage)
+            feed, reflect, teacher = self._trials(feed, dealer, trials, memory)
         run = Rollout(
             self.policy,
             lambda env: make_env(env, self._env_tasks[env], self.env_configs[env]),
@@ -223,7 +222,7 @@ class RolloutWorker:
                 cache.clear()
             release_memory()
 
-    def _trials(self, feed: Any, dealer: Any, trials: Any, memory: Any, stage: str) -> tuple[Any, Any, Any]:
+    def _trials(self, feed: Any, dealer: Any, trials: Any, memory: Any) -> tuple[Any, Any, Any]:
         """The feed of STE's trials over ``feed``, and who reflects: the policy, asked the returned
         question, or the returned teacher (both None: nobody)."""
         import ray
@@ -233,7 +232,7 @@ class RolloutWorker:
         from agentloop.memory.reflection import TeacherReflection, reflection_prompt
 
         def recall(tasks):
-            return ray.get(memory.recall.remote(list(tasks), trials.long_term_k, stage, trials.recall == "solved"))
+            return ray.get(memory.recall.remote(list(tasks), trials.long_term_k, True, trials.recall == "solved"))
 
         def earlier(tasks):
             return ray.get(dealer.earlier.remote([t.key for t in tasks]))

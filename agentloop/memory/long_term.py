@@ -151,13 +151,14 @@ class LongTermMemory:
                 self.solved += [experiences[i] for i in solved]
 
     def recall(
-        self, tasks: Sequence[Task], k: int, skip_stage: str = "", solved: bool = False
+        self, tasks: Sequence[Task], k: int, others: bool = False, solved: bool = False
     ) -> list[list[Experience]]:
         """For each task, up to ``k`` experiences of the most similar tasks, most similar first.
 
-        Experiences of the same task from ``skip_stage`` are left out (its trials there are
-        short-term memory already). ``solved``: only experiences that solved their task (worked
-        examples), searched in their own index so that failures never crowd them out.
+        ``others``: the task's own experiences are left out (a trial's: its trials of the stage
+        are short-term memory already, and its own solution from an earlier round would only be
+        copied). ``solved``: only experiences that solved their task (worked examples), searched
+        in their own index so that failures never crowd them out.
         """
         kept = len(self.solved if solved else self.experiences)
         if not tasks or k < 1 or not kept:
@@ -169,7 +170,7 @@ class LongTermMemory:
         with self._lock:  # experiences only grow: the first len() of them match the index searched
             pool, index = (self.solved, self._solved_index) if solved else (self.experiences, self._index)
             kept = len(pool)
-            # Over-fetch: the same task's own trials of this stage may take up to trials-many places.
+            # Over-fetch: the task's own trials may take up to trials-many places per round.
             _, found = index.search(queries, min(kept, 4 * k + 8))
         out = []
         for task, row in zip(tasks, found, strict=True):
@@ -178,7 +179,7 @@ class LongTermMemory:
                 if i < 0:
                     break
                 e = pool[i]
-                if skip_stage and e.stage == skip_stage and (e.task.env, e.task.task_id) == (task.env, task.task_id):
+                if others and e.task.key == task.key:
                     continue
                 picked.append(e)
                 if len(picked) == k:

@@ -195,7 +195,7 @@ def test_chains_of_trials_with_long_term_memory_survive_an_actor_killed_mid_stag
     try:
         fleet.ensure(0, None)
         got, victim = [], None
-        stage = fleet.play(keys, "explore", 1, batch_size=1, trials=trials, memory=memory, stage="explore/1")
+        stage = fleet.play(keys, "explore", 1, batch_size=1, trials=trials, memory=memory)
         for item in stage:
             if not isinstance(item, list):
                 stats = item
@@ -216,7 +216,7 @@ def test_chains_of_trials_with_long_term_memory_survive_an_actor_killed_mid_stag
         for t in got:
             assert t.reflection  # the policy reflected after every trial
             assert t.memory.count("Attempt ") == t.trial  # shown its chain's earlier trials, all of them
-        # Later trials recall the stage's other tasks from long-term memory, never their own trials.
+        # Trials recall other tasks from long-term memory, never their own.
         recalled = [t for t in got if "Experience from similar tasks:" in t.memory]
         assert recalled and stats.memory_tokens > 0
         for t in recalled:

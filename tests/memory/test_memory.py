@@ -130,7 +130,7 @@ def memory():
     return LongTermMemory()  # the real all-MiniLM-L6-v2, offline
 
 
-def test_long_term_memory_recalls_the_most_similar_tasks_and_skips_the_stages_own_trials(memory):
+def test_long_term_memory_recalls_the_most_similar_tasks_and_for_a_trial_only_other_tasks(memory):
     questions = [
         "How many players scored more than 20 goals in the 1998 season?",
         "What is the capital city of the country with the largest population?",
@@ -148,10 +148,10 @@ def test_long_term_memory_recalls_the_most_similar_tasks_and_skips_the_stages_ow
     ]
     recalled = memory.recall(probe, k=2)
     assert recalled[0][0].task.task_id == "t-3" and recalled[1][0].task == experiences[2].task
-    # The stage's own trials of the same task are short-term memory already: left out here.
-    own = memory.recall([experiences[3].task], k=3, skip_stage="explore/2")[0]
-    assert own[0] == experiences[3] and all(e.stage != "explore/2" for e in own)
-    assert memory.recall([experiences[3].task], k=1)[0][0].task == experiences[3].task
+    # A trial recalls other tasks only: its own trials are short-term memory, or would be copied.
+    assert [e.task for e in memory.recall([experiences[3].task], k=2)[0]] == [experiences[3].task] * 2
+    others = memory.recall([experiences[3].task], k=3, others=True)[0]
+    assert len(others) == 3 and all(e.task != experiences[3].task for e in others)
     assert LongTermMemory(embed=memory.embed).recall(probe, k=2) == [[], []]  # empty memory
     # Solved ones only: the nearest solved tasks, however many failures are nearer.
     assert memory.recall(probe, k=2, solved=True) == [[], []]
