@@ -4,6 +4,9 @@
         rollout context STE's memory needs (2,816 tokens: the DB's 2,048 plus 768 of memory)
     each row: a copy of its seed's trunk, resumed for the same number of rounds on the same tasks
         eto          experiments/eto.py: one greedy pass per task, expert-vs-exploration pairs
+        resample     experiments/ste.py with 3 trials per task and no memory: a failed task is tried
+                     again, sampling (the control for memory), SFT on its successes and pairs among
+                     its trials; no reflections, no replay
         trials       experiments/ste.py with 3 trials per task, short-term memory and reflections,
                      SFT on its successes and pairs among its trials; no long-term memory, no replay
         long_term    ... plus long-term memory
@@ -40,6 +43,10 @@ CONTEXT = 2816
 NO_REPLAY = ["round_sft.replay_fraction=0", "dpo.replay_fraction=0"]
 ROWS = {
     "eto": ("eto.py", ["dpo.replay_fraction=0"]),
+    "resample": (
+        "ste.py",
+        ["memory.short_term_tokens=0", "memory.long_term_tokens=0", "memory.reflect=false", *NO_REPLAY],
+    ),
     "trials": ("ste.py", ["memory.long_term_tokens=0", *NO_REPLAY]),
     "long_term": ("ste.py", NO_REPLAY),
     "imagined": ("ste.py", ["imagine.tasks_per_env=50", *NO_REPLAY]),
