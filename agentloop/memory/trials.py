@@ -71,12 +71,14 @@ class Trials:
 
     def _attempts(self, tasks: list[Task]) -> list[Attempt]:
         config = self.config
+        earliers = [self.chains.setdefault(task.key, []) for task in tasks]
+        shown = [i for i, earlier in enumerate(earliers) if earlier or config.first_trial_memory]
         recalled = [[] for _ in tasks]
-        if tasks and self.recall is not None and config.long_term_tokens:
-            recalled = self.recall(tasks)
+        if shown and self.recall is not None and config.long_term_tokens:
+            for i, found in zip(shown, self.recall([tasks[i] for i in shown]), strict=True):
+                recalled[i] = found
         attempts = []
-        for task, found in zip(tasks, recalled, strict=True):
-            earlier = self.chains.setdefault(task.key, [])
+        for task, found, earlier in zip(tasks, recalled, earliers, strict=True):
             memory = render_experiences(found, config.long_term_tokens, self.count)
             memory += render_trials(earlier, config.short_term_tokens, self.count)
             retry = config.retry_temperature if earlier else None  # a first trial samples as the rollout does

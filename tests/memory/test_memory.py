@@ -183,17 +183,29 @@ def test_a_trials_feed_continues_chains_begun_elsewhere_and_shows_long_term_memo
     tasks = [task(0), task(1)]
     begun = {"db/t-1": [trial(tasks[1], 1, ["SELECT y"]), trial(tasks[1], 0, ["SELECT x"])]}
     lesson = Experience(task(7, "a similar question"), True, 1.0, "Use WHERE.", ("SELECT z",), "explore/1")
-    feed = Trials(
-        tasks,
-        MemoryConfig(trials=3),
-        count=words,
-        recall=lambda asked: [[lesson] for _ in asked],
-        earlier=lambda asked: {k: v for k, v in begun.items() if k in {f"db/{t.task_id}" for t in asked}},
-    )
-    fresh, resumed = feed.take(2)
+    asked_for = []
+
+    def recall(asked):
+        asked_for.append(list(asked))
+        return [[lesson] for _ in asked]
+
+    def feed(**config):
+        return Trials(
+            tasks,
+            MemoryConfig(trials=3, **config),
+            count=words,
+            recall=recall,
+            earlier=lambda asked: {k: v for k, v in begun.items() if k in {f"db/{t.task_id}" for t in asked}},
+        )
+
+    fresh, resumed = feed().take(2)
     assert fresh.trial == 0 and fresh.memory.startswith("Experience from similar tasks:\n- Task: a similar question")
     assert resumed.trial == 2 and resumed.memory.index("Use WHERE.") < resumed.memory.index("Attempt 1: not solved")
     assert resumed.memory.index("SELECT x") < resumed.memory.index("SELECT y")
+    asked_for.clear()
+    fresh, resumed = feed(first_trial_memory=False).take(2)
+    assert fresh.memory == "" and "Use WHERE." in resumed.memory  # the first trial is ETO's greedy pass
+    assert asked_for == [[tasks[1]]]  # long-term memory is asked for the retries only
     assert MemoryConfig(trials=3, stop_on_success=False).last_trial(trial(tasks[0], 0, [], success=True)) is False
 
 
