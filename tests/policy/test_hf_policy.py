@@ -290,3 +290,16 @@ def test_a_publish_mid_stream_restarts_running_requests_under_the_new_version(ti
     assert [g.token_ids for g in fresh] != [g.token_ids for g in base]
     assert_same_generations([done[i] for i in range(len(prompts))], fresh)
     assert {g.version for g in done.values()} == {5}
+
+
+def test_draw_samples_each_token_as_often_as_its_probability_and_never_a_cut_one():
+    import torch
+
+    from agentloop.policy.hf import draw
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2])
+    logits = probs.log().repeat(20_000, 1)  # the token of probability 0 has logit -inf, as top-p leaves it
+    drawn = draw(logits, torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    assert counts[1] == 0 and torch.allclose(counts, probs, atol=0.015)
+    assert drawn.dtype == torch.long and drawn.shape == (20_000,)
