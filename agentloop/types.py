@@ -116,6 +116,11 @@ class Trajectory:
         return [t for m in self.messages for t in m.token_ids]
 
     @property
+    def actions(self) -> tuple[str, ...]:
+        """The policy's turns (its messages' text), in order."""
+        return tuple(m.content for m in self.messages if m.role == "assistant")
+
+    @property
     def assistant_mask(self) -> list[int]:
         """1 on tokens the policy produced, 0 on tokens the environment produced."""
         return [int(m.role == "assistant") for m in self.messages for _ in m.token_ids]

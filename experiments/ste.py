@@ -29,6 +29,7 @@ from agentloop.config import ConfigError
 from agentloop.learners.sft import SFTLearnerConfig
 from agentloop.memory import MemoryConfig
 from agentloop.memory.imagination import ImagineConfig
+from agentloop.memory.short_term import is_reflection
 
 
 @dataclass
@@ -284,7 +285,9 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
         "explore/trials_per_task": len(trials) / max(len(last), 1),
         "explore/solved_trial_mean": sum(t.trial + 1 for t in solved) / max(len(solved), 1),
         "explore/reflections": float(sum(bool(t.reflection) for t in trials)),
-        "explore/reflections_as_actions": float(sum(bool(t.reflection) and not reflected(t) for t in trials)),
+        "explore/reflections_as_actions": float(
+            sum(bool(t.reflection) and not is_reflection(t.reflection, t.actions) for t in trials)
+        ),
         "explore/memory_trials": float(sum(bool(t.memory) for t in trials)),
         **{k: v for k, v in imagination_metrics(made, imagined, "imagine").items() if k.endswith(AFTER_EXPLORING)},
         "imagine/trials": float(len(imagined)),
@@ -295,13 +298,6 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
         metrics["explore/reflection_tokens"] = float(stats.reflection_tokens)
         metrics["explore/failed_reflections"] = float(stats.failed_reflections)
     return metrics | run.mismatch(trials, version, "explore")
-
-
-def reflected(trial) -> bool:
-    """Whether a trial's reflection reads as one (memory does not show an action written in its place)."""
-    from agentloop.memory.short_term import is_reflection
-
-    return is_reflection(trial.reflection, [m.content for m in trial.messages if m.role == "assistant"])
 
 
 def round_sft_data(run: Run, it: int, trials, experts, accepted=()) -> dict[str, list]:

@@ -232,7 +232,9 @@ class RolloutWorker:
         from agentloop.memory.reflection import TeacherReflection, reflection_prompt
 
         def recall(tasks):
-            return ray.get(memory.recall.remote(list(tasks), trials.long_term_k, True, trials.recall == "solved"))
+            return ray.get(
+                memory.recall.remote(list(tasks), trials.long_term_k, others=True, solved=trials.recall == "solved")
+            )
 
         def earlier(tasks):
             return ray.get(dealer.earlier.remote([t.key for t in tasks]))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -109,6 +109,7 @@ class LongTermMemory:
         self.experiences: list[Experience] = []
         self._solved_index: Any = None  # the solved experiences alone: recall(solved=True) searches them
         self.solved: list[Experience] = []
+        self._own: dict[bool, Counter[str]] = {False: Counter(), True: Counter()}  # experiences per task key
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -146,6 +147,8 @@ class LongTermMemory:
                 self._index, self._solved_index = hnsw_index(vectors.shape[1]), hnsw_index(vectors.shape[1])
             self._index.add(vectors)
             self.experiences += experiences
+            self._own[False].update(e.task.key for e in experiences)
+            self._own[True].update(experiences[i].task.key for i in solved)
             if solved:
                 self._solved_index.add(np.ascontiguousarray(vectors[solved]))
                 self.solved += [experiences[i] for i in solved]
@@ -170,8 +173,9 @@ class LongTermMemory:
         with self._lock:  # experiences only grow: the first len() of them match the index searched
             pool, index = (self.solved, self._solved_index) if solved else (self.experiences, self._index)
             kept = len(pool)
-            # Over-fetch: the task's own trials may take up to trials-many places per round.
-            _, found = index.search(queries, min(kept, 4 * k + 8))
+            # Over-fetch: HNSW's margin, and the task's own experiences (its key's text: the nearest) when left out.
+            own = max((self._own[solved][t.key] for t in tasks), default=0) if others else 0
+            _, found = index.search(queries, min(kept, 4 * k + 8 + own))
         out = []
         for task, row in zip(tasks, found, strict=True):
             picked = []

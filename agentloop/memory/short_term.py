@@ -36,7 +36,7 @@ def trial_lines(trajectory: Trajectory, number: int) -> list[str]:
         reply = messages[i + 1] if i + 1 < len(messages) else None
         if reply is not None and reply.role == "user":
             lines.append("Result: " + _shorten(reply.content, RESULT_CHARS))
-    if is_reflection(trajectory.reflection, [m.content for m in messages if m.role == "assistant"]):
+    if is_reflection(trajectory.reflection, trajectory.actions):
         lines.append("Reflection: " + trajectory.reflection.strip())
     return lines
 
@@ -100,7 +100,7 @@ def distill(trajectory: Trajectory, stage: str) -> Experience:
         success=trajectory.success,
         reward=trajectory.reward,
         reflection=trajectory.reflection,
-        actions=tuple(m.content for m in trajectory.messages if m.role == "assistant"),
+        actions=trajectory.actions,
         stage=stage,
         trial=trajectory.trial,
     )

@@ -168,7 +168,7 @@ def draw(logits: Any, generator: Any) -> Any:
 
     cdf = logits.float().softmax(-1).cumsum(-1)
     u = torch.rand(len(cdf), 1, generator=generator).to(cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(1).to(torch.long)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(1)
 
 
 class _Stream:

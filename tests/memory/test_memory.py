@@ -159,6 +159,10 @@ def test_long_term_memory_recalls_the_most_similar_tasks_and_for_a_trial_only_ot
     memory.add([solved])
     assert memory.recall(probe, k=2, solved=True) == [[solved], [solved]]
     assert solved not in memory.recall(probe, k=2)[0]
+    # However many trials a task left over the rounds (all nearest to it), others are still found.
+    memory.add([replace(experiences[3], stage=f"explore/{r}", trial=n) for r in range(1, 11) for n in range(3)])
+    others = memory.recall([experiences[3].task], k=3, others=True)[0]
+    assert len(others) == 3 and all(e.task != experiences[3].task for e in others)
 
 
 def test_a_trials_feed_chains_each_tasks_trials_and_stops_at_success():
