@@ -1,0 +1,62 @@
+"""Exploration stages compared task by task: a run's first trials against its chains of trials,
+and both against another run's exploration of the same tasks (ETO's greedy pass, say).
+
+    python experiments/compare_exploration.py RUN_DIR [BASELINE_RUN_DIR] [--stage explore/1]
+
+Prints, per trial number, the trials played and solved; then successes k/n with a 95% Wilson
+interval and an exact McNemar test (gained, lost, p) on the training tasks both sides explored.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from agentloop.metrics import mcnemar_exact, wilson_interval
+from agentloop.replay import ReplayStore
+
+
+def outcomes(run_dir: Path, stage: str) -> tuple[dict[str, bool], dict[str, bool], dict[int, list[int]]]:
+    """Per task key: solved at its first trial, solved at any trial; per trial number: [played, solved]."""
+    with ReplayStore(f"sqlite:///{run_dir / 'replay.db'}") as store:
+        trajectories = [t for t in store.trajectories(stage=stage) if t.task.split != "imagined"]
+    first, chain, trials = {}, {}, {}
+    for t in trajectories:
+        if t.trial == 0:
+            first[t.task.key] = t.success
+        chain[t.task.key] = chain.get(t.task.key, False) or t.success
+        counts = trials.setdefault(t.trial, [0, 0])
+        counts[0] += 1
+        counts[1] += t.success
+    return first, chain, trials
+
+
+def paired(before: dict[str, bool], after: dict[str, bool], name: str) -> str:
+    keys = sorted(set(before) & set(after))
+    gained = sum(after[k] and not before[k] for k in keys)
+    lost = sum(before[k] and not after[k] for k in keys)
+    k_before, k_after = sum(before[k] for k in keys), sum(after[k] for k in keys)
+    low, high = wilson_interval(k_after, len(keys))
+    return (
+        f"{name}: {k_before} -> {k_after}/{len(keys)} (95% CI [{low:.1%}, {high:.1%}]); "
+        f"gained {gained}, lost {lost}, exact McNemar p = {mcnemar_exact(gained, lost):.4f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("baseline", type=Path, nargs="?")
+    parser.add_argument("--stage", default="explore/1")
+    args = parser.parse_args(argv)
+    first, chain, trials = outcomes(args.run, args.stage)
+    print("trials (solved/played): " + ", ".join(f"{n}: {s}/{p}" for n, (p, s) in sorted(trials.items())))
+    print(paired(first, chain, "first trial -> any trial"))
+    if args.baseline is not None:
+        baseline, _, _ = outcomes(args.baseline, args.stage)
+        print(paired(baseline, first, "baseline -> first trial"))
+        print(paired(baseline, chain, "baseline -> any trial"))
+
+
+if __name__ == "__main__":
+    main()

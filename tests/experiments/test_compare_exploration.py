@@ -1,0 +1,55 @@
+"""experiments/compare_exploration.py: first trials, chains and a baseline's pass, task by task, from real stores."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from agentloop.replay import ReplayStore
+from agentloop.types import Message, Task, Trajectory
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _trial(task_id: str, trial: int, success: bool) -> Trajectory:
+    return Trajectory(
+        task=Task("db", task_id, "train", "SELECT", f"question {task_id}"),
+        messages=(Message("user", "the task"), Message("assistant", "Action: Answer\nFinal Answer: []")),
+        tokenizer="t",
+        reward=float(success),
+        success=success,
+        terminated=True,
+        truncated=False,
+        num_turns=1,
+        invalid_actions=0,
+        source="explore",
+        policy_version=1,
+        iteration=1,
+        trial=trial,
+    )
+
+
+def _run(run_dir: Path, trajectories: list[Trajectory]) -> Path:
+    run_dir.mkdir()
+    with ReplayStore(f"sqlite:///{run_dir / 'replay.db'}") as store:
+        store.add(trajectories, "explore/1")
+    return run_dir
+
+
+def test_first_trials_chains_and_a_baseline_are_compared_on_the_same_tasks(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import compare_exploration
+
+    # a: solved at once; b: solved at its second trial; c: never; d: only the baseline explored it.
+    ste = _run(
+        tmp_path / "ste", [_trial("a", 0, True), _trial("b", 0, False), _trial("b", 1, True), _trial("c", 0, False)]
+    )
+    eto = _run(
+        tmp_path / "eto", [_trial("a", 0, False), _trial("b", 0, False), _trial("c", 0, True), _trial("d", 0, True)]
+    )
+    compare_exploration.main([str(ste), str(eto)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "trials (solved/played): 0: 1/3, 1: 1/1"
+    assert lines[1].startswith("first trial -> any trial: 1 -> 2/3 ") and "gained 1, lost 0" in lines[1]
+    assert lines[2].startswith("baseline -> first trial: 1 -> 1/3 ") and "gained 1, lost 1" in lines[2]
+    assert lines[3].startswith("baseline -> any trial: 1 -> 2/3 ") and "gained 2, lost 1" in lines[3]
