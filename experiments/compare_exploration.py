@@ -2,6 +2,7 @@
 and both against another run's exploration of the same tasks (ETO's greedy pass, say).
 
     python experiments/compare_exploration.py RUN_DIR [BASELINE_RUN_DIR] [--stage explore/1]
+    python experiments/compare_exploration.py RUN_DIR BASELINE_RUN_DIR --stage eval/1   # held-out, paired
 
 Prints, per trial number, the trials played and solved; then successes k/n with a 95% Wilson
 interval and an exact McNemar test (gained, lost, p) on the training tasks both sides explored.
