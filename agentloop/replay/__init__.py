@@ -1,5 +1,19 @@
 """The replay store: trajectories, preference pairs and completed loop stages, in SQL."""
 
+from agentloop.replay.export import (
+    FORMATS,
+    Format,
+    FormatError,
+    PairFilter,
+    export_pairs,
+    export_trajectories,
+    import_pairs,
+    import_trajectories,
+    read_pairs,
+    read_trajectories,
+    write_pairs,
+    write_trajectories,
+)
 from agentloop.replay.store import (
     GROUP_COLUMNS,
     GroupMetrics,
@@ -9,9 +23,21 @@ from agentloop.replay.store import (
 )
 
 __all__ = [
+    "FORMATS",
+    "Format",
+    "FormatError",
     "GROUP_COLUMNS",
     "GroupMetrics",
+    "PairFilter",
     "ReplayStore",
     "SchemaVersionError",
     "TrajectoryFilter",
+    "export_pairs",
+    "export_trajectories",
+    "import_pairs",
+    "import_trajectories",
+    "read_pairs",
+    "read_trajectories",
+    "write_pairs",
+    "write_trajectories",
 ]
