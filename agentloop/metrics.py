@@ -16,8 +16,9 @@ Metric names are paths. For a batch of trajectories logged under a prefix such a
 
 The loop adds its own paths (``sft/loss``, ``dpo/rewards/margins``, ``timing/<stage>``,
 ``explore/tokens_per_s``) and hands everything to :class:`MetricsLogger`, which appends one
-JSON line per call to ``metrics.jsonl`` in the run directory and writes the same scalars for
-TensorBoard under ``tensorboard/``. :func:`plot_learning_curve` reads the JSON lines back.
+JSON line per call to ``metrics.jsonl`` in the run directory, then gives the same scalars at the
+same step to the run's trackers (:mod:`agentloop.trackers`: TensorBoard under ``tensorboard/`` by
+default, W&B and MLflow when configured). :func:`plot_learning_curve` reads the JSON lines back.
 TensorBoard and matplotlib are imported only when first used.
 """
 
@@ -30,19 +31,18 @@ import numbers
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from agentloop.trackers import TENSORBOARD_DIR, TensorBoard, Tracker
 from agentloop.types import Trajectory
 
 logger = logging.getLogger(__name__)
 
 JSONL_NAME = "metrics.jsonl"
 """The metrics log inside a run directory."""
-TENSORBOARD_DIR = "tensorboard"
-"""The TensorBoard log directory inside a run directory."""
 RECORD_FIELDS = ("stage", "step", "time")
 """Keys every JSON line carries besides the metrics."""
 
@@ -188,28 +188,35 @@ def _group_by(batch: list[Trajectory], key: Callable[[Trajectory], str]) -> dict
 
 
 class MetricsLogger:
-    """Appends metrics to ``run_dir/metrics.jsonl`` and writes them as TensorBoard scalars.
+    """Appends metrics to ``run_dir/metrics.jsonl`` and hands each record to the run's trackers.
 
     The JSON-lines file is only ever appended to, so a resumed run keeps its history; a
-    line half-written by a crash is cut off when the logger opens the file again.
+    line half-written by a crash is cut off when the logger opens the file again. It is the
+    record of the run: a tracker that fails to log is a warning, never a lost line.
     """
 
-    def __init__(self, run_dir: Path) -> None:
-        """Opens (or creates) the run directory's metrics log."""
+    def __init__(self, run_dir: Path, trackers: Sequence[Tracker] | None = None) -> None:
+        """Opens (or creates) the run directory's metrics log.
+
+        Args:
+            run_dir: The run directory.
+            trackers: Where records go besides the JSON lines (:func:`agentloop.trackers.start_trackers`
+                starts a run's from its config); None = TensorBoard under ``run_dir/tensorboard``.
+        """
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / JSONL_NAME
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _drop_partial_line(self.path)
-        self._writer: Any = None
+        self.trackers = list(trackers) if trackers is not None else [TensorBoard(self.run_dir / TENSORBOARD_DIR)]
 
     def log(self, metrics: Mapping[str, float], *, stage: str, step: int) -> None:
-        """Writes one record: a JSON line ``{"stage", "step", "time", **metrics}`` and the scalars.
+        """Writes one record: a JSON line ``{"stage", "step", "time", **metrics}``, then the same to each tracker.
 
         Args:
             metrics: Path-named numbers, e.g. ``{"eval/success_rate": 0.4, "timing/eval": 80.2}``.
                 Non-finite values are written as ``null`` in the JSON line.
             stage: The loop stage the metrics describe, e.g. ``"eval/sft"``.
-            step: The x-axis value in TensorBoard (e.g. the loop iteration or stage index).
+            step: The x-axis value in every tracker (e.g. the loop iteration or stage index).
 
         Raises:
             ValueError: If a metric is named like a record field.
@@ -225,16 +232,26 @@ class MetricsLogger:
             f.write(json.dumps(record, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        writer = self._tensorboard()
-        for name, value in values.items():
-            writer.add_scalar(name, value, global_step=step, walltime=record["time"])
-        writer.flush()
+        for tracker in self.trackers:
+            try:
+                tracker.log(values, step, record["time"])
+            except Exception:  # a tracker's outage (network, disk) must not stop the run; the line is written
+                logger.warning(
+                    "%s did not record %s (step %d); %s has it",
+                    type(tracker).__name__,
+                    stage,
+                    step,
+                    self.path,
+                    exc_info=True,
+                )
 
     def close(self) -> None:
-        """Flushes and closes the TensorBoard writer."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """Flushes and closes every tracker (a tracker's error is a warning)."""
+        for tracker in self.trackers:
+            try:
+                tracker.close()
+            except Exception:
+                logger.warning("%s did not close", type(tracker).__name__, exc_info=True)
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -243,13 +260,6 @@ class MetricsLogger:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-    def _tensorboard(self) -> Any:
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
-        return self._writer
 
 
 def _real(name: str, value: Any) -> float:

@@ -31,6 +31,7 @@ from agentloop.learners.dpo import DPOLearnerConfig
 from agentloop.learners.sft import SFTLearnerConfig
 from agentloop.policy.base import PolicyConfig, SamplingConfig
 from agentloop.rollout import RolloutConfig
+from agentloop.trackers import TrackingConfig
 
 
 @dataclass
@@ -111,6 +112,9 @@ class ETOConfig:
     dpo: DPOLearnerConfig = field(
         default_factory=lambda: DPOLearnerConfig(epochs=1, replay_fraction=0.1, sft_loss_weight=1.0, max_length=0)
     )
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Where metrics go besides ``metrics.jsonl``: TensorBoard (on), W&B (``tracking.wandb.project``) and MLflow
+    (``tracking.mlflow.tracking_uri``) when set; a resumed run continues their runs."""
 
     def validate(self) -> None:
         if not Path(self.data_dir).is_dir():
@@ -243,8 +247,11 @@ class Run:
         from agentloop.loop import Stages
         from agentloop.metrics import MetricsLogger
         from agentloop.replay import ReplayStore
+        from agentloop.trackers import start_trackers
 
         self.config, self.run_dir = config, run_dir
+        # First, so that a tracker that cannot start (W&B, MLflow) stops the run before any work.
+        self.metrics = MetricsLogger(run_dir.path, start_trackers(config.tracking, run_dir.path, config))
         self.train, self.held_out = {}, []  # training tasks by env; held-out tasks of all envs
         for spec in config.envs:
             train_split, eval_split = spec.splits()
@@ -253,7 +260,6 @@ class Run:
             self.train[spec.name] = [t for t in tasks if t.task.task_id in keep]
             self.held_out += envs.load_tasks(spec.name, Path(config.data_dir), eval_split)[: spec.eval_tasks or None]
         self.store = ReplayStore(config.store_url or run_dir.store_url)
-        self.metrics = MetricsLogger(run_dir.path)
         self.stages = Stages(run_dir, self.store, self.metrics)
         if saved is not None:
             # A stage with episodes stored already counts as done for what it read: its remaining
