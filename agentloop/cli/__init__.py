@@ -1,10 +1,12 @@
-"""The ``agentloop`` command: run an experiment, evaluate a policy, export and import a replay store, check the data.
+"""The ``agentloop`` command: run an experiment, evaluate a policy, export and import a replay store, check the data,
+watch a run.
 
     agentloop run eto [--config FILE] [--resume DIR] [key=value ...]   experiments/eto.py, as if run directly
     agentloop eval RUN/adapters/sft --against base --env db            k/n, 95% Wilson interval, paired McNemar test
     agentloop export --store RUN out.jsonl [--pairs] [--stage eval/sft] trajectories or pairs to ETO / chat / Parquet
     agentloop import demos.json --store RUN --stage imported --env db  a file into a store, as one completed stage
     agentloop data                                                     which env splits the data directory holds
+    agentloop dashboard --store RUN [--host 127.0.0.1] [--port 8765]  a live, read-only web view of a run
 
 Built on click (typer is click plus type-hint declarations and rich's help; ``run`` hands its arguments
 unparsed to the experiment, which click does directly, and click alone imports in a fraction of the time).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import click
 
 from agentloop import __version__
+from agentloop.cli.dashboard import dashboard
 from agentloop.cli.data import data
 from agentloop.cli.evaluation import evaluate
 from agentloop.cli.experiments import run
@@ -34,7 +37,7 @@ def cli() -> None:
     """
 
 
-for command in (run, evaluate, export, import_, data):
+for command in (run, evaluate, export, import_, data, dashboard):
     cli.add_command(command)
 
 

@@ -1,0 +1,52 @@
+"""``agentloop dashboard``: serve the read-only web dashboard of a run's replay store (:mod:`agentloop.dashboard`).
+
+    agentloop dashboard --store runs/eto-20250101-120000            http://127.0.0.1:8765
+    agentloop dashboard --store postgresql://user@db/run --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+
+The server (FastAPI, uvicorn) loads only when the command runs, so ``--help`` stays light.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+"""Addresses reachable only from this machine: the dashboard serves them without a token."""
+
+
+@click.command("dashboard")
+@click.option("--store", required=True, help="the run's replay store: a run directory, a SQLite file or a URL")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (not local: needs --token)")
+@click.option("--port", default=8765, show_default=True, type=int, help="port to bind")
+@click.option(
+    "--token",
+    default=None,
+    envvar="AGENTLOOP_DASHBOARD_TOKEN",
+    help="secret every request must carry (open the URL with ?token=...); required off localhost "
+    "[env: AGENTLOOP_DASHBOARD_TOKEN]",
+)
+def dashboard(store: str, host: str, port: int, token: str | None) -> None:
+    """A live web dashboard of a run: stages, learning curves, trajectories, pairs, tasks (read-only)."""
+    if host not in LOCAL_HOSTS and not token:
+        raise click.BadParameter(
+            f"binding to {host} exposes the run beyond this machine: give a secret with --token "
+            "(or AGENTLOOP_DASHBOARD_TOKEN), or keep the default --host 127.0.0.1",
+            param_hint="--token",
+        )
+    import uvicorn
+
+    from agentloop.cli.files import store_url
+    from agentloop.dashboard import create_app
+    from agentloop.dashboard.queries import StoreError
+
+    url = store_url(store, existing=True)
+    try:
+        app = create_app(url, token=token, allowed_hosts=list(LOCAL_HOSTS) if host in LOCAL_HOSTS else None)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from e
+    shown = f"[{host}]" if ":" in host else host
+    suffix = "?token=..." if token else ""
+    click.echo(f"agentloop dashboard of {store}: http://{shown}:{port}/{suffix}  (Ctrl-C stops it)")
+    uvicorn.run(app, host=host, port=port, log_level=os.environ.get("AGENTLOOP_DASHBOARD_LOG", "warning"))
