@@ -467,7 +467,8 @@ def turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "text": action,
                 "tokens": len(m.get("token_ids", ())),
                 "token_ids": m.get("token_ids", ()),
-                "trained": m["role"] == "assistant" and bool(m.get("token_ids")),
+                # An expert's turns are stored untokenized; the learner tokenizes them and trains on them all the same.
+                "trained": m["role"] == "assistant",
                 "policy_version": m.get("policy_version"),
             }
         )
