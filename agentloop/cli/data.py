@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from agentloop.cli.options import data_dir_option
+
 SOURCES = {
     "db": "AgentBench (github.com/THUDM/AgentBench, Apache-2.0): data/dbbench/{standard,dev}.jsonl -> dbbench/",
     "os": "AgentBench (github.com/THUDM/AgentBench, Apache-2.0): data/os_interaction/ -> os_interaction/",
@@ -76,14 +78,7 @@ def _source(ctx: click.Context) -> str:
 
 
 @click.command(short_help="Check the task data directory.")
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path),
-    envvar="AGENTLOOP_DATA_DIR",
-    default="data",
-    show_default=True,
-    help="The task data directory [env: AGENTLOOP_DATA_DIR].",
-)
+@data_dir_option
 @click.option("--env", "names", multiple=True, metavar="ENV", help="Check only this env (repeatable; default: all).")
 @click.pass_context
 def data(ctx: click.Context, data_dir: Path, names: tuple[str, ...]) -> None:

@@ -29,6 +29,8 @@ from typing import Any
 
 import click
 
+from agentloop.cli.options import data_dir_option
+
 POLICY_STAGE, AGAINST_STAGE = "eval/policy", "eval/against"
 """The stages of an evaluation's store: POLICY's episodes and --against's."""
 
@@ -216,14 +218,7 @@ class Evaluation:
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), help="Keep the evaluation (store, metrics) here."
 )
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path),
-    envvar="AGENTLOOP_DATA_DIR",
-    default="data",
-    show_default=True,
-    help="The task data directory [env: AGENTLOOP_DATA_DIR].",
-)
+@data_dir_option
 def evaluate(
     policy: str,
     overrides: tuple[str, ...],
