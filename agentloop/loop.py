@@ -194,6 +194,7 @@ class Stages:
         """A stage that produces trajectories (experts, explore, eval); returns them."""
         if self.done(stage, step):
             return self.store.trajectories(stage=stage)
+        self.store.begin_stage(stage)
         started = time.perf_counter()
         trajectories, metrics = work()
         metrics[f"timing/{stage.split('/')[0]}"] = time.perf_counter() - started
@@ -238,6 +239,7 @@ class Stages:
         stored = {k for k, trials in chains.items() if ends(trials[-1])}
         todo = [k for k in keys if k not in stored]
         begun = {k: chains[k] for k in todo if k in chains}
+        self.store.begin_stage(stage, tasks=len(keys))
         if stored or begun:
             logger.info(
                 "%s: %d of %d episodes stored before (%d more begun); playing the other %d",
@@ -275,6 +277,7 @@ class Stages:
         """A stage that imagines tasks (STE); returns its proposals, kept or not (read back on resume)."""
         if self.done(stage, step):
             return [p for p in self.store.proposals() if p.stage == stage]
+        self.store.begin_stage(stage)
         started = time.perf_counter()
         proposals, metrics = work()
         metrics[f"timing/{stage.split('/')[0]}"] = time.perf_counter() - started
@@ -288,6 +291,7 @@ class Stages:
         target = self.run.adapter(stage)
         if self.done(stage, step):
             return pack_dir(target)
+        self.store.begin_stage(stage)
         started = time.perf_counter()
         files, metrics = work()
         metrics[f"timing/{stage.split('/')[0]}"] = time.perf_counter() - started

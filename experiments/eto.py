@@ -27,6 +27,7 @@ from pathlib import Path
 
 from agentloop import envs
 from agentloop.config import ConfigError, load_config, with_sections
+from agentloop.dashboard.launch import DashboardConfig
 from agentloop.learners.dpo import DPOLearnerConfig
 from agentloop.learners.sft import SFTLearnerConfig
 from agentloop.policy.base import PolicyConfig, SamplingConfig
@@ -115,6 +116,9 @@ class ETOConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Where metrics go besides ``metrics.jsonl``: TensorBoard (on), W&B (``tracking.wandb.project``) and MLflow
     (``tracking.mlflow.tracking_uri``) when set; a resumed run continues their runs."""
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    """``dashboard.enabled=true`` serves the live dashboard of the run's store while it runs (on
+    ``dashboard.host``:``dashboard.port``, localhost by default)."""
 
     def validate(self) -> None:
         if not Path(self.data_dir).is_dir():
@@ -244,6 +248,7 @@ class Run:
         import ray
 
         from agentloop.actors.workers import start_workers
+        from agentloop.dashboard.launch import start_dashboard
         from agentloop.loop import Stages
         from agentloop.metrics import MetricsLogger
         from agentloop.replay import ReplayStore
@@ -266,6 +271,8 @@ class Run:
             # episodes must be played with the same settings.
             resume_checks(config, saved, run_dir, self.stages.completed + self.store.started_stages(), reads, free)
         print(f"run directory: {run_dir.path}")
+        # Before any work too: a dashboard that cannot start stops the run. It stops with the run.
+        self.dashboard = start_dashboard(config.dashboard, config.store_url or run_dir.store_url, run_dir.path)
 
         # A job from `ray job submit` finds its cluster in RAY_ADDRESS; otherwise start a local one
         # (never silently join a cluster some earlier `ray start` left behind).
@@ -374,6 +381,10 @@ class Run:
         self.fleet.close()  # the actors' temp dirs (adapters) go too
         ray.get(self.learner.close.remote())
         ray.shutdown()
+        if self.dashboard is not None:
+            self.dashboard.close()
+            where = "STORE_URL" if self.config.store_url else self.run_dir.path
+            print(f"dashboard stopped; `agentloop dashboard --store {where}` serves it again")
 
 
 def local_cpus(config) -> int:

@@ -9,30 +9,37 @@ The server (FastAPI, uvicorn) loads only when the command runs, so ``--help`` st
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 
 import click
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-"""Addresses reachable only from this machine: the dashboard serves them without a token."""
+from agentloop.dashboard.launch import LOCAL_HOSTS, STORE_ENV, TOKEN_ENV
 
 
 @click.command("dashboard")
-@click.option("--store", required=True, help="the run's replay store: a run directory, a SQLite file or a URL")
+@click.option(
+    "--store",
+    required=True,
+    envvar=STORE_ENV,
+    help=f"the run's replay store: a run directory, a SQLite file or a URL [env: {STORE_ENV}]",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (not local: needs --token)")
 @click.option("--port", default=8765, show_default=True, type=int, help="port to bind")
 @click.option(
     "--token",
     default=None,
-    envvar="AGENTLOOP_DASHBOARD_TOKEN",
-    help="secret every request must carry (open the URL with ?token=...); required off localhost "
-    "[env: AGENTLOOP_DASHBOARD_TOKEN]",
+    envvar=TOKEN_ENV,
+    help=f"secret every request must carry (open the URL with ?token=...); required off localhost [env: {TOKEN_ENV}]",
 )
-def dashboard(store: str, host: str, port: int, token: str | None) -> None:
+@click.option("--exit-with", type=int, default=None, hidden=True, help="stop when the process with this pid is gone")
+def dashboard(store: str, host: str, port: int, token: str | None, exit_with: int | None) -> None:
     """A live web dashboard of a run: stages, learning curves, trajectories, pairs, tasks (read-only)."""
     if host not in LOCAL_HOSTS and not token:
         raise click.BadParameter(
             f"binding to {host} exposes the run beyond this machine: give a secret with --token "
-            "(or AGENTLOOP_DASHBOARD_TOKEN), or keep the default --host 127.0.0.1",
+            f"(or {TOKEN_ENV}), or keep the default --host 127.0.0.1",
             param_hint="--token",
         )
     import uvicorn
@@ -48,5 +55,19 @@ def dashboard(store: str, host: str, port: int, token: str | None) -> None:
         raise click.ClickException(str(e)) from e
     shown = f"[{host}]" if ":" in host else host
     suffix = "?token=..." if token else ""
+    if "://" in store:
+        from sqlalchemy.engine import make_url
+
+        store = make_url(store).render_as_string(hide_password=True)
     click.echo(f"agentloop dashboard of {store}: http://{shown}:{port}/{suffix}  (Ctrl-C stops it)")
+    if exit_with is not None:  # started by a run: stop with it, even when it was killed
+        threading.Thread(target=_exit_with, args=(exit_with,), daemon=True).start()
     uvicorn.run(app, host=host, port=port, log_level=os.environ.get("AGENTLOOP_DASHBOARD_LOG", "warning"))
+
+
+def _exit_with(pid: int) -> None:
+    """Stops the server (as Ctrl-C does) once its parent, process ``pid``, is gone: the orphan is adopted by
+    another process (its pid cannot be reused meanwhile, as a pid compared with ``os.kill`` could)."""
+    while os.getppid() == pid:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)

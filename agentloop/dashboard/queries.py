@@ -12,6 +12,7 @@ stages still running are aggregated again on each refresh.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ from sqlalchemy import Engine, and_, case, create_engine, event, func, or_, sele
 from sqlalchemy.engine import make_url
 
 from agentloop.metrics import wilson_interval
-from agentloop.replay.tables import SCHEMA_VERSION, ExperienceRow, MetaRow, PairRow, StageRow, TrajectoryRow
+from agentloop.replay.tables import BEGUN, SCHEMA_VERSION, ExperienceRow, MetaRow, PairRow, StageRow, TrajectoryRow
 
 PAGE_SIZE = 50
 """Rows per page of the trajectory and pair lists."""
@@ -126,6 +127,8 @@ class Outcome:
     """Sum of generated tokens."""
     first: datetime | None
     last: datetime | None
+    tasks: int = 0
+    """Tasks begun: first trials (every episode, without STE's trials)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The figures a page or the JSON API shows."""
@@ -162,6 +165,10 @@ class Stage:
     memory_size: int = 0
     """Experiences stored by this stage and every earlier one."""
     extra: dict[str, Any] = field(default_factory=dict)
+    started: datetime | None = None
+    """When the stage (last) began, as the run recorded it (``ReplayStore.begin_stage``)."""
+    planned: int | None = None
+    """How many tasks the rollout stage plays, as the run recorded it."""
 
     @property
     def family(self) -> str:
@@ -207,12 +214,15 @@ class StoreReader:
     # Run view
 
     def version(self) -> str:
-        """A fingerprint that changes whenever the run writes (a trajectory, a pair, a completed stage)."""
+        """A fingerprint that changes whenever the run writes (a stage begun or completed, a trajectory, a pair)."""
         with self.engine.connect() as c:
             stages = c.execute(select(func.count(), func.max(StageRow.position))).one()
             newest = c.scalar(select(func.max(T.id)))
             pairs = c.scalar(select(func.max(PairRow.id)))
-        return f"{stages[0]}.{stages[1]}.{newest}.{pairs}"
+            # A stage beginning: each record's JSON starts with its ISO time, so the greatest is the newest.
+            begun = c.execute(select(func.count(), func.max(MetaRow.value)).where(MetaRow.key.startswith(BEGUN))).one()
+        started = json.loads(begun[1])["started"] if begun[1] else None
+        return f"{stages[0]}.{stages[1]}.{newest}.{pairs}.{begun[0]}.{started}"
 
     def stages(self) -> list[Stage]:
         """Every stage, completed ones in completion order, then the running ones."""
@@ -223,7 +233,12 @@ class StoreReader:
                 )
             ).all()
             done = {row.name for row in completed}
-            running = sorted(set(c.scalars(select(T.stage).distinct())) - done)
+            begun = {
+                key.removeprefix(BEGUN): json.loads(value)
+                for key, value in c.execute(select(MetaRow.key, MetaRow.value).where(MetaRow.key.startswith(BEGUN)))
+            }
+            running = sorted((set(c.scalars(select(T.stage).distinct())) | set(begun)) - done)
+            running.sort(key=lambda name: begun.get(name, {}).get("started") or "")
             if done - set(self._done):
                 live = self._cache_completed(c, done)
             else:
@@ -241,6 +256,9 @@ class StoreReader:
             stage.pairs, stage.experiences = pairs.get(stage.name, 0), memory.get(stage.name, 0)
             size += stage.experiences
             stage.memory_size = size
+            if stage.position is None and stage.name in begun:
+                stage.started = _utc(datetime.fromisoformat(begun[stage.name]["started"]))
+                stage.planned = begun[stage.name].get("tasks")
         return found
 
     def _cache_completed(self, c: Any, done: set[str]) -> dict[str, tuple[dict[str, Outcome], int]]:
@@ -386,6 +404,7 @@ def _outcomes(c: Any, stages: list[str] | None) -> dict[str, tuple[dict[str, Out
         func.sum(T.num_turns),
         func.sum(T.invalid_actions),
         func.sum(T.generated_tokens),
+        func.sum(case((T.trial == 0, 1), else_=0)),
         func.min(T.created_at),
         func.max(T.created_at),
         func.max(T.iteration),
@@ -393,29 +412,44 @@ def _outcomes(c: Any, stages: list[str] | None) -> dict[str, tuple[dict[str, Out
     if stages is not None:
         stmt = stmt.where(T.stage.in_(stages))
     found: dict[str, tuple[dict[str, Outcome], int]] = {}
-    for stage, env, n, k, reward, turns_, invalid, tokens, first, last, iteration in c.execute(stmt):
+    for stage, env, n, k, reward, turns_, invalid, tokens, tasks, first, last, iteration in c.execute(stmt):
         outcome = Outcome(n, int(k or 0), float(reward or 0), int(turns_ or 0), int(invalid or 0), int(tokens or 0),
-                          _utc(first), _utc(last))  # fmt: skip
+                          _utc(first), _utc(last), int(tasks or 0))  # fmt: skip
         envs, before = found.get(stage, ({}, 0))
         envs[env] = outcome
         found[stage] = (envs, max(before, iteration))
     return found
 
 
-def progress(stage: Stage, stages: list[Stage]) -> dict[str, Any]:
-    """How far a running stage is: episodes done, of how many (the last completed stage of its family
-    played that many; explore's first round plays the experts' tasks), and when it should end."""
-    earlier = [s for s in stages if s.position is not None and s.family == stage.family and s.episodes]
-    if not earlier and stage.family == "explore":
-        earlier = [s for s in stages if s.position is not None and s.family == "experts"]
-    total = earlier[-1].episodes if earlier else None
-    done = stage.episodes
+def progress(stage: Stage, stages: list[Stage], now: datetime | None = None) -> dict[str, Any]:
+    """How far a running stage is: tasks begun, of how many (as the run recorded when the stage began; for a
+    store of an older agentloop, what the last completed stage of its family played, the experts' tasks for
+    explore's first round), its episodes (several per task with STE's trials), and when it should end.
+    A training stage stores nothing until it completes: it shows only how long it has run."""
+    total = stage.planned
+    if total is None and stage.envs:
+        earlier = [s for s in stages if s.position is not None and s.family == stage.family and s.episodes]
+        if not earlier and stage.family == "explore":
+            earlier = [s for s in stages if s.position is not None and s.family == "experts"]
+        total = earlier[-1].episodes if earlier else None
+    done = sum(o.tasks for o in stage.envs.values())
     times = [t for o in stage.envs.values() for t in (o.first, o.last) if t is not None]
+    now = now or datetime.now(UTC)
     eta = None
-    if total and times and done > 1 and total > done:
-        per_episode = (max(times) - min(times)).total_seconds() / (done - 1)
-        eta = per_episode * (total - done)
-    return {"stage": stage.name, "done": done, "total": total, "eta_seconds": eta}
+    if total and times and total > done:
+        if stage.started is not None and done:  # includes the stage's start-up (loading the policy)
+            eta = (max(times) - stage.started).total_seconds() / done * (total - done)
+        elif done > 1:
+            eta = (max(times) - min(times)).total_seconds() / (done - 1) * (total - done)
+    elapsed = (now - stage.started).total_seconds() if stage.started is not None else None
+    return {
+        "stage": stage.name,
+        "done": done,
+        "total": total,
+        "episodes": stage.episodes,
+        "elapsed_seconds": elapsed,
+        "eta_seconds": eta,
+    }
 
 
 def curves(stages: list[Stage]) -> dict[str, Any]:

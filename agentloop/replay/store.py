@@ -30,12 +30,14 @@ same old database migrate it once.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import typing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypedDict, Unpack
@@ -46,6 +48,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from agentloop.replay.tables import (
+    BEGUN,
     SCHEMA_VERSION,
     ExperienceRow,
     MetaRow,
@@ -273,6 +276,18 @@ class ReplayStore:
             position = (session.scalar(select(func.max(StageRow.position))) or 0) + 1
             session.add(StageRow(name=stage, position=position, metrics=encoded))
         logger.info("stage %s complete: %d trajectories, %d pairs", stage, len(rows), len(pairs))
+
+    def begin_stage(self, stage: str, *, tasks: int | None = None) -> None:
+        """Records that ``stage`` is under way: when it began (now) and, for a rollout stage, how many tasks
+        it plays. Only watchers (the dashboard) read it; a resumed stage records its new beginning.
+
+        Raises:
+            ValueError: If the stage is already complete.
+        """
+        value = json.dumps({"started": datetime.now(UTC).isoformat(), "tasks": tasks})
+        with Session(self._engine) as session, session.begin():
+            _require_open_stage(session, stage)
+            session.merge(MetaRow(key=BEGUN + stage, value=value))
 
     def completed_stages(self) -> list[str]:
         """Names of the completed stages, in completion order."""

@@ -4,7 +4,7 @@ Six tables: ``trajectories`` (one row per episode, its conversation as JSON),
 ``pairs`` (DPO pairs that point at two trajectory rows), ``experiences`` (trials distilled
 for long-term memory, each pointing at its trajectory row), ``proposals`` (imagined tasks),
 ``stages`` (one row per completed
-loop stage, the resume record) and ``meta`` (the schema version). Any change here bumps
+loop stage, the resume record) and ``meta`` (the schema version, and when each stage began). Any change here bumps
 :data:`SCHEMA_VERSION` and adds the Alembic revision that migrates a database of the previous
 version (:mod:`agentloop.replay.migrations`): the store migrates older databases when it opens
 them and refuses newer ones.
@@ -41,8 +41,13 @@ class Base(DeclarativeBase):
     """Declarative base of the replay tables."""
 
 
+BEGUN = "begun/"
+"""``meta`` keys ``begun/<stage>``: when a stage began and how many tasks it plays (JSON), written by
+:meth:`agentloop.replay.ReplayStore.begin_stage` for watchers; nothing decides work from them."""
+
+
 class MetaRow(Base):
-    """A key/value fact about the database itself (``schema_version``)."""
+    """A key/value fact about the database itself (``schema_version``; ``begun/<stage>``, see :data:`BEGUN`)."""
 
     __tablename__ = "meta"
 

@@ -36,7 +36,7 @@ def trajectory(t: Task, *, success: bool, source: str = "explore", iteration: in
 
 def build_run(url: str) -> dict[str, int]:
     """Writes a small run into the store at ``url``: experts, eval/base, sft, explore/1, dpo/1 (pairs) and
-    eval/1 completed; explore/2 running with 2 episodes.
+    eval/1 completed; explore/2 begun (8 tasks) and running with 2 episodes.
 
     Returns:
         Ids of notable rows: the hostile trajectory, a pair.
@@ -64,6 +64,7 @@ def build_run(url: str) -> dict[str, int]:
         )  # fmt: skip
         later = [trajectory(t, success=True, source="eval", iteration=1, version=2) for t in tasks]
         store.commit_stage("eval/1", trajectories=later, metrics={"timing/eval": 11.0})
+        store.begin_stage("explore/2", tasks=len(tasks))  # as Stages.stream records it
         store.add_episodes([trajectory(t, success=True, iteration=2, version=2) for t in tasks[:2]], "explore/2")
         pair_id = len(pairs)  # ids start at 1
     return {"hostile": ids[-1], "pair": pair_id, "pairs": len(pairs)}

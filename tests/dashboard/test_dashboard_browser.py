@@ -81,7 +81,7 @@ def test_the_run_view_draws_its_charts(page, server):
         assert drawn_pixels(page, canvas) > 500, canvas
     labels = page.evaluate("Chart.getChart('chart-eval').data.labels")
     assert labels == ["eval/base", "eval/1"]
-    assert page.locator("li.running").inner_text().startswith("explore/2: 2 episodes done of 9")
+    assert page.locator("li.running").inner_text().startswith("explore/2: 2 of 8 tasks begun")
 
 
 def test_a_trajectory_opens_from_the_browser_and_shows_markup_as_text(page, server, run_store):

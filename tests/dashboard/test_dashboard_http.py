@@ -7,6 +7,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from starlette.testclient import TestClient
 
 from agentloop.cli import cli
 from agentloop.dashboard import create_app
-from agentloop.dashboard.queries import StoreError, read_only_engine, split_thought
+from agentloop.dashboard.queries import StoreError, StoreReader, read_only_engine, split_thought
 from agentloop.replay import ReplayStore
 
 
@@ -39,7 +40,8 @@ def test_the_run_view_shows_every_stage_with_its_figures(client):
     html = client.get("/").text
     for stage in ("experts", "eval/base", "sft", "explore/1", "dpo/1", "eval/1", "explore/2"):
         assert f'data-stage="{stage}"' in html
-    assert "explore/2</strong>: 2 episodes done of 9" in html  # explore/1 played 9 episodes
+    running = html.split('<li class="running" data-stage="explore/2">', 1)[1].split("</li>", 1)[0]
+    assert "2 of 8 tasks begun" in running and "2 episodes stored" in running and ", for " in running
     assert '<canvas id="chart-eval">' in html and "chart.umd.min.js" in html
 
 
@@ -53,9 +55,11 @@ def test_the_run_data_has_intervals_pairs_times_and_throughput(client):
     assert stages["explore/1"]["tokens_per_s"] == 80.0 and stages["sft"]["seconds"] == 30.0
     assert stages["explore/1"]["envs"]["db"]["invalid_action_rate"] == pytest.approx(3 / 10)  # 3 failures of 5
     assert stages["explore/2"]["running"] and stages["explore/2"]["iteration"] == 2
-    assert run["progress"] == [
-        {"stage": "explore/2", "done": 2, "total": 9, "eta_seconds": run["progress"][0]["eta_seconds"]}
-    ]
+    (progress,) = run["progress"]
+    assert progress | {"elapsed_seconds": 0, "eta_seconds": 0} == {
+        "stage": "explore/2", "done": 2, "total": 8, "episodes": 2, "elapsed_seconds": 0, "eta_seconds": 0
+    }  # fmt: skip
+    assert 0 <= progress["elapsed_seconds"] < 600 and 0 <= progress["eta_seconds"] < 600
     assert run["curves"]["eval"]["labels"] == ["eval/base", "eval/1"]
     assert run["curves"]["eval"]["series"]["os"]["rate"] == [0.5, 1.0]
 
@@ -69,9 +73,40 @@ def test_the_version_changes_when_the_run_writes_and_the_view_follows(client, ru
         store.commit_stage("explore/2", metrics={"timing/explore": 5.0})
     assert client.get("/api/version").json()["version"] != before
     fragment = client.get("/fragments/run").text
-    assert "explore/2 <em>(running)" not in fragment and "No rollout stage running" in fragment
+    assert "explore/2 <em>(running)" not in fragment and "No stage running" in fragment
     stages = {s["name"]: s for s in client.get("/api/run").json()["stages"]}
     assert stages["explore/2"]["episodes"] == 5 and not stages["explore/2"]["running"]
+
+
+def test_progress_counts_tasks_shows_training_stages_and_reads_older_stores(tmp_path):
+    url = f"sqlite:///{tmp_path / 'replay.db'}"
+    tasks = [task("db", n) for n in range(3)]
+    with ReplayStore(url) as store:
+        store.commit_stage("experts", trajectories=[trajectory(t, success=True, source="expert") for t in tasks],
+                           metrics={})  # fmt: skip
+        # STE's trials: the first task's chain has two trials, the second began; no begun record (older store)
+        first = trajectory(tasks[0], success=False)
+        store.add_episodes([first, replace(first, trial=1), trajectory(tasks[1], success=False)], "explore/1")
+    reader = StoreReader(url)
+    (progress,) = reader.run()["progress"]
+    assert (progress["done"], progress["total"], progress["episodes"]) == (2, 3, 3)  # the experts' tasks
+    assert progress["elapsed_seconds"] is None
+    with ReplayStore(url) as store:
+        store.commit_stage("explore/1", metrics={})
+        store.begin_stage("dpo/1")
+    before = reader.version()
+    (progress,) = reader.run()["progress"]
+    assert progress["stage"] == "dpo/1" and progress["total"] is None and progress["elapsed_seconds"] >= 0
+    with TestClient(create_app(url)) as client:
+        assert re.search(r"<strong>dpo/1</strong>:\s*running \(a training stage", client.get("/fragments/run").text)
+        with ReplayStore(url) as store:
+            store.commit_stage("dpo/1", metrics={})
+            store.begin_stage("eval/1", tasks=3)
+        assert reader.version() != before  # a stage beginning is news to the page
+        (progress,) = reader.run()["progress"]
+        assert (progress["stage"], progress["done"], progress["total"]) == ("eval/1", 0, 3)
+        assert "0 of 3 tasks begun" in client.get("/fragments/run").text
+    reader.close()
 
 
 # Trajectories

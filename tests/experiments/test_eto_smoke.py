@@ -145,6 +145,24 @@ def test_lengths_fit_the_chosen_envs_and_a_length_that_cuts_most_episodes_fails(
         load_config(eto.ETOConfig, None, [*base, "rollout.max_context_tokens=256"])
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dashboard_run(args: list[str]) -> dict:
+    """What the run's dashboard (``dashboard.port`` of ``args``) serves at ``/api/run``."""
+    import urllib.request
+
+    port = next(a.split("=")[1] for a in args if a.startswith("dashboard.port="))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/api/run", timeout=10) as response:
+        return json.loads(response.read())
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_driver_killed_mid_explore_resumes_with_only_the_missing_episodes(tmp_path, data_dir, tiny_model_dir):
@@ -167,6 +185,8 @@ def test_a_driver_killed_mid_explore_resumes_with_only_the_missing_episodes(tmp_
         "rollout.sampling.max_new_tokens=16",
         "rollout.concurrent_episodes=2",
         "commit_every=2",
+        "dashboard.enabled=true",  # watched live while it explores
+        f"dashboard.port={free_port()}",
     ]
 
     def explored() -> dict[str, int]:
@@ -190,6 +210,7 @@ def test_a_driver_killed_mid_explore_resumes_with_only_the_missing_episodes(tmp_
     try:
         while time.monotonic() < deadline and driver.poll() is None:
             if (run_dir / "replay.db").exists() and len(explored()) >= 4:
+                live = dashboard_run(args)
                 os.killpg(driver.pid, signal.SIGKILL)
                 break
             time.sleep(0.05)
@@ -200,13 +221,18 @@ def test_a_driver_killed_mid_explore_resumes_with_only_the_missing_episodes(tmp_
     before = explored()
     with sqlite3.connect(run_dir / "replay.db") as db:
         done = [name for (name,) in db.execute("SELECT name FROM stages")]
+        (demonstrated,) = db.execute("SELECT count(*) FROM trajectories WHERE stage = 'experts'").fetchone()
+    # The run's own dashboard showed explore/1 under way, with the episodes stored so far.
+    (progress,) = live["progress"]
+    assert progress["stage"] == "explore/1" and 4 <= progress["done"] <= len(before)
+    assert progress["total"] == demonstrated
+    assert {s["name"] for s in live["stages"] if not s["running"]} == {"experts", "eval/base", "sft", "eval/sft"}
     assert "explore/1" not in done and len(before) >= 4 and "explore/1" not in done
 
     resumed = _run(["--resume", str(run_dir)], data_dir)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "dashboard: http://127.0.0.1:" in resumed.stdout and "dashboard stopped" in resumed.stdout
     after = explored()
-    with sqlite3.connect(run_dir / "replay.db") as db:
-        (demonstrated,) = db.execute("SELECT count(*) FROM trajectories WHERE stage = 'experts'").fetchone()
     assert len(after) == demonstrated > len(before)  # every task with a demonstration explored once
     assert all(after[key] == row for key, row in before.items())  # kept, not played again
     record = next(

@@ -392,3 +392,23 @@ def test_streamed_episodes_are_unique_per_stage_and_survive_an_unfinished_stage(
     assert store.started_stages() == ["eval/1"]
     with pytest.raises(ValueError, match="complete"):
         store.add_episodes([episode(KITCHEN)], stage="explore/1")
+
+
+def test_a_stage_beginning_is_recorded_for_watchers_and_a_complete_stage_refuses_it(store: ReplayStore) -> None:
+    import json
+
+    from sqlalchemy import select
+
+    from agentloop.replay.tables import BEGUN, MetaRow
+
+    store.begin_stage("eval/1", tasks=60)
+    store.begin_stage("eval/1", tasks=60)  # a resumed stage begins again: one record, the newest
+    store.begin_stage("sft")
+    with store._engine.connect() as c:
+        found = dict(c.execute(select(MetaRow.key, MetaRow.value).where(MetaRow.key.startswith(BEGUN))).all())
+    assert sorted(found) == ["begun/eval/1", "begun/sft"]
+    assert json.loads(found["begun/eval/1"])["tasks"] == 60 and json.loads(found["begun/sft"])["tasks"] is None
+    store.commit_stage("sft", metrics={})
+    with pytest.raises(ValueError, match="already complete"):
+        store.begin_stage("sft")
+    assert store.completed_stages() == ["sft"]  # a record of a beginning is not a completion
