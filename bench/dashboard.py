@@ -64,7 +64,8 @@ def build(path: Path, total: int, rounds: int = 4, batch: int = 500) -> None:
         experts = {t: replace_success(e) for t, e in experts.items()}
         store.commit_stage("experts", trajectories=list(experts.values()), metrics={"timing/experts": 60.0})
 
-        def rollout(stage: str, todo: list[Task], source: str, iteration: int, version: int) -> list[Trajectory]:
+        def rollout(stage: str, todo: list[Task], source: str, iteration: int, version: int, planned: int = 0):
+            store.begin_stage(stage, tasks=planned or len(todo))  # as the run's Stages.stream records it
             found = [episode(rng, t, source, iteration, version) for t in todo]
             for start in range(0, len(found), batch):
                 store.add_episodes(found[start : start + batch], stage)
@@ -75,6 +76,7 @@ def build(path: Path, total: int, rounds: int = 4, batch: int = 500) -> None:
             store.commit_stage(stage, metrics={"timing/eval": 300.0, "eval/tokens_per_s": 900.0})
 
         evaluate("eval/base", 0, 0)
+        store.begin_stage("sft")
         store.commit_stage("sft", metrics={"timing/sft": 600.0, "sft/loss": 0.8})
         evaluate("eval/sft", 0, 1)
         for it in range(1, rounds + 1):
@@ -82,10 +84,12 @@ def build(path: Path, total: int, rounds: int = 4, batch: int = 500) -> None:
             store.commit_stage(f"explore/{it}", metrics={"timing/explore": 1200.0, "explore/tokens_per_s": 950.0})
             pairs = [Pair(t.task, experts[t.task], t, it) for t in found if t.task in experts and not t.success]
             metrics = {"timing/dpo": 900.0, "dpo/pairs_built": float(len(pairs)), "dpo/rewards/margins": 0.1 * it}
+            store.begin_stage(f"dpo/{it}")
             store.commit_stage(f"dpo/{it}", pairs=pairs, metrics=metrics)
             evaluate(f"eval/{it}", it, it + 1)
             print(f"  round {it} stored ({time.perf_counter() - started:.0f} s)", flush=True)
-        rollout(f"explore/{rounds + 1}", tasks[: total // 100], "explore", rounds + 1, rounds + 1)  # still running
+        still = tasks[: total // 100]  # the last round is still running: a few of its tasks played
+        rollout(f"explore/{rounds + 1}", still, "explore", rounds + 1, rounds + 1, planned=len(tasks))
     print(f"built {path} in {time.perf_counter() - started:.0f} s ({path.stat().st_size >> 20} MiB)")
 
 

@@ -318,8 +318,10 @@ class StoreReader:
                     or_(PairRow.chosen_id == trajectory_id, PairRow.rejected_id == trajectory_id)
                 )
             ).all()
+            stages = set(c.scalars(select(StageRow.name)))
         found = dict(row)
-        found["turns"] = turns(found["messages"])
+        found["training"], trained = training_use(found, pairs, stages)
+        found["turns"] = turns(found["messages"], trained)
         found["pairs"] = pairs
         return found
 
@@ -487,9 +489,31 @@ def split_thought(content: str) -> tuple[str, str]:
     return THOUGHT.sub("", content[: found.start()], count=1).strip(), content[found.start() :].strip()
 
 
-def turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def training_use(row: Mapping[str, Any], pairs: list[Any], stages: set[str]) -> tuple[list[str], int]:
+    """What trained on a stored trajectory, by the completed stages: the SFT on demonstrations (an expert's),
+    a round's SFT on exploration successes (STE's ``round_sft/<iteration>``), and DPO pairs (a rejected
+    trajectory up to its cut); and how many of its messages, from the start, they trained on (0: none)."""
+    uses, upto, n = [], 0, len(row["messages"])
+    if row["source"] == "expert" and any(s == "sft" or s.startswith(("sft/", "round_sft/")) for s in stages):
+        uses.append("SFT on demonstrations")
+        upto = n
+    if row["source"] == "explore" and row["success"] and f"round_sft/{row['iteration']}" in stages:
+        uses.append(f"round_sft/{row['iteration']}, SFT on the round's successes")
+        upto = n
+    for pair in pairs:
+        if pair.chosen_id == row["id"]:
+            uses.append(f"{pair.stage}: pair #{pair.id}, chosen")
+            upto = n
+        else:
+            uses.append(f"{pair.stage}: pair #{pair.id}, rejected, up to message #{pair.rejected_num_messages - 1}")
+            upto = max(upto, pair.rejected_num_messages)
+    return uses, upto
+
+
+def turns(messages: list[dict[str, Any]], trained: int | None = None) -> list[dict[str, Any]]:
     """A stored conversation as the trajectory page shows it: observations, and thoughts and actions,
-    with each message's tokens and whether the assistant-only loss mask trains on them."""
+    with each message's tokens and whether the learner trained on them: the assistant-only loss mask's
+    turns among the first ``trained`` messages (None: all of them, as in a pair)."""
     shown = []
     for index, m in enumerate(messages):
         thought, action = split_thought(m["content"]) if m["role"] == "assistant" else ("", m["content"])
@@ -502,7 +526,7 @@ def turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "tokens": len(m.get("token_ids", ())),
                 "token_ids": m.get("token_ids", ()),
                 # An expert's turns are stored untokenized; the learner tokenizes them and trains on them all the same.
-                "trained": m["role"] == "assistant",
+                "trained": m["role"] == "assistant" and (trained is None or index < trained),
                 "policy_version": m.get("policy_version"),
             }
         )

@@ -146,8 +146,26 @@ def test_a_trajectory_renders_turn_by_turn_with_trained_tokens(client):
     assert 'pre class="thought">I should look at the table.</pre>' in html
     assert '<pre class="text">Action: Operation\nSELECT a FROM t</pre>' in html
     assert html.count('class="trained"') == 2 and "3 tokens" in html and "context (mask 0)" in html
-    assert "(dpo/1, chosen)" in html
+    assert "(dpo/1, chosen)" in html and "Trained on by SFT on demonstrations; dpo/1: pair #" in html
     assert client.get("/trajectories/99999").status_code == 404
+
+
+def test_only_what_was_trained_on_is_marked_trained(client, run_store):
+    path, _ = run_store
+    with sqlite3.connect(path) as db:
+        (rejected,) = db.execute("SELECT rejected_id FROM pairs ORDER BY id LIMIT 1").fetchone()
+        (evaluated,) = db.execute("SELECT id FROM trajectories WHERE source = 'eval' LIMIT 1").fetchone()
+        (unpaired,) = db.execute(
+            "SELECT id FROM trajectories WHERE stage = 'explore/1' AND success "
+            "AND id NOT IN (SELECT chosen_id FROM pairs)"
+        ).fetchone()
+    html = client.get(f"/trajectories/{rejected}").text  # cut after its first agent turn
+    assert html.count('class="trained"') == 1 and html.count("not trained") == 1
+    assert "rejected, up to message #1" in html
+    html = client.get(f"/trajectories/{evaluated}").text
+    assert html.count('class="trained"') == 0 and "Not trained on: an evaluation episode" in html
+    html = client.get(f"/trajectories/{unpaired}").text  # a success of ETO's exploration: no pair, no round SFT
+    assert html.count('class="trained"') == 0 and "Not trained on (yet)" in html
 
 
 def test_agent_output_is_shown_as_text_never_as_markup(client, run_store):
