@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -294,9 +295,9 @@ def test_eval_refuses_bad_input_before_any_work(tmp_path, data_dir, tiny_run, ti
 def test_eval_compares_an_adapter_with_the_base_model_and_keeps_the_episodes(tmp_path, data_dir, tiny_run):
     out = tmp_path / "eval"
     adapter = tiny_run / "adapters" / "sft"
-    result = _agentloop(
-        ["eval", str(adapter), "--against", "base", "--tasks", "3", "--out", str(out)], data_dir, timeout=900
-    )
+    mlflow_db = tmp_path / "mlflow.db"  # the run's trackers: here MLflow's SQLite store
+    args = ["--tasks", "3", "--out", str(out), f"tracking.mlflow.tracking_uri=sqlite:///{mlflow_db}"]
+    result = _agentloop(["eval", str(adapter), "--against", "base", *args], data_dir, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.splitlines()
     report = lines[lines.index("db/dev, 3 tasks") :]
@@ -318,6 +319,9 @@ def test_eval_compares_an_adapter_with_the_base_model_and_keeps_the_episodes(tmp
     assert [r["stage"] for r in records] == ["eval/against", "eval/policy"]
     assert records[1]["eval/vs_against/tasks"] == 3 and "eval/vs_against/p_value" in records[1]
     assert yaml.safe_load((out / "policies.yaml").read_text())["eval/policy"]["version"] == 1
+    with sqlite3.connect(mlflow_db) as db:  # the same records, by the same names, in MLflow
+        logged = dict(db.execute("SELECT key, value FROM latest_metrics").fetchall())
+    assert logged["eval/vs_against/tasks"] == 3 and logged["eval/episodes"] == 3
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["policy"]["dtype"] == "float32" and saved["db"]["max_turns"] == 2  # the run's settings
 

@@ -12,6 +12,8 @@ The evaluation is a run directory of its own (``--out DIR``; without it, a tempo
 ``config.yaml``, ``policies.yaml`` (the policy and version each stage played), ``metrics.jsonl`` and ``replay.db``
 with the stages ``eval/against`` and ``eval/policy``, whose metrics hold the paired test
 (``eval/vs_against/gained``, ``/lost``, ``/p_value``); ``agentloop export --store DIR`` writes its trajectories.
+The metrics also go to the trackers that ``tracking.*`` overrides configure, as an experiment's do (W&B's offline
+mode keeps its files in the run directory: give ``--out``).
 
 The rollout is the experiments' own: the rollout fleet (:class:`agentloop.actors.fleet.Fleet`), each stage's
 episodes stored as they finish (:meth:`agentloop.loop.Stages.stream`), as ``Run.evaluate`` of
@@ -142,11 +144,13 @@ class Evaluation:
         from agentloop.loop import Stages
         from agentloop.metrics import MetricsLogger
         from agentloop.replay import ReplayStore
+        from agentloop.trackers import start_trackers
 
         self.eto = import_experiment("eto")
         self.config, self.tasks, self.keys = config, tasks, [t.task.key for t in tasks]
+        # The experiment's trackers (TensorBoard; W&B and MLflow when ``tracking.*`` overrides name them).
+        self.metrics = MetricsLogger(run_dir.path, start_trackers(config.tracking, run_dir.path, config))
         self.store = ReplayStore(run_dir.store_url)
-        self.metrics = MetricsLogger(run_dir.path)
         self.stages = Stages(run_dir, self.store, self.metrics)
         self.fleet: Any = None
 
@@ -247,6 +251,7 @@ def evaluate(
 
     import yaml
 
+    from agentloop.config import ConfigError
     from agentloop.loop import RunDir
 
     split = _check_env(env_name, split)
@@ -264,7 +269,11 @@ def evaluate(
             s.stage: {"policy": s.policy.given, "adapter": _text(s.policy.adapter), "version": s.version} for s in sides
         }
         (path / "policies.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-        with Evaluation(config, run_dir, played) as evaluation:
+        try:
+            evaluation = Evaluation(config, run_dir, played)
+        except ConfigError as e:  # a tracker that cannot start
+            raise click.ClickException(str(e)) from None
+        with evaluation:
             found = evaluation.play(sides)
         click.echo(report(sides, found, f"{env_name}/{split}"))
         if out is not None:
