@@ -18,6 +18,7 @@ runs. wandb and mlflow are imported only when configured (``pip install 'agentlo
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import logging
@@ -172,6 +173,7 @@ class MLflow:
 
     def __init__(self, client: Any, tracking_uri: str, run_id: str) -> None:
         self.client, self.tracking_uri, self.run_id = client, tracking_uri, run_id
+        atexit.register(self._exit_unclosed)
 
     @classmethod
     def start(cls, config: MLflowConfig, run_dir: Path, resolved: dict[str, Any], known: dict | None) -> MLflow:
@@ -215,7 +217,16 @@ class MLflow:
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()])
 
     def close(self) -> None:
+        atexit.unregister(self._exit_unclosed)
         self.client.set_terminated(self.run_id)
+
+    def _exit_unclosed(self) -> None:
+        """At the exit of a process that never closed the tracker (the run raised, or was interrupted), the
+        MLflow run ends FAILED rather than staying RUNNING for good; ``--resume`` sets it RUNNING again."""
+        try:
+            self.client.set_terminated(self.run_id, status="FAILED")
+        except Exception as e:  # at exit, nothing else can be done about it
+            logger.warning("MLflow run %s not marked FAILED: %s", self.run_id, e)
 
 
 def start_trackers(config: TrackingConfig, run_dir: Path, resolved: Any) -> list[Tracker]:

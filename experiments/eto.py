@@ -255,7 +255,15 @@ class Run:
         from agentloop.trackers import start_trackers
 
         self.config, self.run_dir = config, run_dir
-        # First, so that a tracker that cannot start (W&B, MLflow) stops the run before any work.
+        url = config.store_url or run_dir.store_url
+        if saved is not None:
+            # A stage with episodes stored already counts as done for what it read: its remaining
+            # episodes must be played with the same settings.
+            with ReplayStore(url) as stored:
+                begun = stored.completed_stages() + stored.started_stages()
+            resume_checks(config, saved, run_dir, begun, reads, free)
+        # Before any work, and after the resume checks (a refused resume touches no tracker run): a tracker
+        # that cannot start (W&B, MLflow) stops the run here, before any task is loaded or a new run's store made.
         self.metrics = MetricsLogger(run_dir.path, start_trackers(config.tracking, run_dir.path, config))
         self.train, self.held_out = {}, []  # training tasks by env; held-out tasks of all envs
         for spec in config.envs:
@@ -264,15 +272,11 @@ class Run:
             keep = set(sample_ids([t.task.task_id for t in tasks], spec.train_tasks, config.seed))
             self.train[spec.name] = [t for t in tasks if t.task.task_id in keep]
             self.held_out += envs.load_tasks(spec.name, Path(config.data_dir), eval_split)[: spec.eval_tasks or None]
-        self.store = ReplayStore(config.store_url or run_dir.store_url)
+        self.store = ReplayStore(url)
         self.stages = Stages(run_dir, self.store, self.metrics)
-        if saved is not None:
-            # A stage with episodes stored already counts as done for what it read: its remaining
-            # episodes must be played with the same settings.
-            resume_checks(config, saved, run_dir, self.stages.completed + self.store.started_stages(), reads, free)
         print(f"run directory: {run_dir.path}")
         # Before any work too: a dashboard that cannot start stops the run. It stops with the run.
-        self.dashboard = start_dashboard(config.dashboard, config.store_url or run_dir.store_url, run_dir.path)
+        self.dashboard = start_dashboard(config.dashboard, url, run_dir.path)
 
         # A job from `ray job submit` finds its cluster in RAY_ADDRESS; otherwise start a local one
         # (never silently join a cluster some earlier `ray start` left behind).

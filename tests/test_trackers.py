@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import socket
 import struct
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -249,3 +251,20 @@ def test_eto_stops_before_any_work_on_a_tracker_that_cannot_start(
     result = run_experiment("eto.py", [f"run_dir={tmp_path / 'r'}", f"tracking.mlflow.tracking_uri={uri}"], tmp_path)
     assert result.returncode != 0 and f"tracking.mlflow.tracking_uri='{uri}'" in result.stderr
     assert [p.name for p in (tmp_path / "r").iterdir()] == ["config.yaml"]  # no store, no metrics, no Ray
+
+
+def test_a_run_that_raises_leaves_its_mlflow_run_failed_not_running(tmp_path: Path, mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    script = f"""
+from pathlib import Path
+from agentloop.trackers import MLflowConfig, TrackingConfig, start_trackers
+config = TrackingConfig(tensorboard=False, mlflow=MLflowConfig(tracking_uri={mlflow_uri!r}, experiment="crash"))
+start_trackers(config, Path({str(tmp_path / "run")!r}), config)
+raise RuntimeError("the run failed mid-way")
+"""
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0 and "the run failed mid-way" in result.stderr
+    run_id = json.loads((tmp_path / "run" / IDS_FILE).read_text())["mlflow"]["run_id"]
+    assert MlflowClient(tracking_uri=mlflow_uri).get_run(run_id).info.status == "FAILED"
