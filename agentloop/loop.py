@@ -43,7 +43,9 @@ class RunDir:
 
     @property
     def store_url(self) -> str:
-        return f"sqlite:///{(self.path / 'replay.db').resolve()}"
+        from agentloop.replay import STORE_FILE
+
+        return f"sqlite:///{(self.path / STORE_FILE).resolve()}"
 
     def adapter(self, stage: str) -> Path:
         """Where the adapter a training stage produced lives (``dpo/1`` -> ``adapters/dpo-1``)."""

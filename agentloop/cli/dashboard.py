@@ -1,6 +1,7 @@
 """``agentloop dashboard``: serve the read-only web dashboard of a run's replay store (:mod:`agentloop.dashboard`).
 
     agentloop dashboard --store runs/eto-20250101-120000            http://127.0.0.1:8765
+    agentloop dashboard --store runs/                               every run in runs/, listed at /
     agentloop dashboard --store postgresql://user@db/run --host 0.0.0.0 --token "$(openssl rand -hex 16)"
 
 The server (FastAPI, uvicorn) loads only when the command runs, so ``--help`` stays light.
@@ -12,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import click
 
@@ -23,7 +25,8 @@ from agentloop.dashboard.launch import LOCAL_HOSTS, STORE_ENV, TOKEN_ENV
     "--store",
     required=True,
     envvar=STORE_ENV,
-    help=f"the run's replay store: a run directory, a SQLite file or a URL [env: {STORE_ENV}]",
+    help=f"the run's replay store: a run directory, a SQLite file or a URL; or a directory of run directories, "
+    f"each listed and shown [env: {STORE_ENV}]",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (not local: needs --token)")
 @click.option("--port", default=8765, show_default=True, type=int, help="port to bind")
@@ -45,14 +48,25 @@ def dashboard(store: str, host: str, port: int, token: str | None, exit_with: in
     import uvicorn
 
     from agentloop.cli.files import store_url
-    from agentloop.dashboard import create_app
+    from agentloop.dashboard import create_app, create_runs_app
     from agentloop.dashboard.queries import StoreError
+    from agentloop.replay.store import STORE_FILE
 
-    url = store_url(store, existing=True)
-    try:
-        app = create_app(url, token=token, allowed_hosts=list(LOCAL_HOSTS) if host in LOCAL_HOSTS else None)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from e
+    hosts = list(LOCAL_HOSTS) if host in LOCAL_HOSTS else None
+    runs = Path(store).expanduser()
+    if "://" not in store and runs.is_dir() and not (runs / STORE_FILE).exists():  # a directory of runs
+        if not any(runs.glob(f"*/{STORE_FILE}")):
+            raise click.BadParameter(
+                f"{store} is neither a run directory nor a directory of runs (no {STORE_FILE} in it or in its "
+                "subdirectories)",
+                param_hint="--store",
+            )
+        app = create_runs_app(runs, token=token, allowed_hosts=hosts)
+    else:
+        try:
+            app = create_app(store_url(store, existing=True), token=token, allowed_hosts=hosts)
+        except StoreError as e:
+            raise click.ClickException(str(e)) from e
     shown = f"[{host}]" if ":" in host else host
     suffix = "?token=..." if token else ""
     if "://" in store:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from fastapi import FastAPI
 
 
@@ -20,4 +22,11 @@ def create_app(store_url: str, token: str | None = None, allowed_hosts: list[str
     return build(store_url, token=token, allowed_hosts=allowed_hosts)
 
 
-__all__ = ["create_app"]
+def create_runs_app(directory: Path, token: str | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The dashboards of every run in ``directory`` (see :func:`agentloop.dashboard.app.create_runs_app`)."""
+    from agentloop.dashboard.app import create_runs_app as build
+
+    return build(directory, token=token, allowed_hosts=allowed_hosts)
+
+
+__all__ = ["create_app", "create_runs_app"]

@@ -12,6 +12,10 @@ Pages (HTML) and their data (JSON)::
     /pairs, /pairs/{id}        pair list; one pair side by side
     /tasks/{env}/{task_id}     one task's attempts across rounds
 
+Over a directory of runs (:func:`create_runs_app`): ``/`` lists the runs (each a subdirectory holding a
+``replay.db``, looked for again on every visit, so a run started meanwhile appears) and ``/runs/<name>/`` is
+that run's dashboard, with the pages above.
+
 Safety: the store is read-only (see :mod:`agentloop.dashboard.queries`); Jinja2 escapes every value (agent
 output is untrusted text: it lands in ``<pre>`` as text) and a Content-Security-Policy allows only the
 dashboard's own scripts, so even markup that slipped through could not run. With a token, every request must
@@ -34,7 +38,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Red
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from agentloop.dashboard.queries import PAGE_SIZE, StoreReader, parse_filters
+from agentloop.dashboard.queries import PAGE_SIZE, StoreError, StoreReader, parse_filters
+from agentloop.replay.store import STORE_FILE
 
 HERE = Path(__file__).parent
 COOKIE = "agentloop_dashboard_token"
@@ -49,13 +54,16 @@ SECURITY_HEADERS = {
 }
 
 
-def create_app(store_url: str, token: str | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
+def create_app(
+    store_url: str, token: str | None = None, allowed_hosts: list[str] | None = None, runs_url: str | None = None
+) -> FastAPI:
     """The dashboard over the replay store at ``store_url``, opened read-only.
 
     Args:
         store_url: A SQLAlchemy URL of a replay store (SQLite or PostgreSQL).
         token: When given, every request must carry it (bind to a non-local address only with one).
         allowed_hosts: When given, requests naming another ``Host`` are refused (DNS rebinding).
+        runs_url: The list of runs this dashboard is one of (:func:`create_runs_app`), linked from every page.
 
     Raises:
         agentloop.dashboard.queries.StoreError: If no readable replay store is there.
@@ -75,6 +83,7 @@ def create_app(store_url: str, token: str | None = None, allowed_hosts: list[str
     env.autoescape = True
     env.filters.update(pct=_pct, num=_num, when=_when, duration=_duration)
     env.globals["store"] = _shown(store_url)
+    env.globals["runs_url"] = runs_url
     env.globals["page_size"] = PAGE_SIZE
     _guard(app, token, allowed_hosts)
 
@@ -140,6 +149,85 @@ def create_app(store_url: str, token: str | None = None, allowed_hosts: list[str
         return page(request, "task.html", env_name=env, task_id=task_id, rows=rows)
 
     return app
+
+
+def create_runs_app(directory: Path, token: str | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The dashboards of the runs in ``directory``: its subdirectories holding a ``replay.db``, listed at ``/``
+    with their stages and latest held-out success, each run's dashboard (:func:`create_app`) under
+    ``/runs/<name>/``. A run's store is opened read-only on its first visit.
+
+    Args:
+        directory: A directory of run directories (``runs/``, an ablation's ``--out``).
+        token: When given, every request must carry it (bind to a non-local address only with one).
+        allowed_hosts: When given, requests naming another ``Host`` are refused (DNS rebinding).
+    """
+    directory = Path(directory).resolve()
+    opened: dict[str, FastAPI] = {}
+
+    def runs() -> list[str]:
+        return sorted(p.parent.name for p in directory.glob(f"*/{STORE_FILE}") if p.is_file())
+
+    def dashboard(name: str) -> FastAPI | None:
+        if name not in opened:
+            if name not in runs():
+                return None
+            opened[name] = create_app(f"sqlite:///{directory / name / STORE_FILE}", token, allowed_hosts, "/")
+        return opened[name]
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        for run in opened.values():
+            run.state.reader.close()
+
+    app = FastAPI(title="agentloop dashboard", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.autoescape = True
+    templates.env.filters.update(pct=_pct, when=_when)
+    templates.env.globals.update(store=str(directory), runs_url=None)
+    _guard(app, token, allowed_hosts)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index(request: Request) -> HTMLResponse:
+        found = []
+        for name in runs():
+            try:
+                found.append(_summary(name, dashboard(name)))
+            except StoreError as e:  # another schema, a file being created: listed, not linked
+                found.append({"name": name, "error": str(e)})
+        return templates.TemplateResponse(request, "runs.html", {"runs": found, "directory": str(directory)})
+
+    async def run_dashboard(scope: Any, receive: Any, send: Any) -> None:
+        """Hands a request under ``/runs/<name>/`` to that run's app, as its own root (its links carry the
+        prefix; its routes, not this app's, resolve them)."""
+        name = scope["path_params"]["name"]
+        found = dashboard(name)
+        if found is None:
+            await PlainTextResponse(f"no run {name!r} in {directory}", status_code=404)(scope, receive, send)
+            return
+        inner = {k: v for k, v in scope.items() if k not in ("app", "router", "endpoint", "path_params")}
+        inner["app_root_path"] = scope["root_path"]
+        await found(inner, receive, send)
+
+    app.mount("/runs/{name}", app=run_dashboard, name="run_dashboard")
+    return app
+
+
+def _summary(name: str, run: FastAPI | None) -> dict[str, Any]:
+    """What the list of runs shows of one: its stages, what runs now, its latest held-out success per env."""
+    if run is None:
+        return {"name": name, "error": "gone"}
+    stages = run.state.reader.stages()
+    done = [s for s in stages if s.position is not None]
+    evals = [s for s in done if s.family == "eval" and s.envs]
+    return {
+        "name": name,
+        "stages": len(done),
+        "last": done[-1] if done else None,
+        "running": [s.name for s in stages if s.position is None],
+        "eval": evals[-1] if evals else None,
+    }
 
 
 def _guard(app: FastAPI, token: str | None, allowed_hosts: list[str] | None) -> None:

@@ -16,6 +16,7 @@ from agentloop.replay.export import (
 )
 from agentloop.replay.store import (
     GROUP_COLUMNS,
+    STORE_FILE,
     GroupMetrics,
     ReplayStore,
     SchemaVersionError,
@@ -30,6 +31,7 @@ __all__ = [
     "GroupMetrics",
     "PairFilter",
     "ReplayStore",
+    "STORE_FILE",
     "SchemaVersionError",
     "TrajectoryFilter",
     "export_pairs",

@@ -61,6 +61,9 @@ from agentloop.types import Experience, Message, Pair, Proposal, Source, Task, T
 
 logger = logging.getLogger(__name__)
 
+STORE_FILE = "replay.db"
+"""The SQLite replay store's file in a run directory."""
+
 GROUP_COLUMNS = (
     "env",
     "task_id",

@@ -19,19 +19,14 @@ pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture
-def server(run_store) -> Iterator[str]:
-    """The dashboard served by uvicorn on a free local port, in a thread."""
+def serve(app) -> Iterator[str]:
+    """``app`` served by uvicorn on a free local port, in a thread, until the generator is closed."""
     import uvicorn
 
-    from agentloop.dashboard import create_app
-
-    path, _ = run_store
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(f"sqlite:///{path}"), host="127.0.0.1", port=port, log_level="warning")
-    served = uvicorn.Server(config)
+    served = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=served.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -41,6 +36,26 @@ def server(run_store) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     served.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture
+def server(run_store) -> Iterator[str]:
+    """The dashboard of the run store."""
+    from agentloop.dashboard import create_app
+
+    path, _ = run_store
+    yield from serve(create_app(f"sqlite:///{path}"))
+
+
+@pytest.fixture
+def runs_server(run_store) -> Iterator[str]:
+    """The dashboard of a directory of runs: the run store's (``run``) and a copy of it (``copy``)."""
+    from agentloop.dashboard import create_runs_app
+
+    path, _ = run_store
+    (path.parent.parent / "copy").mkdir()
+    shutil.copy(path, path.parent.parent / "copy" / path.name)
+    yield from serve(create_runs_app(path.parent.parent))
 
 
 @pytest.fixture
@@ -134,3 +149,16 @@ def test_the_run_view_follows_a_stage_written_meanwhile(page, server, run_store)
         0.75,
     ]
     assert page.locator("li.running").count() == 0
+
+
+def test_a_run_opened_from_the_list_of_runs_draws_and_follows_under_its_prefix(page, runs_server, run_store):
+    path, _ = run_store
+    page.goto(runs_server)
+    page.click("tr[data-run='run'] a")
+    page.wait_for_function("() => document.body.dataset.chartsVersion !== undefined")
+    assert page.url == f"{runs_server}/runs/run/" and drawn_pixels(page, "chart-eval") > 500
+    with ReplayStore(f"sqlite:///{path}") as store:
+        store.commit_stage("explore/2", metrics={"timing/explore": 5.0})
+    page.wait_for_function("() => document.querySelectorAll('li.running').length === 0")  # polled under /runs/run/
+    page.click("text=All runs")
+    assert page.locator("tr[data-run]").count() == 2

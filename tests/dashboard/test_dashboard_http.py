@@ -322,3 +322,47 @@ def test_the_dashboard_imports_no_learning_stack():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 found.add(node.module)
     assert not [n for n in found if any(n == b or n.startswith(b + ".") for b in banned)]
+
+
+# A directory of runs
+
+
+def test_a_directory_of_runs_lists_them_and_serves_each_under_its_name(tmp_path):
+    from agentloop.dashboard import create_runs_app
+
+    for name in ("eto-seed0", "full-seed0"):
+        build_run(f"sqlite:///{tmp_path / name / 'replay.db'}")
+    (tmp_path / "not-a-run").mkdir()
+    with TestClient(create_runs_app(tmp_path)) as client:
+        index = client.get("/").text
+        assert 'data-run="eto-seed0"' in index and 'data-run="full-seed0"' in index and "not-a-run" not in index
+        assert 'href="http://testserver/runs/eto-seed0/"' in index
+        assert "eval/1: db 4/4 (100.0%) os 4/4 (100.0%)" in index and "explore/2" in index  # latest eval, running
+        page = client.get("/runs/full-seed0/").text
+        assert 'href="http://testserver/runs/full-seed0/trajectories"' in page and ">All runs</a>" in page
+        assert 'data-run-url="http://testserver/runs/full-seed0/api/run"' in page  # what run.js fetches
+        assert client.get("/runs/full-seed0/api/run").json()["stages"][0]["name"] == "experts"
+        assert client.get("/runs/full-seed0/trajectories/1").status_code == 200
+        assert client.get("/runs/full-seed0/static/run.js").status_code == 200
+        assert client.get("/runs/nothing/").status_code == 404
+        build_run(f"sqlite:///{tmp_path / 'started-later' / 'replay.db'}")
+        assert 'data-run="started-later"' in client.get("/").text  # found again on every visit
+        assert client.get("/runs/started-later/pairs").status_code == 200
+        with sqlite3.connect(tmp_path / "eto-seed0" / "replay.db") as db:  # read-only there too
+            (before,) = db.execute("SELECT count(*) FROM trajectories").fetchone()
+    with sqlite3.connect(tmp_path / "eto-seed0" / "replay.db") as db:
+        assert db.execute("SELECT count(*) FROM trajectories").fetchone() == (before,)
+
+
+def test_a_directory_of_runs_needs_the_token_too(tmp_path):
+    from agentloop.dashboard import create_runs_app
+
+    build_run(f"sqlite:///{tmp_path / 'run' / 'replay.db'}")
+    with TestClient(create_runs_app(tmp_path, token="s3cret")) as client:
+        assert client.get("/").status_code == 401 and client.get("/runs/run/").status_code == 401
+        assert client.get("/runs/run/api/run", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_the_command_serves_a_directory_of_runs_and_refuses_one_without(tmp_path):
+    result = CliRunner().invoke(cli, ["dashboard", "--store", str(tmp_path)])
+    assert result.exit_code == 2 and "neither a run directory nor a directory of runs" in result.output

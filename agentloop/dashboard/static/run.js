@@ -1,5 +1,5 @@
-// The run view: draws the learning curves with Chart.js from /api/run, and keeps the page live by polling
-// /api/version; when the store changed, it redraws the charts and swaps in the tables from /fragments/run
+// The run view: draws the learning curves with Chart.js from api/run, and keeps the page live by polling
+// api/version; when the store changed, it redraws the charts and swaps in the tables from fragments/run
 // (rendered and escaped by the server, parsed with DOMParser: no string of agent output reaches innerHTML).
 "use strict";
 
@@ -8,6 +8,8 @@
   const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
   const charts = {};
   const body = document.getElementById("run-body");
+  // The page names its data's URLs (they carry the run's prefix when the dashboard lists several runs).
+  const urls = { run: body.dataset.runUrl, fragment: body.dataset.fragmentUrl, version: body.dataset.versionUrl };
   const status = document.getElementById("live-status");
 
   function alpha(hex, a) {
@@ -74,8 +76,8 @@
 
   async function refresh(version) {
     const [run, html] = await Promise.all([
-      getJSON("/api/run"),
-      fetch("/fragments/run", { credentials: "same-origin", cache: "no-store" }).then((r) => r.text()),
+      getJSON(urls.run),
+      fetch(urls.fragment, { credentials: "same-origin", cache: "no-store" }).then((r) => r.text()),
     ]);
     drawAll(run);
     const parsed = new DOMParser().parseFromString(html, "text/html");
@@ -85,7 +87,7 @@
 
   async function poll() {
     try {
-      const { version } = await getJSON("/api/version");
+      const { version } = await getJSON(urls.version);
       if (version !== body.dataset.version) await refresh(version);
       status.textContent = `live: checked ${new Date().toLocaleTimeString()}`;
       status.classList.remove("error");
@@ -96,6 +98,6 @@
     setTimeout(poll, POLL_MS);
   }
 
-  getJSON("/api/run").then(drawAll).catch((e) => { status.textContent = `charts: ${e.message}`; });
+  getJSON(urls.run).then(drawAll).catch((e) => { status.textContent = `charts: ${e.message}`; });
   setTimeout(poll, POLL_MS);
 })();
