@@ -245,11 +245,12 @@ class MetricsLogger:
                     exc_info=True,
                 )
 
-    def close(self) -> None:
-        """Flushes and closes every tracker (a tracker's error is a warning)."""
+    def close(self, failed: bool = False) -> None:
+        """Flushes and closes every tracker (a tracker's error is a warning); ``failed``: the run's work raised
+        (MLflow and W&B show the run failed)."""
         for tracker in self.trackers:
             try:
-                tracker.close()
+                tracker.close(failed)
             except Exception:
                 logger.warning("%s did not close", type(tracker).__name__, exc_info=True)
 
@@ -259,7 +260,7 @@ class MetricsLogger:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        self.close(failed=exc_type is not None)
 
 
 def _real(name: str, value: Any) -> float:

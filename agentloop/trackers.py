@@ -99,8 +99,8 @@ class Tracker(Protocol):
     def log(self, metrics: Mapping[str, float], step: int, walltime: float) -> None:
         """Records path-named values (NaN included) at ``step``; ``walltime`` in seconds since the epoch."""
 
-    def close(self) -> None:
-        """Flushes and ends the tracker's run (a resumed run continues it)."""
+    def close(self, failed: bool = False) -> None:
+        """Flushes and ends the tracker's run (a resumed run continues it); ``failed``: the work raised."""
 
 
 class TensorBoard:
@@ -119,7 +119,7 @@ class TensorBoard:
             self._writer.add_scalar(name, value, global_step=step, walltime=walltime)
         self._writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -164,8 +164,8 @@ class Wandb:
     def log(self, metrics: Mapping[str, float], step: int, walltime: float) -> None:
         self.run.log({STEP: step, **metrics})
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MLflow:
@@ -216,9 +216,9 @@ class MLflow:
         stamp = int(walltime * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()])
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         atexit.unregister(self._exit_unclosed)
-        self.client.set_terminated(self.run_id)
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
     def _exit_unclosed(self) -> None:
         """At the exit of a process that never closed the tracker (the run raised, or was interrupted), the

@@ -248,7 +248,7 @@ class Run:
         import ray
 
         from agentloop.actors.workers import start_workers
-        from agentloop.dashboard.launch import start_dashboard
+        from agentloop.dashboard.launch import check_port, start_dashboard
         from agentloop.loop import Stages
         from agentloop.metrics import MetricsLogger
         from agentloop.replay import ReplayStore
@@ -262,6 +262,7 @@ class Run:
             with ReplayStore(url) as stored:
                 begun = stored.completed_stages() + stored.started_stages()
             resume_checks(config, saved, run_dir, begun, reads, free)
+        check_port(config.dashboard)  # a taken port, too, stops the run before its trackers start
         # Before any work, and after the resume checks (a refused resume touches no tracker run): a tracker
         # that cannot start (W&B, MLflow) stops the run here, before any task is loaded or a new run's store made.
         self.metrics = MetricsLogger(run_dir.path, start_trackers(config.tracking, run_dir.path, config))

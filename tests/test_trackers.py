@@ -268,3 +268,13 @@ raise RuntimeError("the run failed mid-way")
     assert result.returncode != 0 and "the run failed mid-way" in result.stderr
     run_id = json.loads((tmp_path / "run" / IDS_FILE).read_text())["mlflow"]["run_id"]
     assert MlflowClient(tracking_uri=mlflow_uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_work_that_raises_inside_the_logger_ends_its_mlflow_run_failed(tmp_path: Path, mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MLflow.start(MLflowConfig(tracking_uri=mlflow_uri, experiment="raising"), tmp_path, {}, None)
+    with pytest.raises(RuntimeError, match="evaluation failed"), MetricsLogger(tmp_path, [mlflow]) as log:
+        log.log({"eval/success_rate": 0.25}, stage="eval/policy", step=0)
+        raise RuntimeError("evaluation failed")
+    assert MlflowClient(tracking_uri=mlflow_uri).get_run(mlflow.run_id).info.status == "FAILED"

@@ -148,9 +148,12 @@ class Evaluation:
 
         self.eto = import_experiment("eto")
         self.config, self.tasks, self.keys = config, tasks, [t.task.key for t in tasks]
-        # The experiment's trackers (TensorBoard; W&B and MLflow when ``tracking.*`` overrides name them).
-        self.metrics = MetricsLogger(run_dir.path, start_trackers(config.tracking, run_dir.path, config))
         self.store = ReplayStore(run_dir.store_url)
+        try:  # the experiment's trackers (TensorBoard; W&B and MLflow when ``tracking.*`` overrides name them)
+            self.metrics = MetricsLogger(run_dir.path, start_trackers(config.tracking, run_dir.path, config))
+        except BaseException:
+            self.store.close()
+            raise
         self.stages = Stages(run_dir, self.store, self.metrics)
         self.fleet: Any = None
 
@@ -178,7 +181,7 @@ class Evaluation:
         if self.fleet is not None:
             self.fleet.close()
         ray.shutdown()
-        self.metrics.close()
+        self.metrics.close(failed=kind is not None)  # an evaluation that raised shows as failed in W&B, MLflow
         self.store.close()
 
     def evaluate(self, stage: str, version: int, adapter: Path | None, baseline: str = "") -> list[Any]:

@@ -25,7 +25,9 @@ carry it (``Authorization: Bearer``, or ``?token=`` once, which sets a cookie).
 from __future__ import annotations
 
 import math
+import re
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -37,11 +39,15 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.engine import URL
+from starlette.concurrency import run_in_threadpool
 
 from agentloop.dashboard.queries import PAGE_SIZE, StoreError, StoreReader, parse_filters
 from agentloop.replay.store import STORE_FILE
 
 HERE = Path(__file__).parent
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""The names of the runs a dashboard over a directory serves (what agentloop names runs: ``eto-20261122-010203``)."""
 COOKIE = "agentloop_dashboard_token"
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -55,7 +61,7 @@ SECURITY_HEADERS = {
 
 
 def create_app(
-    store_url: str, token: str | None = None, allowed_hosts: list[str] | None = None, runs_url: str | None = None
+    store_url: str | URL, token: str | None = None, allowed_hosts: list[str] | None = None, runs_url: str | None = None
 ) -> FastAPI:
     """The dashboard over the replay store at ``store_url``, opened read-only.
 
@@ -162,23 +168,44 @@ def create_runs_app(directory: Path, token: str | None = None, allowed_hosts: li
         allowed_hosts: When given, requests naming another ``Host`` are refused (DNS rebinding).
     """
     directory = Path(directory).resolve()
-    opened: dict[str, FastAPI] = {}
+    opened: dict[str, tuple[int, FastAPI]] = {}  # name -> (its store file's inode, its app)
+    lock = threading.Lock()
 
-    def runs() -> list[str]:
-        return sorted(p.parent.name for p in directory.glob(f"*/{STORE_FILE}") if p.is_file())
+    def runs() -> dict[str, Path]:
+        """The runs by name: subdirectories named :data:`RUN_NAME` whose store file, links resolved, is inside."""
+        found = {}
+        for store in sorted(directory.glob(f"*/{STORE_FILE}")):
+            name = store.parent.name
+            if RUN_NAME.fullmatch(name) and store.is_file() and store.resolve().is_relative_to(directory):
+                found[name] = store
+        return found
 
     def dashboard(name: str) -> FastAPI | None:
-        if name not in opened:
-            if name not in runs():
+        """The run's app, opened on its first visit and again when its store file was replaced; None when gone.
+
+        Raises:
+            StoreError: If the run's store cannot be read (yet).
+        """
+        store = runs().get(name)
+        with lock:
+            cached = opened.pop(name, None)
+            if cached is not None and store is not None and cached[0] == store.stat().st_ino:
+                opened[name] = cached
+                return cached[1]
+            if cached is not None:  # deleted, or replaced by another run of that name
+                cached[1].state.reader.close()
+            if store is None:
                 return None
-            opened[name] = create_app(f"sqlite:///{directory / name / STORE_FILE}", token, allowed_hosts, "/")
-        return opened[name]
+            app = create_app(URL.create("sqlite", database=str(store)), token, allowed_hosts, "/")
+            opened[name] = (store.stat().st_ino, app)
+            return app
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        for run in opened.values():
-            run.state.reader.close()
+        with lock:
+            for _, run in opened.values():
+                run.state.reader.close()
 
     app = FastAPI(title="agentloop dashboard", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -191,7 +218,7 @@ def create_runs_app(directory: Path, token: str | None = None, allowed_hosts: li
     @app.get("/", response_class=HTMLResponse)
     def index(request: Request) -> HTMLResponse:
         found = []
-        for name in runs():
+        for name in runs():  # each opened now: the list shows their stages
             try:
                 found.append(_summary(name, dashboard(name)))
             except StoreError as e:  # another schema, a file being created: listed, not linked
@@ -202,7 +229,11 @@ def create_runs_app(directory: Path, token: str | None = None, allowed_hosts: li
         """Hands a request under ``/runs/<name>/`` to that run's app, as its own root (its links carry the
         prefix; its routes, not this app's, resolve them)."""
         name = scope["path_params"]["name"]
-        found = dashboard(name)
+        try:
+            found = await run_in_threadpool(dashboard, name)
+        except StoreError as e:
+            await PlainTextResponse(str(e), status_code=503)(scope, receive, send)
+            return
         if found is None:
             await PlainTextResponse(f"no run {name!r} in {directory}", status_code=404)(scope, receive, send)
             return
@@ -275,7 +306,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _shown(url: str) -> str:
+def _shown(url: str | URL) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)

@@ -2,8 +2,9 @@
 
 The child serves the run's store read-only while the run writes it, in its own process so that neither
 slows the other, and it stops with the run: at :meth:`Dashboard.close`, and on its own when the run's
-process is gone (``--exit-with``), even after a ``kill -9``. It is started after the store exists and
-before any work, so a port that is taken or a server that cannot start stops the run naming its key.
+process is gone (``--exit-with``), even after a ``kill -9``. Its port is checked before the run's trackers
+start (:func:`check_port`), and it is started after the store exists and before any work, so a port that is
+taken or a server that cannot start stops the run naming its key.
 
 The token of a dashboard bound off localhost is never part of the config (the config is saved in the run
 directory and logged to the trackers): it comes from ``AGENTLOOP_DASHBOARD_TOKEN``, as for the command.
@@ -89,7 +90,7 @@ def start_dashboard(config: DashboardConfig, store_url: str, run_dir: Path) -> D
     """
     if not config.enabled:
         return None
-    _check_port_free(config.host, config.port)
+    check_port(config)
     log = Path(run_dir) / LOG_FILE
     command = [sys.executable, "-m", "agentloop", "dashboard", "--host", config.host, "--port", str(config.port)]
     command += ["--exit-with", str(os.getpid())]
@@ -113,14 +114,29 @@ def start_dashboard(config: DashboardConfig, store_url: str, run_dir: Path) -> D
     return dashboard
 
 
-def _check_port_free(host: str, port: int) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise ConfigError(f"dashboard.port: cannot bind {host}:{port} ({e.strerror}); choose another port") from e
+def check_port(config: DashboardConfig, wait: float = 5.0) -> None:
+    """Fails when the dashboard's port cannot be bound, after waiting up to ``wait`` seconds for it to free up
+    (the dashboard of a run killed just before stops within about a second of noticing).
+
+    Raises:
+        ConfigError: Naming ``dashboard.port``.
+    """
+    if not config.enabled:
+        return
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    deadline = time.monotonic() + wait
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((config.host, config.port))
+                return
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise ConfigError(
+                        f"dashboard.port: cannot bind {config.host}:{config.port} ({e.strerror}); choose another port"
+                    ) from e
+        time.sleep(0.25)
 
 
 def _answers(url: str, token: str | None) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from sqlalchemy import Engine, and_, case, create_engine, event, func, or_, select
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from agentloop.metrics import wilson_interval
 from agentloop.replay.tables import BEGUN, SCHEMA_VERSION, ExperienceRow, MetaRow, PairRow, StageRow, TrajectoryRow
@@ -62,7 +62,7 @@ class StoreError(RuntimeError):
     """The URL names no replay store this dashboard can read (missing, not a store, or another schema)."""
 
 
-def read_only_engine(url: str) -> Engine:
+def read_only_engine(url: str | URL) -> Engine:
     """An engine on ``url`` that cannot write.
 
     Raises:
@@ -169,6 +169,8 @@ class Stage:
     """When the stage (last) began, as the run recorded it (``ReplayStore.begin_stage``)."""
     planned: int | None = None
     """How many tasks the rollout stage plays, as the run recorded it."""
+    fresh: int = 0
+    """Tasks begun since ``started`` (a resumed stage stored the others before)."""
 
     @property
     def family(self) -> str:
@@ -202,7 +204,7 @@ class Stage:
 class StoreReader:
     """The dashboard's view of one replay store, read-only, with completed stages' aggregates cached."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str | URL) -> None:
         self.url = url
         self.engine = read_only_engine(url)
         self._done: dict[str, dict[str, Outcome]] = {}
@@ -259,7 +261,16 @@ class StoreReader:
             if stage.position is None and stage.name in begun:
                 stage.started = _utc(datetime.fromisoformat(begun[stage.name]["started"]))
                 stage.planned = begun[stage.name].get("tasks")
+                if stage.envs:
+                    stage.fresh = self._begun_since(stage.name, stage.started)
         return found
+
+    def _begun_since(self, stage: str, started: datetime) -> int:
+        """Tasks of a running stage begun (first trials stored) at or after ``started``."""
+        since = started.replace(tzinfo=None) if self.engine.dialect.name == "sqlite" else started  # stored as UTC
+        stmt = select(func.count()).where(T.stage == stage, T.trial == 0, T.created_at >= since)
+        with self.engine.connect() as c:
+            return int(c.scalar(stmt) or 0)
 
     def _cache_completed(self, c: Any, done: set[str]) -> dict[str, tuple[dict[str, Outcome], int]]:
         """Aggregates every stage in one pass over the table (faster than the stage index when most rows
@@ -439,8 +450,10 @@ def progress(stage: Stage, stages: list[Stage], now: datetime | None = None) -> 
     now = now or datetime.now(UTC)
     eta = None
     if total and times and total > done:
-        if stage.started is not None and done:  # includes the stage's start-up (loading the policy)
-            eta = (max(times) - stage.started).total_seconds() / done * (total - done)
+        if stage.started is not None:
+            # The pace since the stage (last) began, start-up included; what a resumed stage stored before is not.
+            if stage.fresh:
+                eta = max(0.0, (max(times) - stage.started).total_seconds() / stage.fresh * (total - done))
         elif done > 1:
             eta = (max(times) - min(times)).total_seconds() / (done - 1) * (total - done)
     elapsed = (now - stage.started).total_seconds() if stage.started is not None else None
@@ -491,12 +504,17 @@ def split_thought(content: str) -> tuple[str, str]:
 
 def training_use(row: Mapping[str, Any], pairs: list[Any], stages: set[str]) -> tuple[list[str], int]:
     """What trained on a stored trajectory, by the completed stages: the SFT on demonstrations (an expert's),
-    a round's SFT on exploration successes (STE's ``round_sft/<iteration>``), and DPO pairs (a rejected
-    trajectory up to its cut); and how many of its messages, from the start, they trained on (0: none)."""
+    a round's SFT on exploration successes (STE's ``round_sft/<iteration>``; its replayed share of earlier
+    data is not recorded, so not shown), and DPO pairs (a rejected trajectory up to its cut); and how many of
+    its messages, from the start, they trained on (0: none)."""
     uses, upto, n = [], 0, len(row["messages"])
-    if row["source"] == "expert" and any(s == "sft" or s.startswith(("sft/", "round_sft/")) for s in stages):
+    if row["source"] == "expert" and "sft" in stages:  # ETO's and STE's SFT: every demonstration
         uses.append("SFT on demonstrations")
         upto = n
+    elif row["source"] == "expert" and (phases := sorted(s for s in stages if s.startswith("sft/"))):
+        # A continual run's phase SFT trains its envs' demonstrations (and replays a share of earlier ones):
+        # which phase had this env is in the run's config, not in its store, so no turn is marked.
+        uses.append(f"maybe {', '.join(phases)} (the phase whose envs include {row['env']})")
     if row["source"] == "explore" and row["success"] and f"round_sft/{row['iteration']}" in stages:
         uses.append(f"round_sft/{row['iteration']}, SFT on the round's successes")
         upto = n

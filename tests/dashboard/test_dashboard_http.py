@@ -109,6 +109,28 @@ def test_progress_counts_tasks_shows_training_stages_and_reads_older_stores(tmp_
     reader.close()
 
 
+def test_a_resumed_stage_paces_its_eta_on_the_tasks_begun_since_it_resumed(tmp_path):
+    import time
+
+    url = f"sqlite:///{tmp_path / 'replay.db'}"
+    tasks = [task("db", n) for n in range(10)]
+    with ReplayStore(url) as store:
+        store.begin_stage("eval/1", tasks=10)
+        store.add_episodes([trajectory(t, success=True, source="eval") for t in tasks[:6]], "eval/1")
+        time.sleep(0.05)
+        store.begin_stage("eval/1", tasks=10)  # killed, then resumed
+    reader = StoreReader(url)
+    (progress,) = reader.run()["progress"]
+    assert progress["done"] == 6 and progress["eta_seconds"] is None  # nothing begun since: no pace yet
+    time.sleep(0.2)
+    with ReplayStore(url) as store:
+        store.add_episodes([trajectory(tasks[6], success=True, source="eval")], "eval/1")
+    (progress,) = reader.run()["progress"]
+    # one task in about 0.2 s since the resume, three to go: about 0.6 s (not 3/7 of it, not negative)
+    assert progress["done"] == 7 and 0.45 < progress["eta_seconds"] < 5
+    reader.close()
+
+
 # Trajectories
 
 
@@ -366,3 +388,43 @@ def test_a_directory_of_runs_needs_the_token_too(tmp_path):
 def test_the_command_serves_a_directory_of_runs_and_refuses_one_without(tmp_path):
     result = CliRunner().invoke(cli, ["dashboard", "--store", str(tmp_path)])
     assert result.exit_code == 2 and "neither a run directory nor a directory of runs" in result.output
+
+
+def test_a_directory_of_runs_serves_only_its_own_stores(tmp_path):
+    from agentloop.dashboard import create_runs_app
+
+    runs, outside = tmp_path / "runs", tmp_path / "outside"
+    build_run(f"sqlite:///{outside / 'replay.db'}")
+    build_run(f"sqlite:///{runs / 'ok' / 'replay.db'}")
+    for name in ("x%2F..%2F..%2Foutside", "a?b", ".hidden"):  # names a URL would decode, or hidden ones
+        (runs / name).mkdir()
+        (runs / name / "replay.db").write_bytes((outside / "replay.db").read_bytes())
+    (runs / "linked").symlink_to(outside)  # a link leading out of the directory
+    (runs / "broken").mkdir()
+    (runs / "broken" / "replay.db").write_text("not a database")
+    with TestClient(create_runs_app(runs)) as client:
+        index = client.get("/").text
+        assert re.findall(r'data-run="([^"]+)"', index) == ["broken", "ok"]
+        assert "cannot read a replay store" in index  # listed, not linked
+        for name in ("x%252F..%252F..%252Foutside", "x%2F..%2F..%2Foutside", "linked", ".hidden", "a%3Fb"):
+            assert client.get(f"/runs/{name}/api/run").status_code == 404, name
+        assert client.get("/runs/broken/").status_code == 503
+        assert client.get("/runs/ok/api/run").status_code == 200
+        # a run deleted and started again under the same name is read afresh, not from the old file
+        (runs / "ok" / "replay.db").unlink()
+        assert client.get("/runs/ok/api/run").status_code == 404
+        with ReplayStore(f"sqlite:///{runs / 'ok' / 'replay.db'}") as store:
+            store.commit_stage("experts", metrics={})
+        assert [s["name"] for s in client.get("/runs/ok/api/run").json()["stages"]] == ["experts"]
+
+
+def test_a_continual_runs_demonstrations_are_not_claimed_trained_by_a_phase_it_cannot_tell(tmp_path):
+    url = f"sqlite:///{tmp_path / 'replay.db'}"
+    with ReplayStore(url) as store:
+        store.commit_stage("experts", trajectories=[trajectory(task("os", 0), success=True, source="expert")],
+                           metrics={})  # fmt: skip
+        store.commit_stage("sft/1", metrics={})
+    with TestClient(create_app(url)) as client:
+        html = client.get("/trajectories/1").text
+    assert "Trained on by maybe sft/1 (the phase whose envs include os)." in html
+    assert html.count('class="trained"') == 0
