@@ -12,6 +12,9 @@
         long_term    ... plus long-term memory
         imagined     ... plus imagined tasks
         full         ... plus replay of 10% of earlier rounds' data (SFT and DPO): STE+ETO
+        late_memory  full, with long-term memory shown to the retries only: a task's first trial is
+                     ETO's greedy pass (``memory.first_trial_memory=false``). The 270M policy copies
+                     other tasks' tables and values from the experiences shown at a first trial
     table: held-out success per row and env, k/n with a 95% Wilson interval, and an exact
         McNemar test against ``eto`` on the same tasks and seed
 
@@ -51,6 +54,7 @@ ROWS = {
     "long_term": ("ste.py", NO_REPLAY),
     "imagined": ("ste.py", ["imagine.tasks_per_env=50", *NO_REPLAY]),
     "full": ("ste.py", ["imagine.tasks_per_env=50"]),
+    "late_memory": ("ste.py", ["imagine.tasks_per_env=50", "memory.first_trial_memory=false"]),
 }
 """Each row's experiment and the overrides that make it (on top of the defaults and ``--`` overrides)."""
 

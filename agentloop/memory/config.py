@@ -31,7 +31,10 @@ class MemoryConfig:
     Off, the first trial is ETO's greedy pass, unchanged, and memory informs the retries only.
     With it, the 270M default solved fewer training tasks at its first trial (39 of 250 against
     59 of 250 for ETO's greedy pass, exact McNemar p = 0.0012), yet the round trained on that
-    exploration beat SFT and ETO on held-out tasks (README); the loop with it off is not measured yet."""
+    exploration beat SFT and ETO on held-out tasks (README); the loop with it off is not measured yet
+    (the ablation's ``late_memory`` row). Why the first trial suffers: 40% of the first actions shown
+    memory named a table, column or value found only in another task's experience, and those solved
+    1 task in 77."""
     recall: str = "solved"
     """Which experiences a trial is shown: ``solved`` (those that solved their task, each with its
     actions: worked examples) or ``all`` (every outcome, as STE's memory lists its queries). With
