@@ -16,7 +16,8 @@
                      ETO's greedy pass (``memory.first_trial_memory=false``). The 270M policy copies
                      other tasks' tables and values from the experiences shown at a first trial
     table: held-out success per row and env, k/n with a 95% Wilson interval, and an exact
-        McNemar test against ``eto`` on the same tasks and seed
+        McNemar test against ``eto`` on the same tasks and seed; then each row's exploration of the
+        training tasks in its first round (first trial, any trial), paired with ETO's greedy pass
 
 Every row starts from the same SFT policy (its trunk's adapter and stages are copied), so rows
 differ only in their rounds. Runs resume: a row or trunk already complete is not run again.
@@ -173,7 +174,50 @@ def ablation_table(out: Path, seeds: list[int], rows: list[str], iterations: int
         lines.append(
             f"| {row} | {env} | {len(found_rates)} | {mean:.3f} | {min(found_rates):.3f} | {max(found_rates):.3f} |"
         )
+    lines += [
+        "",
+        "Exploration of the training tasks in round 1 (stage explore/1; imagined tasks left out): solved at the "
+        "first trial, at any trial, and the exact McNemar test of any trial against ETO's greedy pass (the eto "
+        "row) on the same tasks.",
+        "",
+        "| seed | row | first trial | any trial | 95% CI | gained | lost | p vs eto's pass |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for seed in seeds:
+        explored = _explored(out, seed, rows)
+        greedy = explored.get("eto", ({}, {}))[1]
+        for row, (first, chain) in explored.items():
+            k, n = sum(chain.values()), len(chain)
+            low, high = wilson_interval(k, n)
+            keys = sorted(set(chain) & set(greedy))
+            gained = sum(chain[t] and not greedy[t] for t in keys)
+            lost = sum(greedy[t] and not chain[t] for t in keys)
+            test = "| - | - | - |"
+            if keys and row != "eto":
+                test = f"| {gained} | {lost} | {mcnemar_exact(gained, lost):.2g} |"
+            lines.append(
+                f"| {seed} | {row} | {sum(first.values())}/{len(first)} | {k}/{n} | [{low:.3f}, {high:.3f}] {test}"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _explored(out: Path, seed: int, rows: list[str]) -> dict[str, tuple[dict[str, bool], dict[str, bool]]]:
+    """Each row's completed first exploration: per training task, solved at its first trial, at any trial."""
+    from compare_exploration import outcomes
+
+    from agentloop.replay import ReplayStore
+
+    found = {}
+    for row in rows:
+        path = out / f"{row}-seed{seed}"
+        if not (path / "replay.db").is_file():
+            continue
+        with ReplayStore(f"sqlite:///{(path / 'replay.db').resolve()}") as store:
+            if "explore/1" not in store.completed_stages():
+                continue
+        first, chain, _ = outcomes(path, "explore/1")
+        found[row] = (first, chain)
+    return found
 
 
 def _outcomes(out: Path, seed: int, rows: list[str], iterations: int) -> dict[str, dict[tuple[str, str], bool]]:

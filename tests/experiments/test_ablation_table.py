@@ -1,0 +1,57 @@
+"""The ablation's table from stores written through the store's own API: held-out rows paired with ETO and
+SFT, and each row's exploration paired with ETO's greedy pass."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from agentloop.replay import ReplayStore
+from agentloop.types import Message, Task, Trajectory
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+import ablation  # noqa: E402
+
+
+def episode(task_id: str, split: str, success: bool, source: str, trial: int = 0) -> Trajectory:
+    task = Task("db", task_id, split, "SELECT", f"question {task_id}")
+    messages = (Message("user", task.instruction), Message("assistant", "Action: Answer\nFinal Answer: [1]"))
+    return Trajectory(
+        task=task, messages=messages, tokenizer="t", reward=float(success), success=success, terminated=True,
+        truncated=False, num_turns=1, invalid_actions=0, source=source, policy_version=1, iteration=1,  # type: ignore[arg-type]
+        generated_tokens=3, trial=trial,
+    )  # fmt: skip
+
+
+def store(path: Path, stages: dict[str, list[Trajectory]]) -> None:
+    with ReplayStore(f"sqlite:///{path / 'replay.db'}") as opened:
+        for name, trajectories in stages.items():
+            opened.commit_stage(name, trajectories=trajectories, metrics={})
+
+
+def test_the_table_pairs_held_out_rows_and_exploration_on_the_same_tasks(tmp_path):
+    held_out = [f"dev-{i}" for i in range(6)]
+    train = [f"train-{i}" for i in range(8)]
+    store(tmp_path / "trunk-seed0", {"eval/sft": [episode(t, "dev", i < 1, "eval") for i, t in enumerate(held_out)]})
+    store(
+        tmp_path / "eto-seed0",
+        {
+            "explore/1": [episode(t, "train", i < 3, "explore") for i, t in enumerate(train)],  # 3 of 8
+            "eval/1": [episode(t, "dev", i < 2, "eval") for i, t in enumerate(held_out)],
+        },
+    )
+    # trials: first trials solve train-0 and train-4; retries solve train-5 and train-6; train-1, -2 lost
+    chains = [episode(t, "train", i in (0, 4), "explore") for i, t in enumerate(train)]
+    chains += [episode(t, "train", i in (5, 6), "explore", trial=1) for i, t in enumerate(train) if i not in (0, 4)]
+    chains.append(episode("imagined-0", "imagined", True, "explore"))  # not a training task: left out
+    store(
+        tmp_path / "trials-seed0",
+        {"explore/1": chains, "eval/1": [episode(t, "dev", i < 4, "eval") for i, t in enumerate(held_out)]},
+    )
+    table = ablation.ablation_table(tmp_path, [0], ["eto", "trials", "full"], 1)
+    assert "| 0 | sft | db | 1/6 |" in table
+    assert "| 0 | eto | db | 2/6 | 0.333 |" in table
+    assert "| 0 | trials | db | 4/6 | 0.667 | [0.300, 0.903] | 2 | 0 | 0.500 | 0.250 |" in table
+    assert "| 0 | eto | 3/8 | 3/8 | [0.137, 0.694] | - | - | - |" in table
+    assert "| 0 | trials | 2/8 | 4/8 | [0.215, 0.785] | 3 | 2 | 1 |" in table
+    assert "full" not in table.split("Exploration")[1]  # rows not run are left out
