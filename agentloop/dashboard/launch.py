@@ -90,7 +90,7 @@ def start_dashboard(config: DashboardConfig, store_url: str, run_dir: Path) -> D
     """
     if not config.enabled:
         return None
-    check_port(config)
+    check_port(config, wait=0)  # the run waited for it before its trackers started
     log = Path(run_dir) / LOG_FILE
     command = [sys.executable, "-m", "agentloop", "dashboard", "--host", config.host, "--port", str(config.port)]
     command += ["--exit-with", str(os.getpid())]
