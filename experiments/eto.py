@@ -282,8 +282,9 @@ class Run:
         # A job from `ray job submit` finds its cluster in RAY_ADDRESS; otherwise start a local one
         # (never silently join a cluster some earlier `ray start` left behind).
         address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        # A local cluster skips Ray's dashboard (about 0.9 GB); agentloop's metrics go to TensorBoard. It
-        # declares enough CPUs for every actor's reservation: the learner and the rollout take turns.
+        # A local cluster skips Ray's dashboard (about 0.9 GB): agentloop's own (dashboard.enabled) and its
+        # trackers show the run. It declares enough CPUs for every actor's reservation: the learner and the
+        # rollout take turns.
         local = {"include_dashboard": False, "num_cpus": local_cpus(config)} if address == "local" else {}
         ray.init(address=address, log_to_driver=True, **local)
         every = [t for tasks in self.train.values() for t in tasks] + self.held_out
@@ -443,8 +444,24 @@ def parse_args(argv: list[str] | None, config_class: type = ETOConfig, name: str
         return config, run, saved
     config = load_config(config_class, args.config, args.overrides)
     config.fit_lengths()
+    check_held_out(config)
     path = Path(config.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return config, RunDir.create(path, config), None
+
+
+def check_held_out(config) -> None:
+    """An experiment's held-out tasks are not its training tasks (``agentloop eval`` may play any split).
+
+    Raises:
+        ConfigError: Naming ``envs[i].eval_split`` when it is that env's training split.
+    """
+    for i, spec in enumerate(config.envs):
+        train, held_out = spec.splits()
+        if train == held_out:
+            raise ConfigError(
+                f"envs[{i}].eval_split: {held_out!r} is also {spec.name}'s training split: its held-out tasks "
+                "would be explored and trained on; choose another split"
+            )
 
 
 def resume_checks(config, saved, run, completed: list[str], reads=STAGE_READS, free=FREE_SETTINGS) -> None:

@@ -101,6 +101,19 @@ def test_bad_config_fails_before_any_work(tmp_path, data_dir):
     assert not (tmp_path / "r").exists()
 
 
+def test_an_eval_split_that_is_the_training_split_is_refused_naming_the_key(tmp_path, data_dir):
+    result = _run([f"run_dir={tmp_path / 'r'}", "envs=[{name: db}, {name: os, eval_split: train}]"], data_dir)
+    assert result.returncode != 0 and "envs[1].eval_split: 'train' is also os's training split" in result.stderr
+    assert not (tmp_path / "r").exists()
+    sys.path.insert(0, str(REPO / "experiments"))
+    import eto
+
+    from agentloop.config import load_config
+
+    other = load_config(eto.ETOConfig, None, [f"data_dir={data_dir}", "envs=[{name: os, train_split: dev}]"])
+    eto.check_held_out(other)  # dev to train, test held out: fine
+
+
 def test_resume_refuses_overrides_that_change_completed_stages(tmp_path, data_dir):
     sys.path.insert(0, str(REPO / "experiments"))
     import eto
