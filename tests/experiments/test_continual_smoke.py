@@ -66,9 +66,12 @@ def test_the_ablation_runs_its_rows_from_one_trunk_and_writes_the_table(tmp_path
     trunk = (out / "trunk-seed0" / "adapters" / "sft" / "adapter_model.safetensors").read_bytes()
     assert (out / "trials-seed0" / "adapters" / "sft" / "adapter_model.safetensors").read_bytes() == trunk
     table = (out / "table.md").read_text()
-    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| 0 |")]
+    held_out, exploration = table.split("Spread over seeds:")[0], table.split("Exploration of the training")[1]
+    rows = [line.split(" | ") for line in held_out.splitlines() if line.startswith("| 0 |")]
     assert [(r[1], r[2], r[3]) for r in rows][0] == ("sft", "db", rows[0][3]) and len(rows) == 3
     assert rows[0][-2:] == ["-", "- |"]  # sft: no test against itself or eto
     assert rows[1][1] == "eto" and rows[1][-2] == "-" and rows[1][-1] != "- |"  # eto: tested against sft
     assert rows[2][1] == "trials" and "-" not in (rows[2][-2], rows[2][-1])
     assert "| trials | db | 1 |" in table.split("Spread over seeds:")[1]
+    explored = [line.split(" | ")[1] for line in exploration.splitlines() if line.startswith("| 0 |")]
+    assert explored == ["eto", "trials"]  # each row's round-1 exploration, paired with ETO's greedy pass
