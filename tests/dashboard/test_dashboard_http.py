@@ -267,6 +267,8 @@ def test_a_postgresql_store_is_shown_and_never_written(postgres_server):
     with TestClient(create_app(url)) as c:
         stages = {s["name"]: s for s in c.get("/api/run").json()["stages"]}
         assert stages["eval/base"]["envs"]["db"]["successes"] == 2 and stages["explore/2"]["running"]
+        (progress,) = c.get("/api/run").json()["progress"]  # the stage's begun record, read on PostgreSQL
+        assert (progress["done"], progress["total"]) == (2, 8) and progress["eta_seconds"] is not None
         assert "&lt;script&gt;" in c.get(f"/trajectories/{ids['hostile']}").text
         assert c.get(f"/pairs/{ids['pair']}").status_code == 200 and c.get("/tasks/db/train-1").status_code == 200
         assert rows(c.get("/trajectories?stage=explore/1&env=db").text, "trajectory-list") == 5
