@@ -4,8 +4,10 @@ and both against another run's exploration of the same tasks (ETO's greedy pass,
     python experiments/compare_exploration.py RUN_DIR [BASELINE_RUN_DIR] [--stage explore/1]
     python experiments/compare_exploration.py RUN_DIR BASELINE_RUN_DIR --stage eval/1   # held-out, paired
 
-Prints, per trial number, the trials played and solved; then successes k/n with a 95% Wilson
-interval and an exact McNemar test (gained, lost, p) on the training tasks both sides explored.
+Prints, per trial number, the trials played and solved; how many retries began with the very action
+their task's previous trial began with (a small policy shown its failed trial tends to repeat it); then
+successes k/n with a 95% Wilson interval and an exact McNemar test (gained, lost, p) on the training tasks
+both sides explored.
 """
 
 from __future__ import annotations
@@ -15,12 +17,31 @@ from pathlib import Path
 
 from agentloop.metrics import mcnemar_exact, wilson_interval
 from agentloop.replay import ReplayStore
+from agentloop.types import Trajectory
+
+
+def explored(run_dir: Path, stage: str) -> list[Trajectory]:
+    """The stage's trajectories of training tasks (imagined tasks left out), in trial order per task."""
+    with ReplayStore(f"sqlite:///{run_dir / 'replay.db'}") as store:
+        found = [t for t in store.trajectories(stage=stage) if t.task.split != "imagined"]
+    return sorted(found, key=lambda t: (t.task.key, t.trial))
+
+
+def repeats(trajectories: list[Trajectory]) -> tuple[int, int, int]:
+    """Retries (trial >= 1) whose first action is their task's previous trial's first action: how many
+    retries, how many repeat, how many of those solved their task."""
+    first_action = {
+        (t.task.key, t.trial): next((m.content.strip() for m in t.messages if m.role == "assistant"), None)
+        for t in trajectories
+    }
+    retries = [t for t in trajectories if t.trial >= 1 and (t.task.key, t.trial - 1) in first_action]
+    same = [t for t in retries if first_action[t.task.key, t.trial] == first_action[t.task.key, t.trial - 1]]
+    return len(retries), len(same), sum(t.success for t in same)
 
 
 def outcomes(run_dir: Path, stage: str) -> tuple[dict[str, bool], dict[str, bool], dict[int, list[int]]]:
     """Per task key: solved at its first trial, solved at any trial; per trial number: [played, solved]."""
-    with ReplayStore(f"sqlite:///{run_dir / 'replay.db'}") as store:
-        trajectories = [t for t in store.trajectories(stage=stage) if t.task.split != "imagined"]
+    trajectories = explored(run_dir, stage)
     first, chain, trials = {}, {}, {}
     for t in trajectories:
         if t.trial == 0:
@@ -52,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     first, chain, trials = outcomes(args.run, args.stage)
     print("trials (solved/played): " + ", ".join(f"{n}: {s}/{p}" for n, (p, s) in sorted(trials.items())))
+    retries, same, solved = repeats(explored(args.run, args.stage))
+    print(f"retries beginning with their previous trial's first action: {same}/{retries} ({solved} of them solved)")
     print(paired(first, chain, "first trial -> any trial"))
     if args.baseline is not None:
         baseline, _, _ = outcomes(args.baseline, args.stage)

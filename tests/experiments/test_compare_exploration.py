@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from agentloop.replay import ReplayStore
@@ -50,6 +51,17 @@ def test_first_trials_chains_and_a_baseline_are_compared_on_the_same_tasks(tmp_p
     compare_exploration.main([str(ste), str(eto)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "trials (solved/played): 0: 1/3, 1: 1/1"
-    assert lines[1].startswith("first trial -> any trial: 1 -> 2/3 ") and "gained 1, lost 0" in lines[1]
-    assert lines[2].startswith("baseline -> first trial: 1 -> 1/3 ") and "gained 1, lost 1" in lines[2]
-    assert lines[3].startswith("baseline -> any trial: 1 -> 2/3 ") and "gained 2, lost 1" in lines[3]
+    assert lines[1] == "retries beginning with their previous trial's first action: 1/1 (1 of them solved)"
+    assert lines[2].startswith("first trial -> any trial: 1 -> 2/3 ") and "gained 1, lost 0" in lines[2]
+    assert lines[3].startswith("baseline -> first trial: 1 -> 1/3 ") and "gained 1, lost 1" in lines[3]
+    assert lines[4].startswith("baseline -> any trial: 1 -> 2/3 ") and "gained 2, lost 1" in lines[4]
+
+
+def test_a_retry_that_begins_otherwise_is_not_a_repeat():
+    sys.path.insert(0, str(REPO / "experiments"))
+    import compare_exploration
+
+    first, retry = _trial("a", 0, False), _trial("a", 1, False)
+    other = Message("assistant", "Action: Operation\n```sql\nSELECT 1;\n```")
+    retry = replace(retry, messages=(retry.messages[0], other))
+    assert compare_exploration.repeats([first, retry, _trial("b", 0, True)]) == (1, 0, 0)
