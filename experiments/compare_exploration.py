@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from agentloop.memory.short_term import repeated_retries
 from agentloop.metrics import mcnemar_exact, wilson_interval
 from agentloop.replay import ReplayStore
 from agentloop.types import Trajectory
@@ -25,18 +26,6 @@ def explored(run_dir: Path, stage: str) -> list[Trajectory]:
     with ReplayStore(f"sqlite:///{run_dir / 'replay.db'}") as store:
         found = [t for t in store.trajectories(stage=stage) if t.task.split != "imagined"]
     return sorted(found, key=lambda t: (t.task.key, t.trial))
-
-
-def repeats(trajectories: list[Trajectory]) -> tuple[int, int, int]:
-    """Retries (trial >= 1) whose first action is their task's previous trial's first action: how many
-    retries, how many repeat, how many of those solved their task."""
-    first_action = {
-        (t.task.key, t.trial): next((m.content.strip() for m in t.messages if m.role == "assistant"), None)
-        for t in trajectories
-    }
-    retries = [t for t in trajectories if t.trial >= 1 and (t.task.key, t.trial - 1) in first_action]
-    same = [t for t in retries if first_action[t.task.key, t.trial] == first_action[t.task.key, t.trial - 1]]
-    return len(retries), len(same), sum(t.success for t in same)
 
 
 def outcomes(run_dir: Path, stage: str) -> tuple[dict[str, bool], dict[str, bool], dict[int, list[int]]]:
@@ -73,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     first, chain, trials = outcomes(args.run, args.stage)
     print("trials (solved/played): " + ", ".join(f"{n}: {s}/{p}" for n, (p, s) in sorted(trials.items())))
-    retries, same, solved = repeats(explored(args.run, args.stage))
+    retries, same, solved = repeated_retries(explored(args.run, args.stage))
     print(f"retries beginning with their previous trial's first action: {same}/{retries} ({solved} of them solved)")
     print(paired(first, chain, "first trial -> any trial"))
     if args.baseline is not None:

@@ -29,7 +29,7 @@ from agentloop.config import ConfigError
 from agentloop.learners.sft import SFTLearnerConfig
 from agentloop.memory import MemoryConfig
 from agentloop.memory.imagination import ImagineConfig
-from agentloop.memory.short_term import is_reflection
+from agentloop.memory.short_term import is_reflection, repeated_retries
 
 
 @dataclass
@@ -276,6 +276,7 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
     last = {t.task.key: t for t in trials}  # a chain's trials come in order: its last one wins
     first = [t for t in trials if t.trial == 0]
     solved = [t for t in last.values() if t.success]
+    retries, repeating, repeating_solved = repeated_retries(trials)
     metrics = {
         **trajectory_metrics(list(last.values()), "explore"),
         **trajectory_metrics(first, "explore/first_trial"),
@@ -289,6 +290,9 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
             sum(bool(t.reflection) and not is_reflection(t.reflection, t.actions) for t in trials)
         ),
         "explore/memory_trials": float(sum(bool(t.memory) for t in trials)),
+        "explore/retries": float(retries),
+        "explore/retries_repeating": float(repeating),  # their first action verbatim the previous trial's
+        "explore/retries_repeating_solved": float(repeating_solved),
         **{k: v for k, v in imagination_metrics(made, imagined, "imagine").items() if k.endswith(AFTER_EXPLORING)},
         "imagine/trials": float(len(imagined)),
     }

@@ -64,4 +64,4 @@ def test_a_retry_that_begins_otherwise_is_not_a_repeat():
     first, retry = _trial("a", 0, False), _trial("a", 1, False)
     other = Message("assistant", "Action: Operation\n```sql\nSELECT 1;\n```")
     retry = replace(retry, messages=(retry.messages[0], other))
-    assert compare_exploration.repeats([first, retry, _trial("b", 0, True)]) == (1, 0, 0)
+    assert compare_exploration.repeated_retries([first, retry, _trial("b", 0, True)]) == (1, 0, 0)

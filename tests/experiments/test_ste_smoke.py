@@ -59,6 +59,8 @@ def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_mo
     assert explore["explore/episodes"] == tasks and explore["explore/first_trial/episodes"] == tasks
     assert explore["explore/trials"] == 2 * tasks and explore["explore/reflections"] == 2 * tasks
     assert explore["explore/memory_trials"] >= tasks and explore["explore/memory_tokens"] > 0
+    assert explore["explore/retries"] == tasks and 0 <= explore["explore/retries_repeating"] <= tasks
+    assert explore["explore/retries_repeating_solved"] == 0  # a random model solves nothing
     store = ReplayStore(f"sqlite:///{run_dir / 'replay.db'}")
     trials = store.trajectories(stage="explore/1")
     assert sorted(t.trial for t in trials) == [0] * int(tasks) + [1] * int(tasks)

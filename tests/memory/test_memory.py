@@ -237,3 +237,21 @@ def test_the_embedding_cache_serves_repeated_texts_and_evicts_the_least_recently
     found = memory.embed(["a", "ccc", "bb"])
     assert calls == [["a", "bb"], ["ccc"], ["bb"]]
     assert found.shape == (3, 8) and found[0].argmax() == 1 and found[2].argmax() == 2
+
+
+def test_retries_that_begin_as_their_previous_trial_did_are_counted():
+    from agentloop.memory.short_term import repeated_retries
+    from agentloop.types import Message, Task, Trajectory
+
+    def trial(task_id: str, n: int, action: str, success: bool = False) -> Trajectory:
+        return Trajectory(
+            task=Task("db", task_id, "train", "SELECT", "q"),
+            messages=(Message("user", "q"), Message("assistant", action)), tokenizer="t", reward=float(success),
+            success=success, terminated=True, truncated=False, num_turns=1, invalid_actions=0, source="explore", policy_version=1, iteration=1, trial=n,
+        )  # fmt: skip
+
+    same, other = "Action: Answer\nFinal Answer: []", "Action: Operation\n```sql\nSELECT 1;\n```"
+    chains = [trial("a", 0, same), trial("a", 1, same + "\n"), trial("a", 2, other, success=True)]  # 1 repeat
+    chains += [trial("b", 0, other), trial("b", 1, other, success=True)]  # a repeat that solved
+    chains += [trial("c", 2, same)]  # its earlier trials are not given: not counted
+    assert repeated_retries(chains) == (3, 2, 1)
