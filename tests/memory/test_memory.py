@@ -246,8 +246,9 @@ def test_retries_that_begin_as_their_previous_trial_did_are_counted():
     def trial(task_id: str, n: int, action: str, success: bool = False) -> Trajectory:
         return Trajectory(
             task=Task("db", task_id, "train", "SELECT", "q"),
-            messages=(Message("user", "q"), Message("assistant", action)), tokenizer="t", reward=float(success),
-            success=success, terminated=True, truncated=False, num_turns=1, invalid_actions=0, source="explore", policy_version=1, iteration=1, trial=n,
+            messages=(Message("user", "q"), Message("assistant", action)),
+            tokenizer="t", reward=float(success), success=success, terminated=True, truncated=False,
+            num_turns=1, invalid_actions=0, source="explore", policy_version=1, iteration=1, trial=n,
         )  # fmt: skip
 
     same, other = "Action: Answer\nFinal Answer: []", "Action: Operation\n```sql\nSELECT 1;\n```"
