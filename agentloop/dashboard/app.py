@@ -81,17 +81,8 @@ def create_app(
         yield
         reader.close()
 
-    app = FastAPI(title="agentloop dashboard", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app, templates = _app(lifespan, token, allowed_hosts, store=_shown(store_url), runs_url=runs_url)
     app.state.reader = reader
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    templates = Jinja2Templates(directory=HERE / "templates")  # autoescapes .html templates
-    env = templates.env
-    env.autoescape = True
-    env.filters.update(pct=_pct, num=_num, when=_when, duration=_duration)
-    env.globals["store"] = _shown(store_url)
-    env.globals["runs_url"] = runs_url
-    env.globals["page_size"] = PAGE_SIZE
-    _guard(app, token, allowed_hosts)
 
     def page(request: Request, name: str, **context: Any) -> HTMLResponse:
         return templates.TemplateResponse(request, name, context)
@@ -180,13 +171,14 @@ def create_runs_app(directory: Path, token: str | None = None, allowed_hosts: li
                 found[name] = store
         return found
 
-    def dashboard(name: str) -> FastAPI | None:
+    def dashboard(name: str, found: dict[str, Path] | None = None) -> FastAPI | None:
         """The run's app, opened on its first visit and again when its store file was replaced; None when gone.
+        ``found``: the runs, when just listed.
 
         Raises:
             StoreError: If the run's store cannot be read (yet).
         """
-        store = runs().get(name)
+        store = (runs() if found is None else found).get(name)
         with lock:
             cached = opened.pop(name, None)
             if cached is not None and store is not None and cached[0] == store.stat().st_ino:
@@ -207,23 +199,17 @@ def create_runs_app(directory: Path, token: str | None = None, allowed_hosts: li
             for _, run in opened.values():
                 run.state.reader.close()
 
-    app = FastAPI(title="agentloop dashboard", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    templates = Jinja2Templates(directory=HERE / "templates")
-    templates.env.autoescape = True
-    templates.env.filters.update(pct=_pct, when=_when)
-    templates.env.globals.update(store=str(directory), runs_url=None)
-    _guard(app, token, allowed_hosts)
+    app, templates = _app(lifespan, token, allowed_hosts, store=str(directory), runs_url=None)
 
     @app.get("/", response_class=HTMLResponse)
     def index(request: Request) -> HTMLResponse:
-        found = []
-        for name in runs():  # each opened now: the list shows their stages
+        listed, shown = runs(), []
+        for name in listed:  # each opened now: the list shows their stages
             try:
-                found.append(_summary(name, dashboard(name)))
+                shown.append(_summary(name, dashboard(name, listed)))
             except StoreError as e:  # another schema, a file being created: listed, not linked
-                found.append({"name": name, "error": str(e)})
-        return templates.TemplateResponse(request, "runs.html", {"runs": found, "directory": str(directory)})
+                shown.append({"name": name, "error": str(e)})
+        return templates.TemplateResponse(request, "runs.html", {"runs": shown, "directory": str(directory)})
 
     async def run_dashboard(scope: Any, receive: Any, send: Any) -> None:
         """Hands a request under ``/runs/<name>/`` to that run's app, as its own root (its links carry the
@@ -243,6 +229,20 @@ def create_runs_app(directory: Path, token: str | None = None, allowed_hosts: li
 
     app.mount("/runs/{name}", app=run_dashboard, name="run_dashboard")
     return app
+
+
+def _app(
+    lifespan: Any, token: str | None, allowed_hosts: list[str] | None, **page_globals: Any
+) -> tuple[FastAPI, Jinja2Templates]:
+    """A dashboard app (no API docs; static files; guarded) and its templates (escaping, filters, ``page_globals``)."""
+    app = FastAPI(title="agentloop dashboard", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=HERE / "templates")  # autoescapes .html templates
+    templates.env.autoescape = True
+    templates.env.filters.update(pct=_pct, num=_num, when=_when, duration=_duration)
+    templates.env.globals.update(page_size=PAGE_SIZE, **page_globals)
+    _guard(app, token, allowed_hosts)
+    return app, templates
 
 
 def _summary(name: str, run: FastAPI | None) -> dict[str, Any]:
