@@ -13,10 +13,11 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from localnet import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class PostgresServer:
         data = self._base / "data"
         self._run("initdb", "-D", str(data), "-U", SERVICE_USER, "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync")
         for attempt in range(3):
-            self.port = _free_port()
+            self.port = free_port()
             options = f"-h 127.0.0.1 -p {self.port} -k {self._base} -F"
             try:
                 self._run("pg_ctl", "-D", str(data), "-l", str(self._base / "server.log"), "-w", "-o", options, "start")
@@ -148,9 +149,3 @@ def _run_as_prefix() -> list[str]:
         user = pwd.getpwnam(SERVICE_USER)
         return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups"]
     raise PostgresUnavailable("running as root and neither runuser nor setpriv is available")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -7,7 +7,6 @@ A teacher behind it writes the reflections of real DB trials; a dead endpoint fa
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from localnet import free_port
 
 from agentloop.endpoint import Endpoint, EndpointConfig, EndpointError
 from agentloop.memory.reflection import TeacherReflection, transcript
@@ -28,12 +28,6 @@ TEMPLATE = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir) -> Iterator[str]:
     """``vllm.entrypoints.openai.api_server`` on the tiny model; yields its base URL."""
@@ -43,7 +37,7 @@ def server(tmp_path_factory, tiny_model_dir) -> Iterator[str]:
 
     work = tmp_path_factory.mktemp("server")
     (work / "template.jinja").write_text(TEMPLATE)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **cpu_environment(PolicyConfig()), "VLLM_CPU_KVCACHE_SPACE": "1"}
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -166,7 +160,7 @@ def test_an_explorer_and_a_judge_behind_the_endpoint_imagine_and_judge_db_tasks(
 
 
 def test_a_dead_endpoint_fails_loudly_and_a_teacher_failure_keeps_the_trial(data_dir, tiny_model_dir):
-    dead = Endpoint(EndpointConfig(url=f"http://127.0.0.1:{_free_port()}/v1", model="m", retries=0, timeout_s=5))
+    dead = Endpoint(EndpointConfig(url=f"http://127.0.0.1:{free_port()}/v1", model="m", retries=0, timeout_s=5))
     with pytest.raises(EndpointError, match="127.0.0.1"):
         dead.chat([{"role": "user", "content": "hello"}])
     with pytest.raises(EndpointError, match=r"^memory.teacher: http://127.0.0.1"):

@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 from experiment_runs import REPO, run_experiment
+from localnet import free_port
 
 from agentloop.config import ConfigError, load_config
 from agentloop.metrics import MetricsLogger, read_metrics
@@ -209,17 +209,11 @@ def test_a_tracker_failing_mid_run_loses_no_json_line(
     assert [(s.step, s.value) for s in events.Scalars("eval/success_rate")] == [(0, 0.25), (1, 0.5)]
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_tracker_that_cannot_start_fails_naming_its_key(
     tmp_path: Path, wandb_offline: None, no_telemetry: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    unreachable = MLflowConfig(tracking_uri=f"http://127.0.0.1:{closed_port()}")
+    unreachable = MLflowConfig(tracking_uri=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConfigError, match=r"tracking\.mlflow\.tracking_uri='http://127\.0\.0\.1:\d+'.*could not start"):
         start_trackers(TrackingConfig(mlflow=unreachable), tmp_path, Resolved())
     with pytest.raises(ConfigError, match=r"tracking\.mlflow\.tracking_uri='nosuch://x'.*unsupported URI"):
@@ -247,7 +241,7 @@ def test_eto_stops_before_any_work_on_a_tracker_that_cannot_start(
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     result = run_experiment("eto.py", [f"run_dir={tmp_path / 'r'}", f"tracking.mlflow.tracking_uri={uri}"], tmp_path)
     assert result.returncode != 0 and f"tracking.mlflow.tracking_uri='{uri}'" in result.stderr
     assert [p.name for p in (tmp_path / "r").iterdir()] == ["config.yaml"]  # no store, no metrics, no Ray

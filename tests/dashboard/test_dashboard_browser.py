@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from conftest import SCRIPT, task, trajectory
+from localnet import free_port
 
 from agentloop.replay import ReplayStore
 
@@ -23,9 +23,7 @@ def serve(app) -> Iterator[str]:
     """``app`` served by uvicorn on a free local port, in a thread, until the generator is closed."""
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     served = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=served.run, daemon=True)
     thread.start()

@@ -11,24 +11,12 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 
 import pytest
+from localnet import free_port, get
 
 from agentloop.config import ConfigError, load_config
 from agentloop.dashboard.launch import TOKEN_ENV, DashboardConfig, start_dashboard
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str) -> tuple[int, str]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=10) as response:
-        return response.status, response.read().decode()
 
 
 def answers(url: str) -> bool:

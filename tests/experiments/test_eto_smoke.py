@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from experiment_runs import run_experiment
+from localnet import free_port, get
 from sandbox import why_no_sandbox
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,22 +159,10 @@ def test_lengths_fit_the_chosen_envs_and_a_length_that_cuts_most_episodes_fails(
         load_config(eto.ETOConfig, None, [*base, "rollout.max_context_tokens=256"])
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dashboard_run(args: list[str]) -> dict:
     """What the run's dashboard (``dashboard.port`` of ``args``) serves at ``/api/run``."""
-    import urllib.request
-
     port = next(a.split("=")[1] for a in args if a.startswith("dashboard.port="))
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{port}/api/run", timeout=10) as response:
-        return json.loads(response.read())
+    return json.loads(get(f"http://127.0.0.1:{port}/api/run")[1])
 
 
 @pytest.mark.slow

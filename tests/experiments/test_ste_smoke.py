@@ -89,11 +89,9 @@ def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_mo
 
 
 def test_a_teacher_that_does_not_answer_fails_the_run_before_any_work(tmp_path, data_dir):
-    import socket
+    from localnet import free_port
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens on it
     teacher = [f"memory.teacher.url=http://127.0.0.1:{port}/v1", "memory.teacher.model=m", "memory.teacher.retries=0"]
     result = _run([f"run_dir={tmp_path / 'r'}", *teacher], data_dir)
     assert result.returncode != 0 and f"memory.teacher: http://127.0.0.1:{port}/v1 (m)" in result.stderr
