@@ -30,7 +30,11 @@ def explored(run_dir: Path, stage: str) -> list[Trajectory]:
 
 def outcomes(run_dir: Path, stage: str) -> tuple[dict[str, bool], dict[str, bool], dict[int, list[int]]]:
     """Per task key: solved at its first trial, solved at any trial; per trial number: [played, solved]."""
-    trajectories = explored(run_dir, stage)
+    return tally(explored(run_dir, stage))
+
+
+def tally(trajectories: list[Trajectory]) -> tuple[dict[str, bool], dict[str, bool], dict[int, list[int]]]:
+    """:func:`outcomes` of trajectories already read."""
     first, chain, trials = {}, {}, {}
     for t in trajectories:
         if t.trial == 0:
@@ -60,9 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("baseline", type=Path, nargs="?")
     parser.add_argument("--stage", default="explore/1")
     args = parser.parse_args(argv)
-    first, chain, trials = outcomes(args.run, args.stage)
+    trajectories = explored(args.run, args.stage)
+    first, chain, trials = tally(trajectories)
     print("trials (solved/played): " + ", ".join(f"{n}: {s}/{p}" for n, (p, s) in sorted(trials.items())))
-    retries, same, solved = repeated_retries(explored(args.run, args.stage))
+    retries, same, solved = repeated_retries(trajectories)
     print(f"retries beginning with their previous trial's first action: {same}/{retries} ({solved} of them solved)")
     print(paired(first, chain, "first trial -> any trial"))
     if args.baseline is not None:
