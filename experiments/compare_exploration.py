@@ -5,7 +5,9 @@ and both against another run's exploration of the same tasks (ETO's greedy pass,
     python experiments/compare_exploration.py RUN_DIR BASELINE_RUN_DIR --stage eval/1   # held-out, paired
 
 Prints, per trial number, the trials played and solved; how many retries began with the very action
-their task's previous trial began with (a small policy shown its failed trial tends to repeat it); then
+their task's previous trial began with (a small policy shown its failed trial tends to repeat it); how
+many first trials shown long-term memory began by quoting a name or value found only in the memory (copied
+from another task's experience); then
 successes k/n with a 95% Wilson interval and an exact McNemar test (gained, lost, p) on the training tasks
 both sides explored.
 """
@@ -13,6 +15,7 @@ both sides explored.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from agentloop.memory.short_term import repeated_retries
@@ -46,6 +49,26 @@ def tally(trajectories: list[Trajectory]) -> tuple[dict[str, bool], dict[str, bo
     return first, chain, trials
 
 
+QUOTED = re.compile(r""""([^"]+)"|'([^']+)'""")
+"""A quoted name or value in an action: a table, a column, a string."""
+
+
+def copied_from_memory(trajectories: list[Trajectory]) -> tuple[int, int, int, int]:
+    """First trials shown long-term memory: how many, how many began with an action quoting a name or value
+    that the memory holds and the task's own prompt does not (copied from another task), how many of those
+    solved their task, and how many of the others did."""
+    shown = [t for t in trajectories if t.trial == 0 and t.memory]
+    copied = []
+    for t in shown:
+        prompt = t.messages[0].content.replace(t.memory, "")
+        action = next((m.content for m in t.messages if m.role == "assistant"), "")
+        quoted = {a or b for a, b in QUOTED.findall(action)}
+        if any(q in t.memory and q not in prompt for q in quoted):
+            copied.append(t)
+    solved = sum(t.success for t in copied)
+    return len(shown), len(copied), solved, sum(t.success for t in shown) - solved
+
+
 def paired(before: dict[str, bool], after: dict[str, bool], name: str) -> str:
     keys = sorted(set(before) & set(after))
     gained = sum(after[k] and not before[k] for k in keys)
@@ -69,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     print("trials (solved/played): " + ", ".join(f"{n}: {s}/{p}" for n, (p, s) in sorted(trials.items())))
     retries, same, solved = repeated_retries(trajectories)
     print(f"retries beginning with their previous trial's first action: {same}/{retries} ({solved} of them solved)")
+    shown, copied, solved, others = copied_from_memory(trajectories)
+    print(f"first trials shown long-term memory whose first action quotes a name or value found only in it: "
+          f"{copied}/{shown} ({solved} of them solved; {others}/{shown - copied} of the others)")  # fmt: skip
     print(paired(first, chain, "first trial -> any trial"))
     if args.baseline is not None:
         baseline, _, _ = outcomes(args.baseline, args.stage)

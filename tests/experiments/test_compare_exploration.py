@@ -52,9 +52,10 @@ def test_first_trials_chains_and_a_baseline_are_compared_on_the_same_tasks(tmp_p
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "trials (solved/played): 0: 1/3, 1: 1/1"
     assert lines[1] == "retries beginning with their previous trial's first action: 1/1 (1 of them solved)"
-    assert lines[2].startswith("first trial -> any trial: 1 -> 2/3 ") and "gained 1, lost 0" in lines[2]
-    assert lines[3].startswith("baseline -> first trial: 1 -> 1/3 ") and "gained 1, lost 1" in lines[3]
-    assert lines[4].startswith("baseline -> any trial: 1 -> 2/3 ") and "gained 2, lost 1" in lines[4]
+    assert lines[2].endswith("found only in it: 0/0 (0 of them solved; 0/0 of the others)")  # no memory shown
+    assert lines[3].startswith("first trial -> any trial: 1 -> 2/3 ") and "gained 1, lost 0" in lines[3]
+    assert lines[4].startswith("baseline -> first trial: 1 -> 1/3 ") and "gained 1, lost 1" in lines[4]
+    assert lines[5].startswith("baseline -> any trial: 1 -> 2/3 ") and "gained 2, lost 1" in lines[5]
 
 
 def test_a_retry_that_begins_otherwise_is_not_a_repeat():
@@ -65,3 +66,24 @@ def test_a_retry_that_begins_otherwise_is_not_a_repeat():
     other = Message("assistant", "Action: Operation\n```sql\nSELECT 1;\n```")
     retry = replace(retry, messages=(retry.messages[0], other))
     assert compare_exploration.repeated_retries([first, retry, _trial("b", 0, True)]) == (1, 0, 0)
+
+
+def test_first_trials_that_quote_what_only_their_memory_holds_are_counted_as_copied():
+    sys.path.insert(0, str(REPO / "experiments"))
+    import compare_exploration
+
+    memory = "Experience from similar tasks:\n- Task: add a prize. Actions: "
+    memory += 'INSERT INTO "awards" ("Year") VALUES (\'2019\')\n'
+
+    def first_trial(task_id: str, action: str, success: bool, shown: str = memory) -> Trajectory:
+        prompt = Message("user", shown + 'Table: "results", columns: "Name", "Year"')
+        return replace(_trial(task_id, 0, success), messages=(prompt, Message("assistant", action)), memory=shown)
+
+    trials = [
+        first_trial("a", 'INSERT INTO "awards" ("Year") VALUES (\'2019\');', False),  # another task's table
+        first_trial("b", 'SELECT "Name" FROM "results" WHERE "Year" = \'2019\';', True),  # '2019' only in memory
+        first_trial("c", 'SELECT "Name" FROM "results";', True),  # its own names only
+        first_trial("d", 'SELECT "awards" FROM "results";', False, shown=""),  # no memory shown: not counted
+        replace(first_trial("a", 'INSERT INTO "awards" ("Year") VALUES (1);', False), trial=1),  # a retry
+    ]
+    assert compare_exploration.copied_from_memory(trials) == (3, 2, 1, 1)
