@@ -33,11 +33,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -67,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--iterations", type=int, default=2, help="rounds of every row")
     parser.add_argument("--table", action="store_true", help="only write the table of the runs that completed")
+    parser.add_argument(
+        "--records", type=Path, nargs="+", default=[],
+        help="directories of records of earlier runs (another session's OUT/records) to add to the table",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
     if any(o.startswith(("store_url=", "run_dir=")) for o in args.overrides):
@@ -76,12 +83,16 @@ def main(argv: list[str] | None = None) -> None:
             trunk = args.out / f"trunk-seed{seed}"
             shared = [f"seed={seed}", "iterations=0", f"rollout.max_context_tokens={CONTEXT}"]
             run(trunk, "eto.py", [*shared, *for_script("eto.py", args.overrides)])
+            collect(args.out, [seed], [], args.iterations)  # each record is written as soon as it is complete
             for row in args.rows:
                 script, overrides = ROWS[row]
                 target = args.out / f"{row}-seed{seed}"
                 fork(trunk, target)
                 run(target, script, [f"iterations={args.iterations}", *overrides, *for_script(script, args.overrides)])
-    table = ablation_table(args.out, args.seeds, args.rows, args.iterations)
+                collect(args.out, [seed], [row], args.iterations)
+    found = {(r["seed"], r["row"]): r for r in read_records(args.records, args.iterations)}
+    found.update({(r["seed"], r["row"]): r for r in collect(args.out, args.seeds, args.rows, args.iterations)})
+    table = ablation_table(list(found.values()), args.iterations)
     (args.out / "table.md").write_text(table)
     print(table)
 
@@ -133,40 +144,137 @@ def fork(trunk: Path, target: Path) -> None:
     os.replace(staging, target)
 
 
-def ablation_table(out: Path, seeds: list[int], rows: list[str], iterations: int) -> str:
-    """The markdown tables: per seed, row and env, held-out successes of the last round with exact
-    McNemar tests against eto and against the SFT policy the row started from; then, per row and
-    env, the spread over seeds."""
+def trunk_fingerprint(run_dir: Path) -> str:
+    """The SFT policy a run started from: a hash of its ``adapters/sft`` weights (a row's are its trunk's copy)."""
+    digest = hashlib.sha256()
+    for path in sorted((run_dir / "adapters" / "sft").glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def commit() -> str:
+    """The commit of the code running (empty outside a git checkout)."""
+    found = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else ""
+
+
+def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | None:
+    """A completed row's outcomes task by task, or None while it is not complete: held-out success after its
+    rounds (the trunk, row ``sft``: after SFT), the SFT policy's held-out success it started from, and its
+    first exploration (first trial, any trial), with the trunk's fingerprint and the code's commit."""
+    from compare_exploration import outcomes
+
+    from agentloop.replay import ReplayStore
+
+    path = out / f"{'trunk' if row == 'sft' else row}-seed{seed}"
+    if not (path / "replay.db").is_file():
+        return None
+    stage = "eval/sft" if row == "sft" else f"eval/{iterations}"
+    with ReplayStore(f"sqlite:///{(path / 'replay.db').resolve()}") as store:
+        completed = store.completed_stages()
+        if stage not in completed:
+            return None
+        held_out = {f"{t.task.env}/{t.task.task_id}": t.success for t in store.trajectories(stage=stage)}
+        sft = {f"{t.task.env}/{t.task.task_id}": t.success for t in store.trajectories(stage="eval/sft")}
+    first, chain = outcomes(path, "explore/1")[:2] if "explore/1" in completed else ({}, {})
+    return {
+        "row": row, "seed": seed, "iterations": iterations, "trunk": trunk_fingerprint(path), "commit": commit(),
+        "held_out": held_out, "sft": sft, "explore_first": first, "explore_any": chain,
+    }  # fmt: skip
+
+
+def collect(out: Path, seeds: list[int], rows: list[str], iterations: int) -> list[dict[str, Any]]:
+    """The records of the trunks (row ``sft``) and rows completed under ``out``, each also written to
+    ``out/records/seed<seed>-<row>.json``: small files to keep (commit them) where run directories do not last."""
+    found = []
+    for seed in seeds:
+        for row in ["sft", *rows]:
+            got = record(out, row, seed, iterations)
+            if got is not None:
+                target = out / "records" / f"seed{seed}-{row}.json"
+                if target.is_file():  # written when the row completed: its commit is the code that ran it
+                    got["commit"] = json.loads(target.read_text())["commit"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staging = target.with_suffix(".json.tmp")
+                staging.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+                os.replace(staging, target)
+                found.append(got)
+    return found
+
+
+def read_records(directories: list[Path], iterations: int) -> list[dict[str, Any]]:
+    """Records kept from earlier runs (``out/records`` of another machine or session, committed say) of the
+    same number of rounds; records of other budgets are left out, and said so."""
+    found = []
+    for directory in directories:
+        if not directory.is_dir():
+            raise SystemExit(f"--records: no directory {directory}")
+        for path in sorted(directory.glob("seed*-*.json")):
+            got = json.loads(path.read_text())
+            if got["iterations"] != iterations:
+                print(f"left out {path}: {got['iterations']} rounds, not {iterations}", file=sys.stderr)
+                continue
+            found.append(got)
+    return found
+
+
+def ablation_table(records: list[dict[str, Any]], iterations: int) -> str:
+    """The markdown tables from rows' records: per seed, row and env, held-out successes of the last round
+    with exact McNemar tests against eto and against the SFT policy the row started from; each row's spread
+    over seeds; then each row's first exploration against ETO's greedy pass.
+
+    Rows are paired with eto only when both started from the same SFT policy (the same trunk fingerprint):
+    a trunk trained again on another machine may differ. A later record of a (seed, row) replaces an
+    earlier one."""
     from agentloop.metrics import mcnemar_exact, wilson_interval
 
+    order = ["sft", *ROWS]
+    by = {(r["seed"], r["row"]): r for r in records}
+    seeds = sorted({seed for seed, _ in by})
     lines = [
         f"Held-out success after {iterations} rounds (stage eval/{iterations}; sft: eval/sft of the trunk). "
-        "Exact McNemar tests on the same tasks and seed: gained/lost and p against eto, and p against sft.",
+        "Exact McNemar tests on the same tasks and seed: gained/lost and p against eto (when it started from "
+        "the same trunk), and p against sft.",
         "",
         "| seed | row | env | successes | rate | 95% CI | gained | lost | p vs eto | p vs sft |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rates: dict[tuple[str, str], list[float]] = {}
+    trunks: dict[tuple[int, str], list[str]] = {}
     for seed in seeds:
-        found = _outcomes(out, seed, rows, iterations)
-        for row, outcomes in found.items():
-            for env in sorted({e for e, _ in outcomes}):
-                mine = {k: v for k, v in outcomes.items() if k[0] == env}
-                k, n = sum(mine.values()), len(mine)
+        mine = [by[seed, row] for row in order if (seed, row) in by]
+        if (seed, "sft") not in by and mine:  # the trunk's own record is gone: its rows carry its outcomes
+            mine.insert(0, {**mine[0], "row": "sft", "held_out": mine[0]["sft"]})
+        eto = by.get((seed, "eto"))
+        for r in mine:
+            trunks.setdefault((seed, r["trunk"]), []).append(r["row"])
+            for env in sorted({key.split("/", 1)[0] for key in r["held_out"]}):
+                now = {k: v for k, v in r["held_out"].items() if k.startswith(env + "/")}
+                k, n = sum(now.values()), len(now)
                 low, high = wilson_interval(k, n)
-                rates.setdefault((row, env), []).append(k / n)
-                against = {}
-                for other in ("eto", "sft"):
-                    paired = [(found[other][key], v) for key, v in mine.items() if key in found.get(other, {})]
-                    gained = sum(now and not was for was, now in paired)
-                    lost = sum(was and not now for was, now in paired)
-                    baseline = row in (other, "sft")  # sft is every row's starting point, eto the other baseline
-                    against[other] = (gained, lost, mcnemar_exact(gained, lost)) if paired and not baseline else None
-                eto, sft = against["eto"], against["sft"]
+                rates.setdefault((r["row"], env), []).append(k / n)
+                cells: list[Any] = []
+                for other, before in (("eto", eto["held_out"] if eto else None), ("sft", r["sft"])):
+                    if r["row"] in (other, "sft") or not before:
+                        cells.append("-")
+                    elif other == "eto" and eto["trunk"] != r["trunk"]:
+                        cells.append("other trunk")
+                    else:
+                        keys = [key for key in now if key in before]
+                        gained = sum(now[key] and not before[key] for key in keys)
+                        lost = sum(before[key] and not now[key] for key in keys)
+                        cells.append((gained, lost, mcnemar_exact(gained, lost)))
+                vs_eto, vs_sft = cells
+                eto_cells = (
+                    f"| {vs_eto[0]} | {vs_eto[1]} | {vs_eto[2]:.3f} "
+                    if isinstance(vs_eto, tuple)
+                    else f"| - | - | {vs_eto} "
+                )
+                sft_cell = f"| {vs_sft[2]:.3f} |" if isinstance(vs_sft, tuple) else "| - |"
                 lines.append(
-                    f"| {seed} | {row} | {env} | {k}/{n} | {k / n:.3f} | [{low:.3f}, {high:.3f}] "
-                    + (f"| {eto[0]} | {eto[1]} | {eto[2]:.3f} " if eto else "| - | - | - ")
-                    + (f"| {sft[2]:.3f} |" if sft else "| - |")
+                    f"| {seed} | {r['row']} | {env} | {k}/{n} | {k / n:.3f} | [{low:.3f}, {high:.3f}] "
+                    + eto_cells
+                    + sft_cell
                 )
     lines += ["", "Spread over seeds:", "", "| row | env | seeds | mean rate | min | max |", "|" + "---|" * 6]
     for (row, env), found_rates in rates.items():
@@ -178,62 +286,36 @@ def ablation_table(out: Path, seeds: list[int], rows: list[str], iterations: int
         "",
         "Exploration of the training tasks in round 1 (stage explore/1; imagined tasks left out): solved at the "
         "first trial, at any trial, and the exact McNemar test of any trial against ETO's greedy pass (the eto "
-        "row) on the same tasks.",
+        "row, from the same trunk) on the same tasks.",
         "",
         "| seed | row | first trial | any trial | 95% CI | gained | lost | p vs eto's pass |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for seed in seeds:
-        explored = _explored(out, seed, rows)
-        greedy = explored.get("eto", ({}, {}))[1]
-        for row, (first, chain) in explored.items():
+        eto = by.get((seed, "eto"))
+        for row in ROWS:
+            r = by.get((seed, row))
+            if r is None or not r["explore_any"]:
+                continue
+            first, chain = r["explore_first"], r["explore_any"]
             k, n = sum(chain.values()), len(chain)
             low, high = wilson_interval(k, n)
-            keys = sorted(set(chain) & set(greedy))
-            gained = sum(chain[t] and not greedy[t] for t in keys)
-            lost = sum(greedy[t] and not chain[t] for t in keys)
             test = "| - | - | - |"
-            if keys and row != "eto":
-                test = f"| {gained} | {lost} | {mcnemar_exact(gained, lost):.2g} |"
+            if eto is not None and row != "eto" and eto["trunk"] != r["trunk"]:
+                test = "| - | - | other trunk |"
+            elif eto is not None and row != "eto":
+                greedy = eto["explore_any"]
+                keys = sorted(set(chain) & set(greedy))
+                gained = sum(chain[t] and not greedy[t] for t in keys)
+                lost = sum(greedy[t] and not chain[t] for t in keys)
+                test = f"| {gained} | {lost} | {mcnemar_exact(gained, lost):.2g} |" if keys else test
             lines.append(
                 f"| {seed} | {row} | {sum(first.values())}/{len(first)} | {k}/{n} | [{low:.3f}, {high:.3f}] {test}"
             )
+    lines += ["", "Trunks (the SFT policy each row started from, by the hash of its adapter):", ""]
+    for (seed, trunk), rows in trunks.items():
+        lines.append(f"- seed {seed}, trunk {trunk}: {', '.join(rows)}")
     return "\n".join(lines) + "\n"
-
-
-def _explored(out: Path, seed: int, rows: list[str]) -> dict[str, tuple[dict[str, bool], dict[str, bool]]]:
-    """Each row's completed first exploration: per training task, solved at its first trial, at any trial."""
-    from compare_exploration import outcomes
-
-    from agentloop.replay import ReplayStore
-
-    found = {}
-    for row in rows:
-        path = out / f"{row}-seed{seed}"
-        if not (path / "replay.db").is_file():
-            continue
-        with ReplayStore(f"sqlite:///{(path / 'replay.db').resolve()}") as store:
-            if "explore/1" not in store.completed_stages():
-                continue
-        first, chain, _ = outcomes(path, "explore/1")
-        found[row] = (first, chain)
-    return found
-
-
-def _outcomes(out: Path, seed: int, rows: list[str], iterations: int) -> dict[str, dict[tuple[str, str], bool]]:
-    """Each completed row's held-out outcome per (env, task id), with the trunk's SFT evaluation as ``sft``."""
-    from agentloop.replay import ReplayStore
-
-    found = {}
-    for row in ["sft", *rows]:
-        path = out / f"{'trunk' if row == 'sft' else row}-seed{seed}" / "replay.db"
-        if not path.is_file():
-            continue
-        stage = "eval/sft" if row == "sft" else f"eval/{iterations}"
-        with ReplayStore(f"sqlite:///{path.resolve()}") as store:
-            if stage in store.completed_stages():
-                found[row] = {(t.task.env, t.task.task_id): t.success for t in store.trajectories(stage=stage)}
-    return found
 
 
 if __name__ == "__main__":

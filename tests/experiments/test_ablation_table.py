@@ -32,10 +32,12 @@ def store(path: Path, stages: dict[str, list[Trajectory]]) -> None:
 def test_the_table_pairs_held_out_rows_and_exploration_on_the_same_tasks(tmp_path):
     held_out = [f"dev-{i}" for i in range(6)]
     train = [f"train-{i}" for i in range(8)]
-    store(tmp_path / "trunk-seed0", {"eval/sft": [episode(t, "dev", i < 1, "eval") for i, t in enumerate(held_out)]})
+    sft = [episode(t, "dev", i < 1, "eval") for i, t in enumerate(held_out)]  # every row is a fork of the trunk
+    store(tmp_path / "trunk-seed0", {"eval/sft": sft})
     store(
         tmp_path / "eto-seed0",
         {
+            "eval/sft": sft,
             "explore/1": [episode(t, "train", i < 3, "explore") for i, t in enumerate(train)],  # 3 of 8
             "eval/1": [episode(t, "dev", i < 2, "eval") for i, t in enumerate(held_out)],
         },
@@ -46,12 +48,49 @@ def test_the_table_pairs_held_out_rows_and_exploration_on_the_same_tasks(tmp_pat
     chains.append(episode("imagined-0", "imagined", True, "explore"))  # not a training task: left out
     store(
         tmp_path / "trials-seed0",
-        {"explore/1": chains, "eval/1": [episode(t, "dev", i < 4, "eval") for i, t in enumerate(held_out)]},
+        {
+            "eval/sft": sft,
+            "explore/1": chains,
+            "eval/1": [episode(t, "dev", i < 4, "eval") for i, t in enumerate(held_out)],
+        },
     )
-    table = ablation.ablation_table(tmp_path, [0], ["eto", "trials", "full"], 1)
+    records = ablation.collect(tmp_path, [0], ["eto", "trials", "full"], 1)
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == [
+        "seed0-eto.json", "seed0-sft.json", "seed0-trials.json",
+    ]  # fmt: skip
+    table = ablation.ablation_table(records, 1)
     assert "| 0 | sft | db | 1/6 |" in table
     assert "| 0 | eto | db | 2/6 | 0.333 |" in table
     assert "| 0 | trials | db | 4/6 | 0.667 | [0.300, 0.903] | 2 | 0 | 0.500 | 0.250 |" in table
     assert "| 0 | eto | 3/8 | 3/8 | [0.137, 0.694] | - | - | - |" in table
     assert "| 0 | trials | 2/8 | 4/8 | [0.215, 0.785] | 3 | 2 | 1 |" in table
     assert "full" not in table.split("Exploration")[1]  # rows not run are left out
+
+
+def test_kept_records_make_the_table_without_their_runs_and_pair_only_rows_of_the_same_trunk(tmp_path):
+    def kept(row, trunk, held_out, iterations=1, seed=0):
+        return {
+            "row": row, "seed": seed, "iterations": iterations, "trunk": trunk, "commit": "",
+            "held_out": {f"db/{i}": ok for i, ok in enumerate(held_out)}, "sft": {f"db/{i}": i < 1 for i in range(4)},
+            "explore_first": {}, "explore_any": {},
+        }  # fmt: skip
+
+    import json
+
+    kept_dir = tmp_path / "kept"
+    kept_dir.mkdir()
+    for name, found in {
+        "seed0-eto": kept("eto", "a", [1, 1, 0, 0]),
+        "seed0-trials": kept("trials", "a", [1, 1, 1, 1]),
+        "seed0-full": kept("full", "b", [1, 1, 1, 0]),  # a trunk trained again elsewhere
+        "seed1-eto": kept("eto", "c", [0, 0, 0, 0], iterations=2, seed=1),  # another budget
+    }.items():
+        (kept_dir / f"{name}.json").write_text(json.dumps(found))
+    records = ablation.read_records([kept_dir], 1)
+    assert sorted(r["row"] for r in records) == ["eto", "full", "trials"]
+    table = ablation.ablation_table(records, 1)
+    assert "| 0 | sft | db | 1/4 |" in table  # from the rows' own copy of the trunk's evaluation
+    assert "| 0 | trials | db | 4/4 | 1.000 | [0.510, 1.000] | 2 | 0 | 0.500 | 0.250 |" in table
+    assert "| 0 | full | db | 3/4 | 0.750 | [0.301, 0.954] | - | - | other trunk | 0.500 |" in table
+    assert "- seed 0, trunk a: sft, eto, trials" in table and "- seed 0, trunk b: full" in table
+    assert "\n| 1 | eto" not in table  # the record of another budget is left out
