@@ -3,13 +3,14 @@ and both against another run's exploration of the same tasks (ETO's greedy pass,
 
     python experiments/compare_exploration.py RUN_DIR [BASELINE_RUN_DIR] [--stage explore/1]
     python experiments/compare_exploration.py RUN_DIR BASELINE_RUN_DIR --stage eval/1   # held-out, paired
+    python experiments/compare_exploration.py runs/continual-replay runs/continual-noreplay --stage eval/sft-2
 
 Prints, per trial number, the trials played and solved; how many retries began with the very action
 their task's previous trial began with (a small policy shown its failed trial tends to repeat it); how
 many first trials shown long-term memory began by quoting a name or value found only in the memory (copied
 from another task's experience); then
-successes k/n with a 95% Wilson interval and an exact McNemar test (gained, lost, p) on the training tasks
-both sides explored.
+successes k/n with a 95% Wilson interval and an exact McNemar test (gained, lost, p) on the tasks both
+sides played, and per env when there are several.
 """
 
 from __future__ import annotations
@@ -98,8 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     print(paired(first, chain, "first trial -> any trial"))
     if args.baseline is not None:
         baseline, _, _ = outcomes(args.baseline, args.stage)
-        print(paired(baseline, first, "baseline -> first trial"))
-        print(paired(baseline, chain, "baseline -> any trial"))
+        for name, now in (("first trial", first), ("any trial", chain)):
+            print(paired(baseline, now, f"baseline -> {name}"))
+            envs = sorted({key.split("/", 1)[0] for key in now})
+            for env in envs if len(envs) > 1 else ():  # several envs (a continual run's held-out): each apart
+                mine = {key: ok for key, ok in now.items() if key.startswith(env + "/")}
+                print("  " + paired(baseline, mine, f"{env}: baseline -> {name}"))
 
 
 if __name__ == "__main__":

@@ -87,3 +87,26 @@ def test_first_trials_that_quote_what_only_their_memory_holds_are_counted_as_cop
         replace(first_trial("a", 'INSERT INTO "awards" ("Year") VALUES (1);', False), trial=1),  # a retry
     ]
     assert compare_exploration.copied_from_memory(trials) == (3, 2, 1, 1)
+
+
+def test_held_out_stages_of_several_envs_are_also_paired_per_env(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import compare_exploration
+
+    def played(env: str, task_id: str, success: bool) -> Trajectory:
+        found = _trial(task_id, 0, success)
+        return replace(found, task=replace(found.task, env=env), source="eval")
+
+    def run(name: str, outcomes: list[tuple[str, str, bool]]) -> Path:
+        (tmp_path / name).mkdir()
+        with ReplayStore(f"sqlite:///{tmp_path / name / 'replay.db'}") as store:
+            store.add([played(*each) for each in outcomes], "eval/sft-2")
+        return tmp_path / name
+
+    replay = run("replay", [("db", "1", True), ("db", "2", True), ("os", "1", False)])
+    no_replay = run("no-replay", [("db", "1", False), ("db", "2", True), ("os", "1", True)])
+    compare_exploration.main([str(replay), str(no_replay), "--stage", "eval/sft-2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4].startswith("baseline -> first trial: 2 -> 2/3 ") and "gained 1, lost 1" in lines[4]
+    assert lines[5].startswith("  db: baseline -> first trial: 1 -> 2/2 ") and "gained 1, lost 0" in lines[5]
+    assert lines[6].startswith("  os: baseline -> first trial: 1 -> 0/1 ") and "gained 0, lost 1" in lines[6]
