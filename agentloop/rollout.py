@@ -105,6 +105,7 @@ class _Episode:
     generated: int = 0
     tamper_attempts: int = 0
     memory_tokens: int = 0
+    redraws: int = 0  # first turns drawn again (Attempt.avoid)
     ended: Trajectory | None = None  # set while its reflection is generated
     reflecting: list[int] | None = None  # the reflection's prompt
 
@@ -138,6 +139,10 @@ class RolloutStats:
     """Tokens generated for reflections (included in ``generated_tokens``)."""
     failed_reflections: int = 0
     """Reflections a teacher failed to write (their episodes kept, without one)."""
+    redraws: int = 0
+    """First turns drawn again because they repeated an earlier trial's first action (``Attempt.avoid``)."""
+    redrawn_tokens: int = 0
+    """Tokens of those discarded draws (not in ``generated_tokens``)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -232,6 +237,7 @@ class Rollout:
         cache = getattr(policy, "prefix_cache", None)
         reused_before = cache.reused_tokens if cache is not None else 0
         prompt_tokens = generated = taken = played = memory_tokens = reflection_tokens = failed_reflections = 0
+        redraws = redrawn_tokens = 0
         queue: deque[tuple[int, Attempt]] = deque()  # taken, not started
         idle: dict[str, list[Any]] = {}  # built environments not in an episode, by env name
         built: list[Any] = []
@@ -295,6 +301,13 @@ class Rollout:
                                 generated_tokens=episode.generated + len(generation.token_ids),
                             )
                             ended.append((index, trajectory))
+                        elif _redraw(episode, generation):  # a retry beginning as an earlier trial did
+                            episode.redraws += 1
+                            redraws, redrawn_tokens = redraws + 1, redrawn_tokens + len(generation.token_ids)
+                            if cache is not None:  # no turn will resume from the discarded draw
+                                cache.pop([*episode.prompt, *generation.token_ids], reuse=False)
+                            stream.add(index, episode.prompt, episode.attempt.temperature)
+                            prompt_tokens += len(episode.prompt)
                         else:
                             steps[env_work(_advance, policy, episode, generation, config)] = index
                 if pool is not None and not stream.busy and (resets or steps or taught):
@@ -360,6 +373,8 @@ class Rollout:
             memory_tokens=memory_tokens,
             reflection_tokens=reflection_tokens,
             failed_reflections=failed_reflections,
+            redraws=redraws,
+            redrawn_tokens=redrawn_tokens,
         )
 
     def _reflection_prompt(self, trajectory: Trajectory) -> list[int]:
@@ -382,6 +397,14 @@ def _start(policy: Policy, env: Any, attempt: Attempt) -> _Episode:
     first = Message("user", content, tuple(policy.chat.user_segment(content, first=True)))
     added = len(first.token_ids) - len(policy.chat.user_segment(observation, first=True)) if attempt.memory else 0
     return _Episode(env=env, attempt=attempt, messages=[first], memory_tokens=added)
+
+
+def _redraw(episode: _Episode, generation: Generation) -> bool:
+    """Whether an episode's first turn is drawn again: it is, verbatim, an action its attempt avoids,
+    and the attempt has draws left."""
+    attempt = episode.attempt
+    first = len(episode.messages) == 1
+    return first and episode.redraws < attempt.redraws and generation.text.strip() in attempt.avoid
 
 
 def _advance(

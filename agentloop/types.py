@@ -138,6 +138,10 @@ class Attempt:
     """Text shown before the task's first observation (see :attr:`Trajectory.memory`)."""
     temperature: float | None = None
     """Sampling temperature of the attempt's turns (0 = greedy); None: the rollout's own."""
+    avoid: tuple[str, ...] = ()
+    """First actions the attempt should not begin with (its task's earlier trials' first actions, stripped)."""
+    redraws: int = 0
+    """Times a first turn that is, verbatim, one of ``avoid`` is drawn again (sampling) before it is played."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@
         late_memory  full, with long-term memory shown to the retries only: a task's first trial is
                      ETO's greedy pass (``memory.first_trial_memory=false``). The 270M policy copies
                      other tasks' tables and values from the experiences shown at a first trial
+        redraw       late_memory, with a retry's first turn drawn again (up to 4 times) while it repeats,
+                     verbatim, an earlier trial's first action (``memory.redraws=4``): shown its failed
+                     trial, the 270M policy began 70% of its retries with that trial's first action
     table: held-out success per row and env, k/n with a 95% Wilson interval, and an exact
         McNemar test against ``eto`` on the same tasks and seed; then each row's exploration of the
         training tasks in its first round (first trial, any trial), paired with ETO's greedy pass
@@ -59,6 +62,7 @@ ROWS = {
     "imagined": ("ste.py", ["imagine.tasks_per_env=50", *NO_REPLAY]),
     "full": ("ste.py", ["imagine.tasks_per_env=50"]),
     "late_memory": ("ste.py", ["imagine.tasks_per_env=50", "memory.first_trial_memory=false"]),
+    "redraw": ("ste.py", ["imagine.tasks_per_env=50", "memory.first_trial_memory=false", "memory.redraws=4"]),
 }
 """Each row's experiment and the overrides that make it (on top of the defaults and ``--`` overrides)."""
 

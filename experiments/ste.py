@@ -301,6 +301,8 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
         metrics["explore/memory_token_share"] = stats.memory_tokens / max(stats.prompt_tokens, 1)
         metrics["explore/reflection_tokens"] = float(stats.reflection_tokens)
         metrics["explore/failed_reflections"] = float(stats.failed_reflections)
+        metrics["explore/redraws"] = float(stats.redraws)  # retries' first turns drawn again (memory.redraws)
+        metrics["explore/redrawn_tokens"] = float(stats.redrawn_tokens)
     return metrics | run.mismatch(trials, version, "explore")
 
 

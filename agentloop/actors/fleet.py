@@ -344,6 +344,8 @@ class Fleet:
             memory_tokens=sum(s.memory_tokens for s in counts["stats"]),
             reflection_tokens=sum(s.reflection_tokens for s in counts["stats"]),
             failed_reflections=sum(s.failed_reflections for s in counts["stats"]),
+            redraws=sum(s.redraws for s in counts["stats"]),
+            redrawn_tokens=sum(s.redrawn_tokens for s in counts["stats"]),
         )
 
     def _collect(self, out, running, launch, finished, counts, chains, trials) -> Iterator[list[Trajectory]]:

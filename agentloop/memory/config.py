@@ -44,6 +44,10 @@ class MemoryConfig:
     retry_temperature: float = 0.7
     """Sampling temperature of every trial after the first (0 = greedy, as the first trial always
     is): a small policy shown its failure mostly repeats it when decoding greedily."""
+    redraws: int = 0
+    """Times a retry's first turn is drawn again (at ``retry_temperature``) while it repeats, verbatim,
+    the first action of an earlier trial of its task (0 = never). Shown its failed trial, the 270M
+    default began 269 of 382 retries with that trial's first action, and solved none of them."""
     reflect: bool = True
     """After each trial the policy writes a short reflection (one more turn of the same
     conversation, at most ``reflection_tokens``), kept for later trials and long-term
@@ -64,6 +68,10 @@ class MemoryConfig:
             raise ConfigError(f"reflection_tokens must be >= 0, got {self.reflection_tokens}")
         if self.retry_temperature < 0:
             raise ConfigError(f"retry_temperature must be >= 0, got {self.retry_temperature}")
+        if self.redraws < 0:
+            raise ConfigError(f"redraws must be >= 0, got {self.redraws}")
+        if self.redraws and not self.retry_temperature:
+            raise ConfigError("redraws: a greedy retry (retry_temperature=0) would be drawn the same again; set both")
         if self.recall not in RECALL:
             raise ConfigError(f"recall must be one of {', '.join(RECALL)}, got {self.recall!r}")
         if self.long_term_tokens and not self.long_term_k:

@@ -114,14 +114,16 @@ def _shorten(text: str, limit: int) -> str:
     return f"{text[:half]} ... {text[-half:]}"
 
 
+def first_action(trajectory: Trajectory) -> str:
+    """A trial's first action, stripped ("" when it took none)."""
+    return next((m.content.strip() for m in trajectory.messages if m.role == "assistant"), "")
+
+
 def repeated_retries(trials: Sequence[Trajectory]) -> tuple[int, int, int]:
     """How often retries begin as the trial before them did: a small policy shown its failed trial tends
     to replay it. Counts retries (trial >= 1 whose previous trial is among ``trials``), those whose first
     action is, verbatim, their previous trial's first action, and how many of those solved their task."""
-    first_action = {
-        (t.task.key, t.trial): next((m.content.strip() for m in t.messages if m.role == "assistant"), None)
-        for t in trials
-    }
-    retries = [t for t in trials if t.trial >= 1 and (t.task.key, t.trial - 1) in first_action]
-    same = [t for t in retries if first_action[t.task.key, t.trial] == first_action[t.task.key, t.trial - 1]]
+    first = {(t.task.key, t.trial): first_action(t) for t in trials}
+    retries = [t for t in trials if t.trial >= 1 and (t.task.key, t.trial - 1) in first]
+    same = [t for t in retries if first[t.task.key, t.trial] == first[t.task.key, t.trial - 1]]
     return len(retries), len(same), sum(t.success for t in same)

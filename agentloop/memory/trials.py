@@ -15,7 +15,7 @@ from typing import Any
 
 from agentloop.memory.config import MemoryConfig
 from agentloop.memory.long_term import render_experiences
-from agentloop.memory.short_term import render_trials
+from agentloop.memory.short_term import first_action, render_trials
 from agentloop.types import Attempt, Experience, Task, Trajectory
 
 Recall = Callable[[Sequence[Task]], list[list[Experience]]]
@@ -82,7 +82,10 @@ class Trials:
             memory = render_experiences(found, config.long_term_tokens, self.count)
             memory += render_trials(earlier, config.short_term_tokens, self.count)
             retry = config.retry_temperature if earlier else None  # a first trial samples as the rollout does
-            attempts.append(Attempt(task, trial=len(earlier), memory=memory, temperature=retry))
+            avoid = tuple(dict.fromkeys(a for t in earlier if (a := first_action(t)))) if config.redraws else ()
+            attempts.append(
+                Attempt(task, trial=len(earlier), memory=memory, temperature=retry, avoid=avoid, redraws=config.redraws)
+            )
         return attempts
 
 

@@ -145,3 +145,71 @@ def test_trials_of_a_task_pair_its_success_against_its_failure_on_the_tasks_own_
         prompt = pair.rejected.messages[0].token_ids  # the first trial had no memory
         assert example["prompt_ids"] == list(prompt[: len(example["prompt_ids"])])
         assert len(example["prompt_ids"]) >= len(prompt) - 2  # the shared prefix is the whole task prompt
+
+
+class RepeatsItself:
+    """Shown its failed attempt, begins the retry as that attempt did for its first ``stubborn`` draws of the
+    retry's first turn, then plays the gold actions; a first trial answers wrong."""
+
+    def __init__(self, chat: ChatTokenizer, gold: dict[str, list[str]], stubborn: int) -> None:
+        self.chat, self.gold, self.stubborn, self.version = chat, gold, stubborn, 3
+        self.draws: dict[str, int] = {}  # retries' first-turn draws per task
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Generation]:
+        out = []
+        for prompt in prompts:
+            text = self.chat.tokenizer.decode(prompt)
+            question, actions = next((q, a) for q, a in self.gold.items() if q in text)
+            turn = (sum(t == self.chat.stop_id for t in prompt) - 1) // 2
+            action = WRONG
+            if "Attempt 1:" in text:
+                if turn == 0:
+                    self.draws[question] = self.draws.get(question, 0) + 1
+                repeating = turn == 0 and self.draws[question] <= self.stubborn
+                action = WRONG if repeating else actions[turn] if turn < len(actions) else "no idea"
+            out.append(Generation(tuple(self.chat.assistant_segment(action)), action, True))
+        return out
+
+
+@pytest.mark.parametrize("redraws", [0, 1, 2])
+def test_a_retry_repeating_its_failed_first_action_is_drawn_again_up_to_memory_redraws(
+    data_dir, tiny_model_dir, redraws
+):
+    chat = ChatTokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    every = load_tasks("db", data_dir, "dev")[:40]
+    config = SQLEnvConfig()
+    env = make_env("db", every, config)
+    gold = {t.task.instruction: gold_actions(t, config) for t in every}
+    tasks = [t for t in every if gold[t.task.instruction]]
+    tasks = [t for t in tasks if replay_actions(env, t.task.task_id, gold[t.task.instruction]).success][:3]
+    policy = RepeatsItself(chat, {t.task.instruction: gold[t.task.instruction] for t in tasks}, stubborn=2)
+    memory = MemoryConfig(trials=2, long_term_tokens=0, reflect=False, redraws=redraws)
+    run = Rollout(
+        policy,
+        lambda name: make_env(name, every, config),
+        Trials([t.task for t in tasks], memory, chat.count),
+        RolloutConfig(concurrent_episodes=3, max_context_tokens=4096, env_threads=0),
+        source="explore",
+        iteration=1,
+    )
+    retries = [t for _, t in run if t.trial == 1]
+    assert len(retries) == 3
+    # Two stubborn draws: one redraw leaves the retry beginning as its failed trial did; two find the gold action.
+    assert all(t.success == (redraws >= 2) for t in retries)
+    assert run.stats.redraws == 3 * redraws
+    assert run.stats.redrawn_tokens == 3 * redraws * len(chat.assistant_segment(WRONG))
+    for t in retries:  # only the draw played is kept: its tokens, once
+        assert [m.content for m in t.messages if m.role == "assistant"][0] == (
+            WRONG if redraws < 2 else gold[t.task.instruction][0]
+        )
+        assert t.generated_tokens == sum(len(m.token_ids) for m in t.messages if m.role == "assistant")
+
+
+def test_redraws_need_retries_that_sample():
+    from agentloop.config import ConfigError
+
+    MemoryConfig(redraws=2).validate()
+    with pytest.raises(ConfigError, match="redraws"):
+        MemoryConfig(redraws=2, retry_temperature=0).validate()
+    with pytest.raises(ConfigError, match="redraws"):
+        MemoryConfig(redraws=-1).validate()
