@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     found = {(r["seed"], r["row"]): r for r in read_records(args.records, args.iterations)}
     found.update({(r["seed"], r["row"]): r for r in collect(args.out, args.seeds, args.rows, args.iterations)})
     table = ablation_table(list(found.values()), args.iterations)
+    args.out.mkdir(parents=True, exist_ok=True)  # --table from kept records alone: nothing ran here
     (args.out / "table.md").write_text(table)
     print(table)
 
