@@ -256,3 +256,21 @@ def test_retries_that_begin_as_their_previous_trial_did_are_counted():
     chains += [trial("b", 0, other), trial("b", 1, other, success=True)]  # a repeat that solved
     chains += [trial("c", 2, same)]  # its earlier trials are not given: not counted
     assert repeated_retries(chains) == (3, 2, 1)
+
+
+def test_a_few_texts_and_a_batch_embed_alike_as_unit_vectors():
+    import numpy as np
+    import torch
+
+    from agentloop.memory.long_term import ONE_THREAD_TEXTS, encode, minilm
+
+    model = minilm().args[0]
+    texts = [f"db: How many orders did customer {i} place in 2019?" for i in range(ONE_THREAD_TEXTS + 3)]
+    threads = torch.get_num_threads()
+    few = np.concatenate([encode(model, [t]) for t in texts])  # a query: the modules, on one thread
+    batch = encode(model, texts)  # a batch: sentence-transformers' encode, on every thread
+    assert torch.get_num_threads() == threads  # the one-thread query gives the threads back
+    assert few.dtype == batch.dtype == np.float32 and few.shape == batch.shape == (len(texts), 384)
+    assert np.allclose(np.linalg.norm(few, axis=1), 1, atol=1e-5)
+    assert np.allclose(np.linalg.norm(batch, axis=1), 1, atol=1e-5)
+    assert (few * batch).sum(axis=1).min() > 0.99  # bf16: the same vectors within rounding
