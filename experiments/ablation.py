@@ -150,11 +150,13 @@ def fork(trunk: Path, target: Path) -> None:
 
 
 def trunk_fingerprint(run_dir: Path) -> str:
-    """The SFT policy a run started from: a hash of its ``adapters/sft`` weights (a row's are its trunk's copy)."""
+    """The SFT policy a run started from: a hash of its ``adapters/sft`` weights (a row's are its trunk's copy);
+    "" when they are gone (such a record is paired with no other)."""
+    weights = sorted((run_dir / "adapters" / "sft").glob("*.safetensors"))
     digest = hashlib.sha256()
-    for path in sorted((run_dir / "adapters" / "sft").glob("*.safetensors")):
+    for path in weights:
         digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:16] if weights else ""
 
 
 def commit() -> str:
@@ -164,15 +166,18 @@ def commit() -> str:
 
 
 def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | None:
-    """A completed row's outcomes task by task, or None while it is not complete: held-out success after its
-    rounds (the trunk, row ``sft``: after SFT), the SFT policy's held-out success it started from, and its
-    first exploration (first trial, any trial), with the trunk's fingerprint and the code's commit."""
+    """A completed row's outcomes task by task, or None while it is not complete (or ran another number of
+    rounds): held-out success after its rounds (the trunk, row ``sft``: after SFT), the SFT policy's held-out
+    success it started from, and its first exploration (first trial, any trial), with the trunk's fingerprint
+    and the code's commit. The trunk's record has ``iterations`` 0: it serves rows of any number of rounds."""
     from compare_exploration import outcomes
 
     from agentloop.replay import ReplayStore
 
     path = out / f"{'trunk' if row == 'sft' else row}-seed{seed}"
     if not (path / "replay.db").is_file():
+        return None
+    if row != "sft" and yaml.safe_load((path / "config.yaml").read_text()).get("iterations") != iterations:
         return None
     stage = "eval/sft" if row == "sft" else f"eval/{iterations}"
     with ReplayStore(f"sqlite:///{(path / 'replay.db').resolve()}") as store:
@@ -183,28 +188,36 @@ def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | 
         sft = {f"{t.task.env}/{t.task.task_id}": t.success for t in store.trajectories(stage="eval/sft")}
     first, chain = outcomes(path, "explore/1")[:2] if "explore/1" in completed else ({}, {})
     return {
-        "row": row, "seed": seed, "iterations": iterations, "trunk": trunk_fingerprint(path), "commit": commit(),
+        "row": row, "seed": seed, "iterations": 0 if row == "sft" else iterations, "trunk": trunk_fingerprint(path),
+        "commit": commit(),
         "held_out": held_out, "sft": sft, "explore_first": first, "explore_any": chain,
     }  # fmt: skip
 
 
 def collect(out: Path, seeds: list[int], rows: list[str], iterations: int) -> list[dict[str, Any]]:
     """The records of the trunks (row ``sft``) and rows completed under ``out``, each also written to
-    ``out/records/seed<seed>-<row>.json``: small files to keep (commit them) where run directories do not last."""
+    ``out/records/`` (:func:`record_name`): small files to keep (commit them) where run directories do not last."""
     found = []
     for seed in seeds:
         for row in ["sft", *rows]:
             got = record(out, row, seed, iterations)
             if got is not None:
-                target = out / "records" / f"seed{seed}-{row}.json"
-                if target.is_file():  # written when the row completed: its commit is the code that ran it
-                    got["commit"] = json.loads(target.read_text())["commit"]
+                target = out / "records" / record_name(got)
+                kept = json.loads(target.read_text()) if target.is_file() else {}
+                if all(kept.get(key) == got[key] for key in ("trunk", "held_out", "explore_any")):
+                    got["commit"] = kept["commit"]  # written when the row completed: the code that ran it
                 target.parent.mkdir(parents=True, exist_ok=True)
                 staging = target.with_suffix(".json.tmp")
                 staging.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
                 os.replace(staging, target)
                 found.append(got)
     return found
+
+
+def record_name(found: dict[str, Any]) -> str:
+    """``seed0-sft.json`` for a trunk, ``seed0-eto-1r.json`` for a row of one round."""
+    rounds = f"-{found['iterations']}r" if found["row"] != "sft" else ""
+    return f"seed{found['seed']}-{found['row']}{rounds}.json"
 
 
 def read_records(directories: list[Path], iterations: int) -> list[dict[str, Any]]:
@@ -216,7 +229,7 @@ def read_records(directories: list[Path], iterations: int) -> list[dict[str, Any
             raise SystemExit(f"--records: no directory {directory}")
         for path in sorted(directory.glob("seed*-*.json")):
             got = json.loads(path.read_text())
-            if got["iterations"] != iterations:
+            if got["row"] != "sft" and got["iterations"] != iterations:
                 print(f"left out {path}: {got['iterations']} rounds, not {iterations}", file=sys.stderr)
                 continue
             found.append(got)
@@ -231,7 +244,7 @@ def ablation_table(records: list[dict[str, Any]], iterations: int) -> str:
     Rows are paired with eto only when both started from the same SFT policy (the same trunk fingerprint):
     a trunk trained again on another machine may differ. A later record of a (seed, row) replaces an
     earlier one."""
-    from agentloop.metrics import mcnemar_exact, wilson_interval
+    from agentloop.metrics import wilson_interval
 
     order = ["sft", *ROWS]
     by = {(r["seed"], r["row"]): r for r in records}
@@ -258,28 +271,13 @@ def ablation_table(records: list[dict[str, Any]], iterations: int) -> str:
                 k, n = sum(now.values()), len(now)
                 low, high = wilson_interval(k, n)
                 rates.setdefault((r["row"], env), []).append(k / n)
-                cells: list[Any] = []
-                for other, before in (("eto", eto["held_out"] if eto else None), ("sft", r["sft"])):
-                    if r["row"] in (other, "sft") or not before:
-                        cells.append("-")
-                    elif other == "eto" and eto["trunk"] != r["trunk"]:
-                        cells.append("other trunk")
-                    else:
-                        keys = [key for key in now if key in before]
-                        gained = sum(now[key] and not before[key] for key in keys)
-                        lost = sum(before[key] and not now[key] for key in keys)
-                        cells.append((gained, lost, mcnemar_exact(gained, lost)))
-                vs_eto, vs_sft = cells
-                eto_cells = (
-                    f"| {vs_eto[0]} | {vs_eto[1]} | {vs_eto[2]:.3f} "
-                    if isinstance(vs_eto, tuple)
-                    else f"| - | - | {vs_eto} "
-                )
-                sft_cell = f"| {vs_sft[2]:.3f} |" if isinstance(vs_sft, tuple) else "| - |"
+                vs_eto = ("-", "-", "-")
+                if r["row"] not in ("eto", "sft") and eto is not None:
+                    vs_eto = _paired(now, eto["held_out"], ".3f") if same_trunk(eto, r) else ("-", "-", "other trunk")
+                vs_sft = ("-", "-", "-") if r["row"] == "sft" else _paired(now, r["sft"], ".3f")
                 lines.append(
                     f"| {seed} | {r['row']} | {env} | {k}/{n} | {k / n:.3f} | [{low:.3f}, {high:.3f}] "
-                    + eto_cells
-                    + sft_cell
+                    f"| {' | '.join(vs_eto)} | {vs_sft[2]} |"
                 )
     lines += ["", "Spread over seeds:", "", "| row | env | seeds | mean rate | min | max |", "|" + "---|" * 6]
     for (row, env), found_rates in rates.items():
@@ -305,22 +303,36 @@ def ablation_table(records: list[dict[str, Any]], iterations: int) -> str:
             first, chain = r["explore_first"], r["explore_any"]
             k, n = sum(chain.values()), len(chain)
             low, high = wilson_interval(k, n)
-            test = "| - | - | - |"
-            if eto is not None and row != "eto" and eto["trunk"] != r["trunk"]:
-                test = "| - | - | other trunk |"
-            elif eto is not None and row != "eto":
-                greedy = eto["explore_any"]
-                keys = sorted(set(chain) & set(greedy))
-                gained = sum(chain[t] and not greedy[t] for t in keys)
-                lost = sum(greedy[t] and not chain[t] for t in keys)
-                test = f"| {gained} | {lost} | {mcnemar_exact(gained, lost):.2g} |" if keys else test
+            test = ("-", "-", "-")
+            if eto is not None and row != "eto":
+                test = _paired(chain, eto["explore_any"], ".2g") if same_trunk(eto, r) else ("-", "-", "other trunk")
             lines.append(
-                f"| {seed} | {row} | {sum(first.values())}/{len(first)} | {k}/{n} | [{low:.3f}, {high:.3f}] {test}"
+                f"| {seed} | {row} | {sum(first.values())}/{len(first)} | {k}/{n} | [{low:.3f}, {high:.3f}] "
+                f"| {' | '.join(test)} |"
             )
     lines += ["", "Trunks (the SFT policy each row started from, by the hash of its adapter):", ""]
     for (seed, trunk), rows in trunks.items():
         lines.append(f"- seed {seed}, trunk {trunk}: {', '.join(rows)}")
     return "\n".join(lines) + "\n"
+
+
+def same_trunk(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two records started from the same SFT policy (a record without its adapter's hash pairs with none)."""
+    return bool(a["trunk"]) and a["trunk"] == b["trunk"]
+
+
+def _paired(now: dict[str, bool], before: dict[str, bool], p_format: str) -> tuple[str, str, str]:
+    """Gained, lost and the exact McNemar p of ``now`` against ``before`` on the tasks both played, as table
+    cells; the p says on how many tasks when that is fewer than ``now`` holds, and is "-" when none."""
+    from agentloop.metrics import mcnemar_exact
+
+    keys = [key for key in now if key in before]
+    if not keys:
+        return "-", "-", "-"
+    gained = sum(now[key] and not before[key] for key in keys)
+    lost = sum(before[key] and not now[key] for key in keys)
+    p = format(mcnemar_exact(gained, lost), p_format) + (f" (on {len(keys)})" if len(keys) < len(now) else "")
+    return str(gained), str(lost), p
 
 
 if __name__ == "__main__":

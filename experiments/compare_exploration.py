@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             envs = sorted({key.split("/", 1)[0] for key in now})
             for env in envs if len(envs) > 1 else ():  # several envs (a continual run's held-out): each apart
                 mine = {key: ok for key, ok in now.items() if key.startswith(env + "/")}
-                print("  " + paired(baseline, mine, f"{env}: baseline -> {name}"))
+                if any(key in baseline for key in mine):  # an env the baseline never played: nothing to pair
+                    print("  " + paired(baseline, mine, f"{env}: baseline -> {name}"))
 
 
 if __name__ == "__main__":

