@@ -226,3 +226,23 @@ def test_an_episode_waiting_on_its_environment_holds_the_others_back_only_withou
         assert order[-1] == slow and sorted(order) == sorted(t.task.task_id for t in tasks)
     else:  # every episode waits for the slow one's step, which comes first
         assert order == [t.task.task_id for t in tasks]
+
+
+def test_first_turns_drawn_again_on_the_real_engine_leave_its_prefix_cache_as_it_was(setup, tiny_model_dir):
+    from agentloop.policy.base import PolicyConfig
+    from agentloop.policy.hf import HFPolicy
+    from agentloop.types import Attempt
+
+    chat, tasks = setup
+    config = RolloutConfig(concurrent_episodes=3, sampling=SamplingConfig(max_new_tokens=16))
+    policy = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=3))
+    make = lambda env: make_env(env, tasks, SQLEnvConfig(max_turns=2))  # noqa: E731
+    played, _ = rollout(policy, make, [t.task for t in tasks[:3]], config, source="eval", iteration=0)
+    firsts = {t.task.key: next(m for m in t.messages if m.role == "assistant") for t in played}
+    # Greedy draws repeat themselves: each first turn is drawn twice more, then played as it was.
+    attempts = [Attempt(t.task, avoid=(firsts[t.task.key].content.strip(),), redraws=2) for t in played]
+    again, stats = rollout(policy, make, attempts, config, source="eval", iteration=0)
+    assert [[m.token_ids for m in t.messages] for t in again] == [[m.token_ids for m in t.messages] for t in played]
+    assert stats.redraws == 6 and stats.redrawn_tokens == 2 * sum(len(m.token_ids) for m in firsts.values())
+    assert stats.generated_tokens == sum(t.generated_tokens for t in played)  # the discarded draws are not in it
+    assert stats.prefix_reuse > 0 and len(policy.prefix_cache) == 0  # the cache served turns; no draw left in it
