@@ -76,6 +76,41 @@ class RunDir:
         saved = load_config(config_cls, run.config_file)
         return run, saved, load_config(config_cls, run.config_file, list(overrides))
 
+    def fork(self, target: Path) -> RunDir:
+        """A new run directory at ``target`` holding this run's completed stages (store, adapters,
+        metrics, config), to go on with ``--resume`` and other settings of stages still to run.
+
+        Made whole or not at all: copied beside the target, then renamed into place. The SQLite
+        store is copied with SQLite's backup API, so what the run committed is there even if its
+        write-ahead log was never checkpointed; the source may be running meanwhile. A run whose
+        store lives elsewhere (``store_url``) cannot be forked this way.
+        """
+        import shutil
+        import sqlite3
+
+        from agentloop.replay import STORE_FILE
+
+        config = yaml.safe_load(self.config_file.read_text())
+        if config.get("store_url"):
+            raise ConfigError(f"store_url: {self.path} keeps its store elsewhere; fork copies only a run's own store")
+        target = Path(target)
+        if target.exists() and any(target.iterdir()):
+            raise FileExistsError(f"run directory {target} is not empty")
+        staging = target.with_name(target.name + ".forking")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(self.path, staging, ignore=shutil.ignore_patterns("tensorboard", "*.png", STORE_FILE + "*"))
+        source, copy = sqlite3.connect(self.path / STORE_FILE), sqlite3.connect(staging / STORE_FILE)
+        with copy:
+            source.backup(copy)
+        source.close()
+        copy.close()
+        if "run_dir" in config:  # where the fork lives now
+            config["run_dir"] = str(target)
+        (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.replace(target)
+        return RunDir(target)
+
     def save_config(self, config: Any) -> None:
         """Writes the resolved config into the run directory (replacing it whole)."""
         temporary = self.config_file.with_suffix(".yaml.tmp")
@@ -102,7 +137,8 @@ def check_resume(
         config: The config the resumed run would use.
         completed: The run's completed stages (``explore/1``, ...).
         reads: For each stage family (a stage name's part before ``/``), the settings or
-            sections it reads (``"sft"`` covers every ``sft.*``).
+            sections it reads (``"sft"`` covers every ``sft.*``); an entry under a stage's whole
+            name (``"sft/1"``) takes its family's place for that stage.
         free: Settings any resumed run may change.
 
     Returns:
@@ -117,7 +153,7 @@ def check_resume(
         if _covers(free, key):
             continue
         for stage in completed:
-            if _covers(reads.get(stage.split("/")[0], ()), key):
+            if _covers(reads.get(stage, reads.get(stage.split("/")[0], ())), key):
                 raise ConfigError(
                     f"{key}: completed stage {stage} ran with {before.get(key)!r}; a resumed run cannot change it "
                     f"to {after.get(key)!r} (resume without this override, or start a new run)"

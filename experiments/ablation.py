@@ -124,29 +124,13 @@ def run(run_dir: Path, script: str, overrides: list[str]) -> None:
 
 
 def fork(trunk: Path, target: Path) -> None:
-    """A new run directory holding the trunk's stages (store, adapters, metrics), unless it exists.
-
-    Made whole or not at all: copied beside the target, then renamed into place. The store is
-    copied with SQLite's backup API, so what the trunk committed is there even if its
-    write-ahead log was never checkpointed.
-    """
-    import sqlite3
+    """A new run directory holding the trunk's stages (:meth:`RunDir.fork`), unless it exists."""
+    from agentloop.loop import RunDir
 
     if (target / "config.yaml").is_file():
         return
-    staging = target.with_name(target.name + ".forking")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(trunk, staging, ignore=shutil.ignore_patterns("tensorboard", "*.png", "replay.db*"))
-    source, copy = sqlite3.connect(trunk / "replay.db"), sqlite3.connect(staging / "replay.db")
-    with copy:
-        source.backup(copy)
-    source.close()
-    copy.close()
-    config = yaml.safe_load((staging / "config.yaml").read_text())
-    config["run_dir"] = str(target)
-    (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     shutil.rmtree(target, ignore_errors=True)  # a target left without its config.yaml holds nothing kept
-    os.replace(staging, target)
+    RunDir(trunk).fork(target)
 
 
 def trunk_fingerprint(run_dir: Path) -> str:

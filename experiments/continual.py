@@ -13,6 +13,9 @@ Usage:
     python experiments/continual.py 'envs=[{name: db}, {name: os}]' 'phases=[[db], [os]]'
     python experiments/continual.py ... sft.replay_fraction=0 round_sft.replay_fraction=0 \\
         dpo.replay_fraction=0                                 # the same sequence without replay
+    python experiments/continual.py --resume runs/with-replay sft.replay_fraction=0.1 ...
+        # a copy of the run without replay made after its phase 1 (RunDir.fork): phase 1 replays
+        # nothing, so both runs share it exactly and differ only from phase 2 on
 """
 
 from __future__ import annotations
@@ -49,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     check_endpoints(config)
     # Rounds are numbered across phases, so a resumed run keeps its rounds per phase (iterations).
     free = tuple(key for key in FREE_SETTINGS if key != "iterations")
-    reads = {**STAGE_READS, "sft": ("sft", "policy.model", "phases", "seed", "iterations")}
-    run = Run(config, run_dir, saved, reads, free)
+    run = Run(config, run_dir, saved, stage_reads(), free)
     memory = RunMemory(run)
 
     experts = run.stages.rollout("experts", 0, run.make_experts)
@@ -73,6 +75,17 @@ def main(argv: list[str] | None = None) -> None:
             run.evaluate(f"eval/{rounds}", version=version, iteration=rounds, extra=partial(forgetting, run, earlier))
 
     run.finish()
+
+
+def stage_reads() -> dict[str, tuple[str, ...]]:
+    """STE's stage reads, with each phase's SFT reading the phases; the first phase's SFT replays nothing
+    (no env came before it), so a run forked after it may still set ``sft.replay_fraction``."""
+    from dataclasses import fields
+
+    reads = {**STAGE_READS, "sft": ("sft", "policy.model", "phases", "seed", "iterations")}
+    settings = (f"sft.{f.name}" for f in fields(SFTLearnerConfig) if f.name != "replay_fraction")
+    reads["sft/1"] = (*settings, "policy.model", "phases", "seed", "iterations")
+    return reads
 
 
 def phase_sft_data(run: Run, new, earlier_experts, rounds: int, phase: int) -> dict[str, list]:

@@ -52,6 +52,15 @@ def test_a_resume_refuses_settings_that_completed_stages_read():
     assert check_resume(saved, Config(), done, READS) == []
 
 
+def test_a_stage_read_by_its_own_name_overrides_its_family():
+    saved, reads = Config(), {**READS, "sft/1": ("sft.epochs", "model")}  # sft/1 never read sft.beta
+    assert check_resume(saved, Config(sft=Learner(beta=0.5)), ["sft/1"], reads) == ["sft.beta"]
+    with pytest.raises(ConfigError, match="sft.beta: completed stage sft/2"):
+        check_resume(saved, Config(sft=Learner(beta=0.5)), ["sft/1", "sft/2"], reads)
+    with pytest.raises(ConfigError, match="sft.epochs: completed stage sft/1"):
+        check_resume(saved, Config(sft=Learner(epochs=3)), ["sft/1"], reads)
+
+
 def test_resume_reads_the_saved_config_and_writes_only_when_told(tmp_path):
     from agentloop.config import load_config
 
@@ -224,3 +233,26 @@ def test_a_stage_of_trial_chains_resumes_each_chain_after_its_last_stored_trial_
     assert read_metrics(metrics.path)[-1]["explore/trials"] == 9
     metrics.close()
     store.close()
+
+
+def test_a_fork_holds_the_runs_completed_stages_and_names_its_own_directory(tmp_path):
+    from agentloop.types import Message, Task, Trajectory
+
+    run = RunDir.create(tmp_path / "run", Config(seed=3))
+    task = Task("db", "1", "dev", "SELECT", "q")
+    done = Trajectory(
+        task=task, messages=(Message("user", "q"), Message("assistant", "a")), tokenizer="t", reward=1.0, success=True,
+        terminated=True, truncated=False, num_turns=1, invalid_actions=0, source="eval", policy_version=0, iteration=0,
+    )  # fmt: skip
+    with ReplayStore(run.store_url) as store:  # left open, unsynced, as a running run's store is
+        store.commit_stage("eval/base", trajectories=[done], metrics={"eval/successes": 1.0})
+        run.adapter("sft").mkdir(parents=True)
+        (run.adapter("sft") / "adapter_model.safetensors").write_bytes(b"weights")
+        forked = run.fork(tmp_path / "fork")
+    with ReplayStore(forked.store_url) as store:
+        assert store.completed_stages() == ["eval/base"] and len(store.trajectories(stage="eval/base")) == 1
+    assert (forked.adapter("sft") / "adapter_model.safetensors").read_bytes() == b"weights"
+    _, saved, _ = RunDir.resume(forked.path, Config)
+    assert saved.seed == 3 and not (tmp_path / "fork.forking").exists()
+    with pytest.raises(FileExistsError):
+        run.fork(tmp_path / "fork")
