@@ -98,15 +98,21 @@ def paired_comparison(before: Iterable[Trajectory], after: Iterable[Trajectory],
     uneven if neither side were better (1.0 with no discordant task).
     """
     earlier = {(t.task.env, t.task.task_id): t.success for t in before}
-    matched = [(earlier[key], t.success) for t in after if (key := (t.task.env, t.task.task_id)) in earlier]
-    gained = sum(1 for was, now in matched if now and not was)
-    lost = sum(1 for was, now in matched if was and not now)
+    tasks, gained, lost, p = paired_outcomes(earlier, {(t.task.env, t.task.task_id): t.success for t in after})
     return {
-        f"{prefix}/tasks": float(len(matched)),
+        f"{prefix}/tasks": float(tasks),
         f"{prefix}/gained": float(gained),
         f"{prefix}/lost": float(lost),
-        f"{prefix}/p_value": mcnemar_exact(gained, lost),
+        f"{prefix}/p_value": p,
     }
+
+
+def paired_outcomes(before: Mapping[Any, bool], after: Mapping[Any, bool]) -> tuple[int, int, int, float]:
+    """Success per task before and after, on the tasks both hold: (tasks, gained, lost, exact McNemar p)."""
+    keys = [key for key in after if key in before]
+    gained = sum(after[key] and not before[key] for key in keys)
+    lost = sum(before[key] and not after[key] for key in keys)
+    return len(keys), gained, lost, mcnemar_exact(gained, lost)
 
 
 def forgetting(

@@ -308,15 +308,12 @@ def same_trunk(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def _paired(now: dict[str, bool], before: dict[str, bool], p_format: str) -> tuple[str, str, str]:
     """Gained, lost and the exact McNemar p of ``now`` against ``before`` on the tasks both played, as table
     cells; the p says on how many tasks when that is fewer than ``now`` holds, and is "-" when none."""
-    from agentloop.metrics import mcnemar_exact
+    from agentloop.metrics import paired_outcomes
 
-    keys = [key for key in now if key in before]
-    if not keys:
+    tasks, gained, lost, p = paired_outcomes(before, now)
+    if not tasks:
         return "-", "-", "-"
-    gained = sum(now[key] and not before[key] for key in keys)
-    lost = sum(before[key] and not now[key] for key in keys)
-    p = format(mcnemar_exact(gained, lost), p_format) + (f" (on {len(keys)})" if len(keys) < len(now) else "")
-    return str(gained), str(lost), p
+    return str(gained), str(lost), format(p, p_format) + (f" (on {tasks})" if tasks < len(now) else "")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from agentloop.memory.short_term import repeated_retries
-from agentloop.metrics import mcnemar_exact, wilson_interval
+from agentloop.metrics import paired_outcomes, wilson_interval
 from agentloop.replay import ReplayStore
 from agentloop.types import Trajectory
 
@@ -71,14 +71,12 @@ def copied_from_memory(trajectories: list[Trajectory]) -> tuple[int, int, int, i
 
 
 def paired(before: dict[str, bool], after: dict[str, bool], name: str) -> str:
-    keys = sorted(set(before) & set(after))
-    gained = sum(after[k] and not before[k] for k in keys)
-    lost = sum(before[k] and not after[k] for k in keys)
-    k_before, k_after = sum(before[k] for k in keys), sum(after[k] for k in keys)
-    low, high = wilson_interval(k_after, len(keys))
+    tasks, gained, lost, p = paired_outcomes(before, after)
+    k_before, k_after = sum(before[k] for k in after if k in before), sum(after[k] for k in after if k in before)
+    low, high = wilson_interval(k_after, tasks)
     return (
-        f"{name}: {k_before} -> {k_after}/{len(keys)} (95% CI [{low:.1%}, {high:.1%}]); "
-        f"gained {gained}, lost {lost}, exact McNemar p = {mcnemar_exact(gained, lost):.4f}"
+        f"{name}: {k_before} -> {k_after}/{tasks} (95% CI [{low:.1%}, {high:.1%}]); "
+        f"gained {gained}, lost {lost}, exact McNemar p = {p:.4f}"
     )
 
 
