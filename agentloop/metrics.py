@@ -9,7 +9,8 @@ Metric names are paths. For a batch of trajectories logged under a prefix such a
   (total) and ``eval/tampering_episodes`` (episodes with at least one tamper attempt);
 * ``eval/kind/<kind>/episodes``, ``.../successes``, ``.../success_rate`` per task kind;
 * ``eval/env/<env>/...`` with the first group's statistics, per environment, always present
-  so that a run over one environment and a run over several log the same names.
+  so that a run over one environment and a run over several log the same names, and
+  ``eval/env/<env>/kind/<kind>/...`` with the task kind's counts within that environment.
 
 :func:`paired_comparison` gives ``<prefix>/gained``, ``/lost`` and an exact McNemar
 ``/p_value`` for two evaluations of the same tasks (the loop logs ``eval/vs_sft/...``).
@@ -85,6 +86,8 @@ def trajectory_metrics(trajectories: Iterable[Trajectory], prefix: str) -> dict[
         metrics |= _success_counts(group, f"{prefix}/kind/{kind}")
     for env, group in _group_by(batch, lambda t: t.task.env).items():
         metrics |= _summary(group, f"{prefix}/env/{env}")
+        for kind, family in _group_by(group, lambda t: t.task.kind).items():
+            metrics |= _success_counts(family, f"{prefix}/env/{env}/kind/{kind}")
     return metrics
 
 
@@ -116,30 +119,29 @@ def paired_outcomes(before: Mapping[Any, bool], after: Mapping[Any, bool]) -> tu
 
 
 def forgetting(
-    before: Iterable[Mapping[str, float]], now: Mapping[str, float], envs: Iterable[str], prefix: str = "forget"
+    before: Iterable[Mapping[str, float]], now: Mapping[str, float], units: Iterable[str], prefix: str = "forget"
 ) -> dict[str, float]:
-    """How much held-out success on earlier-trained envs has fallen: STE's forgetting, in points.
+    """How much held-out success on what was trained earlier has fallen: STE's forgetting, in points.
 
-    For each env of ``envs`` (those trained in an earlier phase), its best held-out success rate
-    over the evaluation records ``before`` (``eval/env/<env>/success_rate``) against its rate
-    ``now``: ``<prefix>/env/<env>/best``, ``.../now`` and ``.../drop`` (best - now, in
-    percentage points, negative when it rose), and ``<prefix>/mean_drop`` over those envs.
-    Envs with no earlier record are left out.
+    Each unit of ``units`` (trained in an earlier phase) is an env (``"db"``, read from
+    ``eval/env/db/success_rate``) or a task family of one (``"db:UPDATE"``, read from
+    ``eval/env/db/kind/UPDATE/success_rate``). For each, its best held-out success rate over the
+    evaluation records ``before`` against its rate ``now``: ``<prefix>/env/<env>[/kind/<kind>]/best``,
+    ``.../now`` and ``.../drop`` (best - now, in percentage points, negative when it rose), and
+    ``<prefix>/mean_drop`` over the units. Units with no earlier record are left out.
     """
     metrics: dict[str, float] = {}
     drops = []
-    for env in sorted(set(envs)):
-        key = f"eval/env/{env}/success_rate"
+    for unit in sorted(set(units)):
+        env, _, kind = unit.partition(":")
+        path = f"env/{env}" + (f"/kind/{_path_name(kind)}" if kind else "")
+        key = f"eval/{path}/success_rate"
         seen = [r[key] for r in before if key in r]
         if not seen or key not in now:
             continue
         best = max(seen)
         drop = 100.0 * (best - now[key])
-        metrics |= {
-            f"{prefix}/env/{env}/best": best,
-            f"{prefix}/env/{env}/now": now[key],
-            f"{prefix}/env/{env}/drop": drop,
-        }
+        metrics |= {f"{prefix}/{path}/best": best, f"{prefix}/{path}/now": now[key], f"{prefix}/{path}/drop": drop}
         drops.append(drop)
     if drops:
         metrics[f"{prefix}/mean_drop"] = sum(drops) / len(drops)
@@ -188,9 +190,13 @@ def _group_by(batch: list[Trajectory], key: Callable[[Trajectory], str]) -> dict
     """Groups by a name made safe for metric paths (no ``/``, no blanks), in sorted order."""
     groups: dict[str, list[Trajectory]] = {}
     for trajectory in batch:
-        name = re.sub(r"[/\s]+", "_", key(trajectory).strip()) or "_"
-        groups.setdefault(name, []).append(trajectory)
+        groups.setdefault(_path_name(key(trajectory)), []).append(trajectory)
     return dict(sorted(groups.items()))
+
+
+def _path_name(name: str) -> str:
+    """``name`` as one part of a metric path: no ``/``, no blanks."""
+    return re.sub(r"[/\s]+", "_", name.strip()) or "_"
 
 
 class MetricsLogger:

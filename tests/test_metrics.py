@@ -114,6 +114,19 @@ def test_forgetting_is_the_fall_from_each_earlier_envs_best_in_points() -> None:
     assert forgetting(before, now, []) == {}
 
 
+def test_forgetting_of_a_task_family_reads_its_kind_within_its_env() -> None:
+    before = [{"eval/env/db/kind/UPDATE/success_rate": 0.25, "eval/kind/UPDATE/success_rate": 0.9}]
+    now = {"eval/env/db/kind/UPDATE/success_rate": 0.10, "eval/env/db/success_rate": 0.5}
+    assert forgetting(before, now, ["db:UPDATE", "db:INSERT"]) == pytest.approx(
+        {
+            "forget/env/db/kind/UPDATE/best": 0.25,
+            "forget/env/db/kind/UPDATE/now": 0.10,
+            "forget/env/db/kind/UPDATE/drop": 15.0,
+            "forget/mean_drop": 15.0,
+        }
+    )  # INSERT has no record; the kind over all envs (eval/kind/UPDATE) is not the family's
+
+
 def test_paired_comparison_matches_tasks() -> None:
     def run(outcomes: list[tuple[bool, int]]) -> list[Trajectory]:
         return [episode("db", "SELECT", success=s, reward=0.0, turns=t, invalid=0, tokens=1) for s, t in outcomes]
@@ -157,7 +170,10 @@ def test_trajectory_metrics_by_hand() -> None:
     assert metrics["eval/env/db/tamper_attempts"] == 5.0
     assert metrics["eval/env/db/tampering_episodes"] == 2.0
     assert metrics["eval/env/alfworld/tamper_attempts"] == metrics["eval/env/alfworld/tampering_episodes"] == 0.0
-    assert len(metrics) == 12 + 3 * 3 + 2 * 12
+    assert metrics["eval/env/db/kind/SELECT/successes"] == 1.0
+    assert metrics["eval/env/db/kind/INSERT/success_rate"] == 1.0
+    assert metrics["eval/env/alfworld/kind/pick_and_place/episodes"] == 1.0
+    assert len(metrics) == 12 + 3 * 3 + 2 * 12 + 3 * 3
 
 
 def test_trajectory_metrics_edge_cases() -> None:
