@@ -21,13 +21,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from agentloop.types import Source
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Version of the table layout below; stored in ``meta`` under ``schema_version``.
 
 Alembic revision ``f"{SCHEMA_VERSION:04d}"`` of :mod:`agentloop.replay.migrations` brings a
 database to it (2: ``trajectories.tamper_attempts``; 3: ``trajectories.episode``, unique per
 stage; 4: ``trajectories.trial``, ``memory`` and ``reflection``, and the ``experiences`` and ``proposals`` tables;
-5: ``proposals.judged``).
+5: ``proposals.judged``; 6: indexes on ``pairs.chosen_id``, ``pairs.rejected_id`` and
+``experiences.trajectory_id``).
 """
 
 SOURCES = typing.get_args(Source)
@@ -115,7 +116,11 @@ class PairRow(Base):
     """
 
     __tablename__ = "pairs"
-    __table_args__ = (Index("ix_pairs_iteration", "iteration"),)
+    __table_args__ = (
+        Index("ix_pairs_iteration", "iteration"),
+        Index("ix_pairs_chosen_id", "chosen_id"),  # schema 6, as the two below
+        Index("ix_pairs_rejected_id", "rejected_id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     iteration: Mapped[int]
@@ -143,7 +148,7 @@ class ExperienceRow(Base):
     """
 
     __tablename__ = "experiences"
-    __table_args__ = (Index("ix_experiences_stage", "stage"),)
+    __table_args__ = (Index("ix_experiences_stage", "stage"), Index("ix_experiences_trajectory_id", "trajectory_id"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     trajectory_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))

@@ -212,15 +212,15 @@ def migration_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_revisions_are_numbered_by_schema_version() -> None:
     script = ScriptDirectory.from_config(migrations.config())
-    assert script.get_heads() == [migrations.revision(SCHEMA_VERSION)] == ["0005"]
+    assert script.get_heads() == [migrations.revision(SCHEMA_VERSION)] == ["0006"]
     chain = [(r.revision, r.down_revision) for r in script.walk_revisions()]
-    assert chain == [("0005", "0004"), ("0004", "0003"), ("0003", "0002"), ("0002", "0001"), ("0001", None)]
+    assert chain == [(f"{n:04d}", f"{n - 1:04d}" if n > 1 else None) for n in range(6, 0, -1)]
 
 
 def test_a_new_database_is_created_at_the_current_version_and_stamped(store_url: str) -> None:
     ReplayStore(store_url).close()
-    assert scalars(store_url, "SELECT version_num FROM alembic_version") == ["0005"]
-    assert scalars(store_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["5"]
+    assert scalars(store_url, "SELECT version_num FROM alembic_version") == ["0006"]
+    assert scalars(store_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["6"]
 
 
 def test_revision_0001_builds_schema_1(store_url: str, other_store_url: str) -> None:
@@ -240,7 +240,7 @@ def test_a_schema_1_database_is_migrated_keeping_every_row(schema_1_url: str, ca
     with caplog.at_level(logging.INFO):
         store = ReplayStore(schema_1_url)
     with store:
-        assert migration_lines(caplog) == [f"replay store {schema_1_url} migrated from schema 1 to 5"]
+        assert migration_lines(caplog) == [f"replay store {schema_1_url} migrated from schema 1 to 6"]
         assert store.trajectories() == [EXPERT, FAILED, SOLVED]
         assert [t.tamper_attempts for t in store.trajectories()] == [0, 0, 0]
         assert store.pairs() == [PAIR]
@@ -270,8 +270,16 @@ def test_a_schema_1_database_is_migrated_keeping_every_row(schema_1_url: str, ca
         ]
         store.commit_stage("imagine/5", metrics={}, proposals=judged)
         assert store.proposals() == judged
-    assert scalars(schema_1_url, "SELECT version_num FROM alembic_version") == ["0005"]
-    assert scalars(schema_1_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["5"]
+    # Schema 6: what references a trajectory is indexed.
+    engine = engine_of(schema_1_url)
+    try:
+        indexes = {table: {i["name"] for i in inspect(engine).get_indexes(table)} for table in ("pairs", "experiences")}
+    finally:
+        engine.dispose()
+    assert {"ix_pairs_chosen_id", "ix_pairs_rejected_id"} <= indexes["pairs"]
+    assert "ix_experiences_trajectory_id" in indexes["experiences"]
+    assert scalars(schema_1_url, "SELECT version_num FROM alembic_version") == ["0006"]
+    assert scalars(schema_1_url, "SELECT value FROM meta WHERE key = 'schema_version'") == ["6"]
 
 
 def test_a_migrated_database_has_the_layout_of_a_new_one(schema_1_url: str, other_store_url: str) -> None:
@@ -365,7 +373,7 @@ def schema_lock_held(url: str) -> Iterator[None]:
         engine.dispose()
 
 
-@pytest.mark.parametrize("version", ["6", "12"])
+@pytest.mark.parametrize("version", [str(SCHEMA_VERSION + 1), "12"])
 def test_a_newer_database_is_refused_untouched(store_url: str, version: str) -> None:
     ReplayStore(store_url).close()
     engine = create_engine(store_url)
@@ -374,7 +382,7 @@ def test_a_newer_database_is_refused_untouched(store_url: str, version: str) -> 
         connection.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": f"{int(version):04d}"})
     engine.dispose()
     before = layout(store_url)
-    with pytest.raises(SchemaVersionError, match=f"version {version}, newer than this code's 5"):
+    with pytest.raises(SchemaVersionError, match=f"version {version}, newer than this code's {SCHEMA_VERSION}"):
         ReplayStore(store_url)
     assert layout(store_url) == before
     assert scalars(store_url, "SELECT value FROM meta") == [version]
