@@ -14,6 +14,7 @@ of any setting a completed stage read (the experiment says which stage reads whi
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -76,19 +77,26 @@ class RunDir:
         saved = load_config(config_cls, run.config_file)
         return run, saved, load_config(config_cls, run.config_file, list(overrides))
 
-    def fork(self, target: Path) -> RunDir:
+    def fork(self, target: Path, at: str | None = None) -> RunDir:
         """A new run directory at ``target`` holding this run's completed stages (store, adapters,
         metrics, config), to go on with ``--resume`` and other settings of stages still to run.
+
+        With ``at``, only the stages completed up to and including it: a finished run forked at
+        ``eval/sft`` goes on from its SFT policy (its later stages' rows, adapters and metrics are
+        left out of the copy; the run itself is not touched).
 
         Made whole or not at all: copied beside the target, then renamed into place. The SQLite
         store is copied with SQLite's backup API, so what the run committed is there even if its
         write-ahead log was never checkpointed; the source may be running meanwhile. A run whose
         store lives elsewhere (``store_url``) cannot be forked this way.
+
+        Raises:
+            KeyError: If ``at`` is not a completed stage of the run.
         """
         import shutil
         import sqlite3
 
-        from agentloop.replay import STORE_FILE
+        from agentloop.replay import STORE_FILE, ReplayStore
 
         config = yaml.safe_load(self.config_file.read_text())
         if config.get("store_url"):
@@ -98,18 +106,44 @@ class RunDir:
             raise FileExistsError(f"run directory {target} is not empty")
         staging = target.with_name(target.name + ".forking")
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(self.path, staging, ignore=shutil.ignore_patterns("tensorboard", "*.png", STORE_FILE + "*"))
-        source, copy = sqlite3.connect(self.path / STORE_FILE), sqlite3.connect(staging / STORE_FILE)
-        with copy:
-            source.backup(copy)
-        source.close()
-        copy.close()
-        if "run_dir" in config:  # where the fork lives now
-            config["run_dir"] = str(target)
-        (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        try:
+            shutil.copytree(self.path, staging, ignore=shutil.ignore_patterns("tensorboard", "*.png", STORE_FILE + "*"))
+            source, copy = sqlite3.connect(self.path / STORE_FILE), sqlite3.connect(staging / STORE_FILE)
+            with copy:
+                source.backup(copy)
+            source.close()
+            copy.close()
+            if at is not None:
+                copied = RunDir(staging)
+                with ReplayStore(copied.store_url) as store:
+                    store.truncate(at)
+                    kept = store.completed_stages()
+                copied.keep_only(kept)
+            if "run_dir" in config:  # where the fork lives now
+                config["run_dir"] = str(target)
+            (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(target, ignore_errors=True)
         staging.replace(target)
         return RunDir(target)
+
+    def keep_only(self, stages: Sequence[str]) -> None:
+        """Removes the adapters and metrics lines of every stage but ``stages`` (a fork cut at a stage)."""
+        import shutil
+
+        from agentloop.metrics import JSONL_NAME
+
+        adapters = {self.adapter(stage).name for stage in stages}
+        for found in (self.path / "adapters").glob("*"):
+            if found.name not in adapters:
+                shutil.rmtree(found) if found.is_dir() else found.unlink()
+        metrics = self.path / JSONL_NAME
+        if metrics.is_file():
+            lines = metrics.read_text().splitlines(keepends=True)
+            keep = set(stages)
+            metrics.write_text("".join(line for line in lines if line.strip() and json.loads(line)["stage"] in keep))
 
     def save_config(self, config: Any) -> None:
         """Writes the resolved config into the run directory (replacing it whole)."""

@@ -16,9 +16,10 @@ Usage:
     python experiments/continual.py 'phases=[[db:UPDATE], [db:INSERT]]'   # task families of one env
     python experiments/continual.py ... sft.replay_fraction=0 round_sft.replay_fraction=0 \\
         dpo.replay_fraction=0                                 # the same sequence without replay
+    agentloop fork runs/without-replay runs/with-replay --at eval/sft-1
     python experiments/continual.py --resume runs/with-replay sft.replay_fraction=0.1 ...
-        # a copy of the run without replay made after its phase 1 (RunDir.fork): phase 1 replays
-        # nothing, so both runs share it exactly and differ only from phase 2 on
+        # a copy of the run without replay cut after its phase 1: phase 1 replays nothing, so
+        # both runs share it exactly and differ only from phase 2 on
 """
 
 from __future__ import annotations

@@ -256,3 +256,43 @@ def test_a_fork_holds_the_runs_completed_stages_and_names_its_own_directory(tmp_
     assert saved.seed == 3 and not (tmp_path / "fork.forking").exists()
     with pytest.raises(FileExistsError):
         run.fork(tmp_path / "fork")
+
+
+def test_a_fork_at_a_stage_leaves_out_the_later_stages_and_the_run_untouched(tmp_path):
+    from click.testing import CliRunner
+
+    from agentloop.cli import cli
+    from agentloop.types import Message, Task, Trajectory
+
+    run = RunDir.create(tmp_path / "run", Config(seed=3))
+    task = Task("db", "1", "dev", "SELECT", "q")
+    done = Trajectory(
+        task=task, messages=(Message("user", "q"), Message("assistant", "a")), tokenizer="t", reward=1.0, success=True,
+        terminated=True, truncated=False, num_turns=1, invalid_actions=0, source="eval", policy_version=0, iteration=0,
+    )  # fmt: skip
+    metrics = MetricsLogger(run.path, trackers=[])
+    with ReplayStore(run.store_url) as store:
+        for stage in ("eval/base", "sft", "eval/sft", "dpo/1", "eval/1"):
+            store.commit_stage(stage, trajectories=[done] if stage.startswith("eval") else [], metrics={})
+            metrics.log({"x": 1.0}, stage=stage, step=0)
+            if not stage.startswith("eval"):
+                run.adapter(stage).mkdir(parents=True)
+                (run.adapter(stage) / "adapter_model.safetensors").write_bytes(stage.encode())
+    metrics.close()
+    before = sorted(p.relative_to(run.path) for p in run.path.rglob("*"))
+
+    found = CliRunner().invoke(cli, ["fork", str(run.path), str(tmp_path / "fork"), "--at", "eval/sft"])
+
+    assert found.exit_code == 0, found.output
+    assert "3 stages (eval/base, sft, eval/sft)" in found.output
+    forked = RunDir(tmp_path / "fork")
+    with ReplayStore(forked.store_url) as store:
+        assert store.completed_stages() == ["eval/base", "sft", "eval/sft"] and len(store.trajectories()) == 2
+    assert sorted(p.name for p in (forked.path / "adapters").iterdir()) == ["sft"]
+    assert [r["stage"] for r in read_metrics(forked.path / "metrics.jsonl")] == ["eval/base", "sft", "eval/sft"]
+    assert sorted(p.relative_to(run.path) for p in run.path.rglob("*")) == before
+    with ReplayStore(run.store_url) as store:
+        assert len(store.completed_stages()) == 5
+    missing = CliRunner().invoke(cli, ["fork", str(run.path), str(tmp_path / "other"), "--at", "dpo/2"])
+    assert missing.exit_code == 2 and "'dpo/2' is not a completed stage; completed: eval/base, sft" in missing.output
+    assert not (tmp_path / "other").exists() and not (tmp_path / "other.forking").exists()

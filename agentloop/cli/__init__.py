@@ -2,6 +2,7 @@
 watch a run.
 
     agentloop run eto [--config FILE] [--resume DIR] [key=value ...]   experiments/eto.py, as if run directly
+    agentloop fork RUN NEW --at eval/sft                               a copy of RUN to go on from one of its stages
     agentloop eval RUN/adapters/sft --against base --env db            k/n, 95% Wilson interval, paired McNemar test
     agentloop export --store RUN out.jsonl [--pairs] [--stage eval/sft] trajectories or pairs to ETO / chat / Parquet
     agentloop import demos.json --store RUN --stage imported --env db  a file into a store, as one completed stage
@@ -22,7 +23,7 @@ from agentloop import __version__
 from agentloop.cli.dashboard import dashboard
 from agentloop.cli.data import data
 from agentloop.cli.evaluation import evaluate
-from agentloop.cli.experiments import run
+from agentloop.cli.experiments import fork, run
 from agentloop.cli.files import export, import_
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -37,7 +38,7 @@ def cli() -> None:
     """
 
 
-for command in (run, evaluate, export, import_, data, dashboard):
+for command in (run, fork, evaluate, export, import_, data, dashboard):
     cli.add_command(command)
 
 

@@ -100,3 +100,37 @@ def run(experiment: str, args: tuple[str, ...]) -> None:
         runpy.run_path(str(script), run_name="__main__")
     except ConfigError as e:
         raise click.UsageError(f"{experiment}: {e}") from None
+
+
+@click.command(short_help="Copy a run to go on from one of its stages.")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--at", "stage", metavar="STAGE", help="The last stage kept (eval/sft, sft/1, ...); default: all.")
+def fork(run_dir: Path, target: Path, stage: str | None) -> None:
+    """Copy the run RUN_DIR into TARGET, a new run that goes on from RUN_DIR's stage STAGE.
+
+    The copy holds the stages completed up to STAGE (their trajectories, pairs, memory, adapters and
+    metrics); RUN_DIR is not touched, and may be running. Resume the copy with other settings of the
+    stages still to run: the SFT policy of a finished ETO run, say, trained on with other DPO settings.
+
+    \b
+        agentloop fork runs/eto-1 runs/eto-beta05 --at eval/sft
+        agentloop run eto --resume runs/eto-beta05 dpo.beta=0.5
+    """
+    from agentloop.config import ConfigError
+    from agentloop.loop import RunDir
+
+    source = RunDir(run_dir)
+    if not source.config_file.is_file():
+        raise click.BadParameter(f"{run_dir} holds no config.yaml: is it a run directory?", param_hint="RUN_DIR")
+    try:
+        copy = source.fork(target, at=stage)
+    except KeyError as e:
+        raise click.BadParameter(str(e.args[0]), param_hint="--at") from None
+    except (FileExistsError, ConfigError) as e:
+        raise click.UsageError(str(e)) from None
+    from agentloop.replay import ReplayStore
+
+    with ReplayStore(copy.store_url) as store:
+        kept = store.completed_stages()
+    click.echo(f"{copy.path}: {len(kept)} stages ({', '.join(kept) or 'none'}); go on with --resume {copy.path}")

@@ -327,6 +327,34 @@ class ReplayStore:
             logger.warning("discarded %d trajectories of incomplete stages", deleted)
         return deleted
 
+    def truncate(self, last: str) -> list[str]:
+        """Deletes everything after the completed stage ``last``: the later stages and those never
+        completed, with their trajectories, pairs, experiences, imagined tasks and beginnings, in one
+        transaction. For a copy of a run to go on from ``last`` (:meth:`agentloop.loop.RunDir.fork`).
+
+        Returns:
+            The deleted completed stages, in completion order.
+
+        Raises:
+            KeyError: If ``last`` is not a completed stage.
+        """
+        with Session(self._engine) as session, session.begin():
+            position = session.scalar(select(StageRow.position).where(StageRow.name == last))
+            if position is None:
+                done = ", ".join(session.scalars(select(StageRow.name).order_by(StageRow.position)))
+                raise KeyError(f"{last!r} is not a completed stage; completed: {done or 'none'}")
+            after = select(StageRow.name).where(StageRow.position > position).order_by(StageRow.position)
+            later = list(session.scalars(after))
+            kept = select(StageRow.name).where(StageRow.position <= position)
+            for table in (PairRow, ExperienceRow, ProposalRow, TrajectoryRow):  # what references a trajectory first
+                session.execute(delete(table).where(table.stage.not_in(kept)))
+            session.execute(delete(StageRow).where(StageRow.position > position))
+            begun = [BEGUN + name for name in session.scalars(kept)]
+            session.execute(delete(MetaRow).where(MetaRow.key.startswith(BEGUN), MetaRow.key.not_in(begun)))
+        if later:
+            logger.info("store cut after stage %s: %s deleted", last, ", ".join(later))
+        return later
+
     def started_stages(self) -> list[str]:
         """Stages not complete that hold streamed episodes (a crash or kill interrupted them)."""
         with Session(self._engine) as session:

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from agentloop.learners.data import build_pairs
 from agentloop.metrics import trajectory_metrics
 from agentloop.replay import GroupMetrics, ReplayStore, SchemaVersionError
-from agentloop.types import Message, Pair, Task, Trajectory
+from agentloop.types import Experience, Message, Pair, Proposal, Task, Trajectory
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -412,3 +412,34 @@ def test_a_stage_beginning_is_recorded_for_watchers_and_a_complete_stage_refuses
     with pytest.raises(ValueError, match="already complete"):
         store.begin_stage("sft")
     assert store.completed_stages() == ["sft"]  # a record of a beginning is not a completion
+
+
+def test_truncate_keeps_the_stages_up_to_one_and_everything_they_hold(store: ReplayStore) -> None:
+    from sqlalchemy import select
+
+    from agentloop.replay.tables import BEGUN, MetaRow
+
+    expert = episode(SELECT, source="expert", policy_version=-1, iteration=0, seed=1)
+    store.commit_stage("experts", trajectories=[expert], metrics={})
+    store.commit_stage("eval/sft", trajectories=[episode(DEV, seed=2)], metrics={"eval/successes": 1.0})
+    failed = episode(SELECT, success=False, seed=3)
+    lesson = Experience(SELECT, False, 0.0, "use COUNT", ("Action: ...",), stage="explore/1", trial=0)
+    store.add_episodes([failed], stage="explore/1", experiences=[lesson])
+    imagined = Proposal("db", "train-1", "imagine-1-0", "Question: ...", "explore/1", True, "", True)
+    store.commit_stage("explore/1", proposals=[imagined], metrics={})
+    store.commit_stage("dpo/1", pairs=[Pair(SELECT, expert, failed, 1)], metrics={})
+    store.begin_stage("eval/1", tasks=1)
+    store.add_episodes([episode(DEV, seed=4, iteration=1)], stage="eval/1")  # under way when the run stopped
+
+    assert store.truncate("eval/sft") == ["explore/1", "dpo/1"]
+
+    assert store.completed_stages() == ["experts", "eval/sft"]
+    assert store.trajectories() == [expert, episode(DEV, seed=2)]
+    assert store.pairs() == [] and store.experiences() == [] and store.proposals() == []
+    assert store.started_stages() == [] and store.stage_metrics("eval/sft") == {"eval/successes": 1.0}
+    with store._engine.connect() as c:
+        assert list(c.scalars(select(MetaRow.key).where(MetaRow.key.startswith(BEGUN)))) == []
+    store.commit_stage("explore/1", trajectories=[failed], metrics={})  # the stages after it run again
+    with pytest.raises(KeyError, match="'dpo/1' is not a completed stage; completed: experts, eval/sft, explore/1"):
+        store.truncate("dpo/1")
+    assert store.truncate("explore/1") == []
