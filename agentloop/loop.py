@@ -218,6 +218,39 @@ def _plain(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
+class Heartbeat:
+    """Writes that the run is alive into its store every ``every`` seconds (:meth:`ReplayStore.beat`), from a
+    daemon thread, until closed or the process dies: the dashboard tells a stage still running from one a
+    killed or crashed run left behind by it. A beat that fails (the store busy, say) is skipped, never raised.
+    """
+
+    def __init__(self, store: Any, every: float | None = None) -> None:
+        import threading
+
+        from agentloop.replay.tables import HEARTBEAT_SECONDS
+
+        self.store, self.every = store, HEARTBEAT_SECONDS if every is None else every
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="agentloop-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        try:
+            self.store.beat()
+        except Exception as e:  # noqa: BLE001 - a watcher's convenience must never stop the run
+            logger.debug("heartbeat not written: %s", e)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._beat()
+
+    def close(self) -> None:
+        """Stops beating (the run ends: nothing of it runs any more)."""
+        self._stop.set()
+        self._thread.join()
+
+
 class Remembers(Protocol):
     """What a rollout stage's stored episodes feed: long-term memory (:mod:`agentloop.memory`)."""
 

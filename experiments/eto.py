@@ -249,7 +249,7 @@ class Run:
 
         from agentloop.actors.workers import start_workers
         from agentloop.dashboard.launch import check_port, start_dashboard
-        from agentloop.loop import Stages
+        from agentloop.loop import Heartbeat, Stages
         from agentloop.metrics import MetricsLogger
         from agentloop.replay import ReplayStore
         from agentloop.trackers import start_trackers
@@ -274,6 +274,7 @@ class Run:
             self.train[spec.name] = [t for t in tasks if t.task.task_id in keep]
             self.held_out += envs.load_tasks(spec.name, Path(config.data_dir), eval_split)[: spec.eval_tasks or None]
         self.store = ReplayStore(url)
+        self.heartbeat = Heartbeat(self.store)  # tells the dashboard this run lives
         self.stages = Stages(run_dir, self.store, self.metrics)
         print(f"run directory: {run_dir.path}")
         # Before any work too: a dashboard that cannot start stops the run. It stops with the run.
@@ -381,6 +382,7 @@ class Run:
 
         from agentloop.metrics import plot_learning_curve
 
+        self.heartbeat.close()
         self.metrics.close()
         plot_learning_curve(self.run_dir.path / "metrics.jsonl", self.run_dir.path / "learning_curve.png")
         print(f"learning curve: {self.run_dir.path / 'learning_curve.png'}")

@@ -257,6 +257,7 @@ def _summary(name: str, run: FastAPI | None) -> dict[str, Any]:
         "stages": len(done),
         "last": done[-1] if done else None,
         "running": [s.name for s in stages if s.position is None],
+        "stopped": run.state.reader.stopped_since() is not None,
         "eval": evals[-1] if evals else None,
     }
 

@@ -26,10 +26,22 @@ from sqlalchemy import Engine, and_, case, create_engine, event, func, or_, sele
 from sqlalchemy.engine import URL, make_url
 
 from agentloop.metrics import wilson_interval
-from agentloop.replay.tables import BEGUN, SCHEMA_VERSION, ExperienceRow, MetaRow, PairRow, StageRow, TrajectoryRow
+from agentloop.replay.tables import (
+    ALIVE,
+    BEGUN,
+    HEARTBEAT_SECONDS,
+    SCHEMA_VERSION,
+    ExperienceRow,
+    MetaRow,
+    PairRow,
+    StageRow,
+    TrajectoryRow,
+)
 
 PAGE_SIZE = 50
 """Rows per page of the trajectory and pair lists."""
+STOPPED_AFTER = 4 * HEARTBEAT_SECONDS
+"""A run silent this long (seconds; four missed heartbeats) with a stage still running is shown stopped."""
 TASK_ATTEMPTS = 500
 """At most this many attempts of one task are listed (newest kept)."""
 FILTERS = ("stage", "iteration", "env", "task_id", "success", "source", "policy_version")
@@ -224,7 +236,26 @@ class StoreReader:
             # A stage beginning: each record's JSON starts with its ISO time, so the greatest is the newest.
             begun = c.execute(select(func.count(), func.max(MetaRow.value)).where(MetaRow.key.startswith(BEGUN))).one()
         started = json.loads(begun[1])["started"] if begun[1] else None
-        return f"{stages[0]}.{stages[1]}.{newest}.{pairs}.{begun[0]}.{started}"
+        # A run that stops beating writes nothing more: the page must still learn that it stopped.
+        stopped = self.stopped_since() is not None
+        return f"{stages[0]}.{stages[1]}.{newest}.{pairs}.{begun[0]}.{started}.{stopped:d}"
+
+    def last_beat(self) -> datetime | None:
+        """When the run last said it was alive (:meth:`agentloop.replay.ReplayStore.beat`); None when it never
+        did (a store of an older agentloop)."""
+        with self.engine.connect() as c:
+            value = c.scalar(select(MetaRow.value).where(MetaRow.key == ALIVE))
+        return _utc(datetime.fromisoformat(json.loads(value)["at"])) if value else None
+
+    def stopped_since(self, now: datetime | None = None) -> datetime | None:
+        """When the run last beat, if a stage is still running and the run has been silent for
+        :data:`STOPPED_AFTER` seconds (killed or crashed: ``--resume`` goes on from the last completed stage);
+        else None. A store of an older agentloop, which never beat, is never taken for stopped."""
+        beat = self.last_beat()
+        if beat is None or ((now or datetime.now(UTC)) - beat).total_seconds() < STOPPED_AFTER:
+            return None
+        with self.engine.connect() as c:
+            return beat if _running(c) else None
 
     def stages(self) -> list[Stage]:
         """Every stage, completed ones in completion order, then the running ones."""
@@ -235,11 +266,8 @@ class StoreReader:
                 )
             ).all()
             done = {row.name for row in completed}
-            begun = {
-                key.removeprefix(BEGUN): json.loads(value)
-                for key, value in c.execute(select(MetaRow.key, MetaRow.value).where(MetaRow.key.startswith(BEGUN)))
-            }
-            running = sorted((set(c.scalars(select(T.stage).distinct())) | set(begun)) - done)
+            begun = _begun(c)
+            running = sorted(_running(c, done, begun))
             running.sort(key=lambda name: begun.get(name, {}).get("started") or "")
             if done - set(self._done):
                 live = self._cache_completed(c, done)
@@ -282,10 +310,13 @@ class StoreReader:
         return {name: value for name, value in found.items() if name not in done}
 
     def run(self) -> dict[str, Any]:
-        """What the run view shows: every stage with its per-env figures, the learning curves, the progress."""
+        """What the run view shows: every stage with its per-env figures, the learning curves, the progress, and
+        ``stopped_since`` when the run left a stage running and stopped (:meth:`stopped_since`)."""
         stages = self.stages()
+        stopped = self.stopped_since()
         return {
             "version": self.version(),
+            "stopped_since": stopped.isoformat() if stopped else None,
             "stages": [s.as_dict() for s in stages],
             "progress": [progress(s, stages) for s in stages if s.position is None],
             "curves": curves(stages),
@@ -591,6 +622,19 @@ def _where(filters: Mapping[str, Any]) -> list[Any]:
 
 def _decode(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {name: float(value) for name, value in metrics.items()}
+
+
+def _begun(c: Any) -> dict[str, dict[str, Any]]:
+    """Each stage's beginning as the run recorded it (``begun/<stage>``)."""
+    found = c.execute(select(MetaRow.key, MetaRow.value).where(MetaRow.key.startswith(BEGUN)))
+    return {key.removeprefix(BEGUN): json.loads(value) for key, value in found}
+
+
+def _running(c: Any, done: set[str] | None = None, begun: Mapping[str, Any] | None = None) -> set[str]:
+    """The stages begun, or holding trajectories, and not completed."""
+    done = set(c.scalars(select(StageRow.name))) if done is None else done
+    begun = _begun(c) if begun is None else begun
+    return (set(c.scalars(select(T.stage).distinct())) | set(begun)) - done
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -33,6 +33,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import typing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,6 +50,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from agentloop.replay.tables import (
+    ALIVE,
     BEGUN,
     SCHEMA_VERSION,
     ExperienceRow,
@@ -291,6 +294,13 @@ class ReplayStore:
         with Session(self._engine) as session, session.begin():
             _require_open_stage(session, stage)
             session.merge(MetaRow(key=BEGUN + stage, value=value))
+
+    def beat(self) -> None:
+        """Records that the process writing this store is alive now (``meta.alive``: when, its host and pid).
+        Only watchers read it (:class:`agentloop.loop.Heartbeat` calls this every few seconds)."""
+        value = json.dumps({"at": datetime.now(UTC).isoformat(), "host": socket.gethostname(), "pid": os.getpid()})
+        with Session(self._engine) as session, session.begin():
+            session.merge(MetaRow(key=ALIVE, value=value))
 
     def completed_stages(self) -> list[str]:
         """Names of the completed stages, in completion order."""

@@ -45,6 +45,12 @@ class Base(DeclarativeBase):
 BEGUN = "begun/"
 """``meta`` keys ``begun/<stage>``: when a stage began and how many tasks it plays (JSON), written by
 :meth:`agentloop.replay.ReplayStore.begin_stage` for watchers; nothing decides work from them."""
+ALIVE = "alive"
+"""``meta`` key: when the process running the loop last said it was alive, its host and pid (JSON), written
+every :data:`HEARTBEAT_SECONDS` by :meth:`agentloop.replay.ReplayStore.beat`, for watchers: a stage still
+running in a store whose run stopped beating was abandoned (the run was killed or crashed)."""
+HEARTBEAT_SECONDS = 30.0
+"""How often a running loop writes :data:`ALIVE`."""
 
 
 class MetaRow(Base):

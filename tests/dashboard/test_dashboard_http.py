@@ -7,6 +7,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -128,6 +129,55 @@ def test_a_resumed_stage_paces_its_eta_on_the_tasks_begun_since_it_resumed(tmp_p
     (progress,) = reader.run()["progress"]
     # one task in about 0.2 s since the resume, three to go: about 0.6 s (not 3/7 of it, not negative)
     assert progress["done"] == 7 and 0.45 < progress["eta_seconds"] < 5
+    reader.close()
+
+
+def test_a_run_that_stopped_beating_with_a_stage_unfinished_is_shown_stopped(tmp_path):
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from agentloop.dashboard.queries import STOPPED_AFTER
+    from agentloop.loop import Heartbeat
+
+    url = f"sqlite:///{tmp_path / 'replay.db'}"
+    tasks = [task("db", n) for n in range(4)]
+
+    def last_beat(ago: float) -> None:  # as a run killed ``ago`` seconds ago left it
+        with sqlite3.connect(tmp_path / "replay.db") as db:
+            at = (datetime.now(UTC) - timedelta(seconds=ago)).isoformat()
+            db.execute("UPDATE meta SET value = ? WHERE key = 'alive'", (json.dumps({"at": at, "pid": 1}),))
+
+    with ReplayStore(url) as store:
+        beating = Heartbeat(store, every=0.05)  # what a run does while it lives
+        store.begin_stage("eval/1", tasks=4)
+        store.add_episodes([trajectory(t, success=True, source="eval") for t in tasks[:2]], "eval/1")
+        reader = StoreReader(url)
+        first = reader.last_beat()
+        for _ in range(100):
+            if reader.last_beat() != first:
+                break
+            time.sleep(0.02)
+        assert reader.last_beat() > first and reader.stopped_since() is None  # it beats on
+        beating.close()
+    with TestClient(create_app(url)) as client:
+        before = client.get("/api/version").json()["version"]
+        assert "has stopped" not in client.get("/fragments/run").text
+        last_beat(ago=STOPPED_AFTER + 5)  # killed: no more beats, nothing more written
+        assert client.get("/api/version").json()["version"] != before  # the page learns it
+        page = client.get("/fragments/run").text
+        assert "The run has stopped</strong>: no sign of it since" in page and "ETA" not in page
+        assert re.search(r"eval/1</a> <em>\(unfinished\)", page)
+        assert client.get("/api/run").json()["stopped_since"] is not None
+        with ReplayStore(url) as store:
+            store.commit_stage("eval/1", metrics={})  # nothing unfinished: a finished run is not "stopped"
+        assert reader.stopped_since() is None and "has stopped" not in client.get("/fragments/run").text
+    reader.close()
+
+
+def test_a_store_that_never_beat_is_never_shown_stopped(run_store):
+    path, _ = run_store  # a stage running, no heartbeat: a store of an older agentloop
+    reader = StoreReader(f"sqlite:///{path}")
+    assert reader.run()["progress"] and reader.last_beat() is None and reader.stopped_since() is None
     reader.close()
 
 
