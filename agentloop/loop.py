@@ -87,16 +87,19 @@ class RunDir:
 
         Made whole or not at all: copied beside the target, then renamed into place. The SQLite
         store is copied with SQLite's backup API, so what the run committed is there even if its
-        write-ahead log was never checkpointed; the source may be running meanwhile. A run whose
-        store lives elsewhere (``store_url``) cannot be forked this way.
+        write-ahead log was never checkpointed; the source may be running meanwhile (what it does for
+        a stage not yet complete is left out). The fork starts tracker runs of its own (W&B and MLflow
+        ids are not copied). A run whose store lives elsewhere (``store_url``) cannot be forked this way.
 
         Raises:
             KeyError: If ``at`` is not a completed stage of the run.
+            FileNotFoundError: If the run has no store.
         """
         import shutil
         import sqlite3
 
         from agentloop.replay import STORE_FILE, ReplayStore
+        from agentloop.trackers import IDS_FILE
 
         config = yaml.safe_load(self.config_file.read_text())
         if config.get("store_url"):
@@ -104,21 +107,28 @@ class RunDir:
         target = Path(target)
         if target.exists() and any(target.iterdir()):
             raise FileExistsError(f"run directory {target} is not empty")
+        if not (self.path / STORE_FILE).is_file():
+            raise FileNotFoundError(f"{self.path} holds no {STORE_FILE}: nothing to fork")
         staging = target.with_name(target.name + ".forking")
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            shutil.copytree(self.path, staging, ignore=shutil.ignore_patterns("tensorboard", "*.png", STORE_FILE + "*"))
+            # The store first, then the files: a stage the source completes meanwhile is then either not
+            # complete in the copy, or complete with its adapter copied whole (adapters are renamed into place).
+            staging.mkdir(parents=True)
             source, copy = sqlite3.connect(self.path / STORE_FILE), sqlite3.connect(staging / STORE_FILE)
             with copy:
                 source.backup(copy)
             source.close()
             copy.close()
-            if at is not None:
-                copied = RunDir(staging)
-                with ReplayStore(copied.store_url) as store:
+            # Tracker ids stay behind: the fork logs to tracker runs of its own, not into the source's.
+            skip = shutil.ignore_patterns("tensorboard", "wandb", "*.png", STORE_FILE + "*", IDS_FILE + "*")
+            shutil.copytree(self.path, staging, ignore=skip, dirs_exist_ok=True)
+            copied = RunDir(staging)
+            with ReplayStore(copied.store_url) as store:
+                if at is not None:
                     store.truncate(at)
-                    kept = store.completed_stages()
-                copied.keep_only(kept)
+                kept = store.completed_stages()
+            copied.keep_only(kept)  # also what the source was writing for a stage still running
             if "run_dir" in config:  # where the fork lives now
                 config["run_dir"] = str(target)
             (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -141,15 +151,24 @@ class RunDir:
                 shutil.rmtree(found) if found.is_dir() else found.unlink()
         metrics = self.path / JSONL_NAME
         if metrics.is_file():
-            lines = metrics.read_text().splitlines(keepends=True)
             keep = set(stages)
-            metrics.write_text("".join(line for line in lines if line.strip() and json.loads(line)["stage"] in keep))
+            lines = [line for line in metrics.read_text().splitlines(keepends=True) if _stage_of(line) in keep]
+            metrics.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines))
 
     def save_config(self, config: Any) -> None:
         """Writes the resolved config into the run directory (replacing it whole)."""
         temporary = self.config_file.with_suffix(".yaml.tmp")
         temporary.write_text(yaml.safe_dump(_plain(to_dict(config)), sort_keys=False))
         temporary.replace(self.config_file)
+
+
+def _stage_of(line: str) -> str | None:
+    """The stage of a metrics line; None for a blank, torn (a run killed mid-write) or stageless line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("stage") if isinstance(record, dict) else None
 
 
 def check_resume(

@@ -18,8 +18,9 @@ Usage:
         dpo.replay_fraction=0                                 # the same sequence without replay
     agentloop fork runs/without-replay runs/with-replay --at eval/sft-1
     python experiments/continual.py --resume runs/with-replay sft.replay_fraction=0.1 ...
-        # a copy of the run without replay cut after its phase 1: phase 1 replays nothing, so
-        # both runs share it exactly and differ only from phase 2 on
+        # with iterations=0, a copy of the run without replay cut after its phase 1: phase 1
+        # replays nothing, so both runs share it exactly and differ only from phase 2 on (phase 1's
+        # STE rounds, if any, replay earlier rounds' data: then run both from the start)
 """
 
 from __future__ import annotations
@@ -75,14 +76,13 @@ def _phases_problem(phases: list[list[str]], envs: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, run_dir, saved = parse_args(argv, ContinualConfig, "continual", __doc__)
+    config, run_dir, saved = parse_args(argv, ContinualConfig, "continual", __doc__, check=check_families)
     check_endpoints(config)
     # Rounds are numbered across phases, so a resumed run keeps its rounds per phase (iterations).
     free = tuple(key for key in FREE_SETTINGS if key != "iterations")
     run = Run(config, run_dir, saved, stage_reads(), free)
     memory = RunMemory(run)
 
-    check_families(config.phases, run.train)
     experts = run.stages.rollout("experts", 0, run.make_experts)
     run.evaluate("eval/base", version=0, iteration=0)
     version, rounds, trained = 0, 0, []
@@ -122,11 +122,17 @@ def belongs(task, units: list[str]) -> bool:
     return any(task.env == env and kind in ("", task.kind) for env, _, kind in (u.partition(":") for u in units))
 
 
-def check_families(phases: list[list[str]], train: dict[str, list]) -> None:
-    """Fails, naming ``phases``, when a family it lists has no training task (a kind misspelt, say)."""
-    for unit in (u for phase in phases for u in phase if ":" in u):
+def check_families(config: ContinualConfig) -> None:
+    """Fails, naming ``phases``, when a family it lists has no task in its env's training split (a kind
+    misspelt, say): before the run's directory, trackers or actors exist."""
+    from pathlib import Path
+
+    from agentloop import envs
+
+    splits = {spec.name: spec.splits()[0] for spec in config.envs}
+    for unit in (u for phase in config.phases for u in phase if ":" in u):
         env, _, kind = unit.partition(":")
-        kinds = sorted({t.task.kind for t in train.get(env, [])})
+        kinds = sorted({t.task.kind for t in envs.load_tasks(env, Path(config.data_dir), splits[env])})
         if kind not in kinds:
             raise ConfigError(f"phases: {env} has no training task of kind {kind!r}; its kinds: {', '.join(kinds)}")
 

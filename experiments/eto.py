@@ -423,9 +423,12 @@ def sample_ids(ids: list[str], n: int, seed: int) -> list[str]:
     return [i for i in ids if i in keep]
 
 
-def parse_args(argv: list[str] | None, config_class: type = ETOConfig, name: str = "eto", doc: str = __doc__):
+def parse_args(
+    argv: list[str] | None, config_class: type = ETOConfig, name: str = "eto", doc: str = __doc__, check=None
+):
     """Reads the config (YAML + overrides, or a run to resume) and opens the run directory
-    (new runs: ``runs/<name>-<date>-<time>`` unless ``run_dir`` is set)."""
+    (new runs: ``runs/<name>-<date>-<time>`` unless ``run_dir`` is set). ``check(config)``, an
+    experiment's own check of its config against the data, raises before a new run's directory exists."""
     from agentloop.loop import RunDir
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -447,6 +450,8 @@ def parse_args(argv: list[str] | None, config_class: type = ETOConfig, name: str
     config = load_config(config_class, args.config, args.overrides)
     config.fit_lengths()
     check_held_out(config)
+    if check is not None:
+        check(config)
     path = Path(config.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return config, RunDir.create(path, config), None
 

@@ -244,18 +244,33 @@ def test_a_fork_holds_the_runs_completed_stages_and_names_its_own_directory(tmp_
         task=task, messages=(Message("user", "q"), Message("assistant", "a")), tokenizer="t", reward=1.0, success=True,
         terminated=True, truncated=False, num_turns=1, invalid_actions=0, source="eval", policy_version=0, iteration=0,
     )  # fmt: skip
+    metrics = MetricsLogger(run.path, trackers=[])
     with ReplayStore(run.store_url) as store:  # left open, unsynced, as a running run's store is
         store.commit_stage("eval/base", trajectories=[done], metrics={"eval/successes": 1.0})
-        run.adapter("sft").mkdir(parents=True)
-        (run.adapter("sft") / "adapter_model.safetensors").write_bytes(b"weights")
+        metrics.log({"x": 1.0}, stage="eval/base", step=0)
+        for stage in ("sft", "dpo/1"):  # sft complete; dpo/1 running: its adapter written, not yet committed
+            run.adapter(stage).mkdir(parents=True)
+            (run.adapter(stage) / "adapter_model.safetensors").write_bytes(b"weights")
+        store.commit_stage("sft", metrics={})
+        metrics.log({"x": 2.0}, stage="sft", step=0)
+        metrics.close()
+        with open(run.path / "metrics.jsonl", "a") as torn:  # a line cut short by a kill, then one stageless
+            torn.write('{"x": 3.0}\n{"stage": "dpo/1", "x"')
+        (run.path / "trackers.json").write_text('{"wandb": "source-run-id"}')
         forked = run.fork(tmp_path / "fork")
     with ReplayStore(forked.store_url) as store:
-        assert store.completed_stages() == ["eval/base"] and len(store.trajectories(stage="eval/base")) == 1
+        assert store.completed_stages() == ["eval/base", "sft"] and len(store.trajectories(stage="eval/base")) == 1
     assert (forked.adapter("sft") / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert not forked.adapter("dpo/1").exists() and not (forked.path / "trackers.json").exists()
+    assert [r["stage"] for r in read_metrics(forked.path / "metrics.jsonl")] == ["eval/base", "sft"]
     _, saved, _ = RunDir.resume(forked.path, Config)
     assert saved.seed == 3 and not (tmp_path / "fork.forking").exists()
     with pytest.raises(FileExistsError):
         run.fork(tmp_path / "fork")
+    empty = RunDir.create(tmp_path / "empty", Config())
+    with pytest.raises(FileNotFoundError, match="no replay.db"):
+        empty.fork(tmp_path / "fork2")
+    assert not (tmp_path / "empty" / "replay.db").exists() and not (tmp_path / "fork2.forking").exists()
 
 
 def test_a_fork_at_a_stage_leaves_out_the_later_stages_and_the_run_untouched(tmp_path):

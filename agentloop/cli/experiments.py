@@ -127,7 +127,7 @@ def fork(run_dir: Path, target: Path, stage: str | None) -> None:
         copy = source.fork(target, at=stage)
     except KeyError as e:
         raise click.BadParameter(str(e.args[0]), param_hint="--at") from None
-    except (FileExistsError, ConfigError) as e:
+    except (FileExistsError, FileNotFoundError, ConfigError) as e:
         raise click.UsageError(str(e)) from None
     from agentloop.replay import ReplayStore
 

@@ -297,7 +297,7 @@ class ReplayStore:
 
     def beat(self) -> None:
         """Records that the process writing this store is alive now (``meta.alive``: when, its host and pid).
-        Only watchers read it (:class:`agentloop.loop.Heartbeat` calls this every few seconds)."""
+        Only watchers read it (:class:`agentloop.loop.Heartbeat` calls this every ``HEARTBEAT_SECONDS``, 30 s)."""
         value = json.dumps({"at": datetime.now(UTC).isoformat(), "host": socket.gethostname(), "pid": os.getpid()})
         with Session(self._engine) as session, session.begin():
             session.merge(MetaRow(key=ALIVE, value=value))

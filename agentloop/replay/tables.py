@@ -54,7 +54,8 @@ HEARTBEAT_SECONDS = 30.0
 
 
 class MetaRow(Base):
-    """A key/value fact about the database itself (``schema_version``; ``begun/<stage>``, see :data:`BEGUN`)."""
+    """A key/value fact about the database itself (``schema_version``; ``begun/<stage>``, see :data:`BEGUN`;
+    ``alive``, the writer's last heartbeat, see :data:`ALIVE`)."""
 
     __tablename__ = "meta"
 

@@ -57,10 +57,14 @@ def test_a_family_is_its_kind_within_its_env() -> None:
     assert not continual.belongs(task("INSERT", 0), ["db:UPDATE"])
     assert continual.belongs(task("INSERT", 0), ["db:UPDATE", "db"])
     assert not continual.belongs(task("UPDATE", 0, env="os"), ["db:UPDATE"])
-    train = {"db": [SimpleNamespace(task=task(k, 0)) for k in ("SELECT", "UPDATE")]}
-    continual.check_families([["db:UPDATE"], ["db:SELECT"]], train)
-    with pytest.raises(ConfigError, match="phases: db has no training task of kind 'update'; its kinds: SELECT, UP"):
-        continual.check_families([["db:update"]], train)
+    continual.check_families(config("phases=[[db:UPDATE], [db:SELECT]]"))
+
+
+def test_a_misspelt_family_stops_the_run_before_its_directory_exists(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match="phases: db has no training task of kind 'update'; its kinds: INSERT, SE"):
+        continual.main(["phases=[[db:update]]", f"run_dir={run_dir}"])
+    assert not run_dir.exists()
 
 
 def trajectory(t: Task, source: str, success: bool = True) -> Trajectory:
