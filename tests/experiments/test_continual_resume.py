@@ -16,7 +16,8 @@ import continual  # noqa: E402
 OVERRIDES = ["envs=[{name: db}, {name: os}]", "phases=[[db], [os]]", "iterations=0"]
 
 
-def test_the_sft_replay_may_change_after_the_first_phase_only(data_dir):
+def test_the_sft_replay_may_change_after_the_first_phase_only(data_dir, monkeypatch):
+    monkeypatch.setenv("AGENTLOOP_DATA_DIR", str(data_dir))  # the config checks that its data_dir exists
     saved = load_config(continual.ContinualConfig, None, [*OVERRIDES, "sft.replay_fraction=0"])
     replayed = load_config(continual.ContinualConfig, None, [*OVERRIDES, "sft.replay_fraction=0.1"])
     phase_one = ["experts", "eval/base", "sft/1", "eval/sft-1"]
