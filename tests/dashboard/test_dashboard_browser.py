@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import SCRIPT, task, trajectory
+from dashboard_run import SCRIPT, task, trajectory
 from localnet import free_port
 
 from agentloop.replay import ReplayStore

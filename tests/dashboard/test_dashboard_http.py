@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import SCRIPT, build_run, task, trajectory
+from dashboard_run import SCRIPT, build_run, task, trajectory
 from starlette.testclient import TestClient
 
 from agentloop.cli import cli
