@@ -36,6 +36,7 @@ from agentloop.replay.tables import (
     PairRow,
     StageRow,
     TrajectoryRow,
+    database_now,
 )
 
 PAGE_SIZE = 50
@@ -252,10 +253,11 @@ class StoreReader:
         :data:`STOPPED_AFTER` seconds (killed or crashed: ``--resume`` goes on from the last completed stage);
         else None. A store of an older agentloop, which never beat, is never taken for stopped."""
         beat = self.last_beat()
-        if beat is None or ((now or datetime.now(UTC)) - beat).total_seconds() < STOPPED_AFTER:
+        if beat is None:
             return None
         with self.engine.connect() as c:
-            return beat if _running(c) else None
+            silent = ((now or database_now(c)) - beat).total_seconds()  # both times from the database's clock
+            return beat if silent >= STOPPED_AFTER and _running(c) else None
 
     def stages(self) -> list[Stage]:
         """Every stage, completed ones in completion order, then the running ones."""

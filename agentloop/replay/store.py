@@ -59,6 +59,7 @@ from agentloop.replay.tables import (
     ProposalRow,
     StageRow,
     TrajectoryRow,
+    database_now,
 )
 from agentloop.types import Experience, Message, Pair, Proposal, Source, Task, Trajectory
 
@@ -298,8 +299,9 @@ class ReplayStore:
     def beat(self) -> None:
         """Records that the process writing this store is alive now (``meta.alive``: when, its host and pid).
         Only watchers read it (:class:`agentloop.loop.Heartbeat` calls this every ``HEARTBEAT_SECONDS``, 30 s)."""
-        value = json.dumps({"at": datetime.now(UTC).isoformat(), "host": socket.gethostname(), "pid": os.getpid()})
         with Session(self._engine) as session, session.begin():
+            at = database_now(session).isoformat()  # the database's clock, which the dashboard reads it against
+            value = json.dumps({"at": at, "host": socket.gethostname(), "pid": os.getpid()})
             session.merge(MetaRow(key=ALIVE, value=value))
 
     def completed_stages(self) -> list[str]:

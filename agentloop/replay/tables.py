@@ -16,8 +16,22 @@ import typing
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, CheckConstraint, DateTime, Double, ForeignKey, Index, String, Text, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Connection,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from agentloop.types import Source
 
@@ -51,6 +65,13 @@ every :data:`HEARTBEAT_SECONDS` by :meth:`agentloop.replay.ReplayStore.beat`, fo
 running in a store whose run stopped beating was abandoned (the run was killed or crashed)."""
 HEARTBEAT_SECONDS = 30.0
 """How often a running loop writes :data:`ALIVE`."""
+
+
+def database_now(connection: Connection | Session) -> datetime:
+    """The database server's clock, in UTC: the heartbeat is written and read against it, so a dashboard on
+    another host than the run's (PostgreSQL on a cluster) is not misled by the two hosts' clocks differing."""
+    now = connection.scalar(select(func.current_timestamp()))
+    return now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)  # SQLite's is naive UTC
 
 
 class MetaRow(Base):

@@ -443,3 +443,21 @@ def test_truncate_keeps_the_stages_up_to_one_and_everything_they_hold(store: Rep
     with pytest.raises(KeyError, match="'dpo/1' is not a completed stage; completed: experts, eval/sft, explore/1"):
         store.truncate("dpo/1")
     assert store.truncate("explore/1") == []
+
+
+def test_the_heartbeat_is_the_databases_time(store_url: str) -> None:
+    import json
+    from datetime import UTC, datetime
+
+    from agentloop.replay.tables import ALIVE, database_now
+
+    with ReplayStore(store_url) as store:
+        store.beat()
+        engine = create_engine(store_url)
+        with engine.connect() as c:
+            now = database_now(c)
+            beat = json.loads(c.scalar(text("SELECT value FROM meta WHERE key = :k"), {"k": ALIVE}))
+        engine.dispose()
+    at = datetime.fromisoformat(beat["at"])
+    assert now.tzinfo is UTC and at.utcoffset().total_seconds() == 0
+    assert 0 <= (now - at).total_seconds() < 5 and abs((datetime.now(UTC) - now).total_seconds()) < 5
