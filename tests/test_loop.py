@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
+from records import episode
 
 from agentloop.config import ConfigError
 from agentloop.loop import RunDir, Stages, check_resume
@@ -99,25 +100,11 @@ def test_metrics_committed_but_never_logged_are_logged_when_a_resumed_run_passes
 def test_a_streamed_stage_stores_batches_as_they_come_and_resumes_with_only_the_missing(tmp_path):
     from dataclasses import replace
 
-    from agentloop.types import Message, Task, Trajectory
+    from agentloop.types import Task, Trajectory
 
     def played(key: str) -> Trajectory:
         env, task_id = key.split("/")
-        return Trajectory(
-            task=Task(env, task_id, "train", "k", "do it"),
-            messages=(Message("user", "go"), Message("assistant", "ok")),
-            tokenizer="t",
-            reward=1.0,
-            success=True,
-            terminated=True,
-            truncated=False,
-            num_turns=1,
-            invalid_actions=0,
-            source="explore",
-            policy_version=1,
-            iteration=1,
-            generated_tokens=1,
-        )
+        return episode(Task(env, task_id, "train", "k", "do it"), action="ok", generated_tokens=1)
 
     keys = [f"db/t-{i}" for i in range(7)]
     asked = []
@@ -158,7 +145,7 @@ def test_a_streamed_stage_stores_batches_as_they_come_and_resumes_with_only_the_
 
 def test_a_stage_of_trial_chains_resumes_each_chain_after_its_last_stored_trial_with_its_memory(tmp_path):
     from agentloop.memory import MemoryConfig, distill
-    from agentloop.types import Message, Task, Trajectory
+    from agentloop.types import Task, Trajectory
 
     trials = MemoryConfig(trials=3)
     solved_at = {"db/a": 0, "db/b": 2, "db/c": 1, "db/d": None}  # d never: three trials
@@ -166,22 +153,8 @@ def test_a_stage_of_trial_chains_resumes_each_chain_after_its_last_stored_trial_
     def trial(key: str, number: int) -> Trajectory:
         env, task_id = key.split("/")
         success = solved_at[key] == number
-        return Trajectory(
-            task=Task(env, task_id, "train", "k", f"do {task_id}"),
-            messages=(Message("user", "go"), Message("assistant", f"try {number}")),
-            tokenizer="t",
-            reward=float(success),
-            success=success,
-            terminated=True,
-            truncated=False,
-            num_turns=1,
-            invalid_actions=0,
-            source="explore",
-            policy_version=1,
-            iteration=1,
-            trial=number,
-            reflection=f"lesson {number}",
-        )
+        task = Task(env, task_id, "train", "k", f"do {task_id}")
+        return episode(task, success=success, action=f"try {number}", trial=number, reflection=f"lesson {number}")
 
     asked, remembered = [], []
 
@@ -236,14 +209,11 @@ def test_a_stage_of_trial_chains_resumes_each_chain_after_its_last_stored_trial_
 
 
 def test_a_fork_holds_the_runs_completed_stages_and_names_its_own_directory(tmp_path):
-    from agentloop.types import Message, Task, Trajectory
+    from agentloop.types import Task
 
     run = RunDir.create(tmp_path / "run", Config(seed=3))
     task = Task("db", "1", "dev", "SELECT", "q")
-    done = Trajectory(
-        task=task, messages=(Message("user", "q"), Message("assistant", "a")), tokenizer="t", reward=1.0, success=True,
-        terminated=True, truncated=False, num_turns=1, invalid_actions=0, source="eval", policy_version=0, iteration=0,
-    )  # fmt: skip
+    done = episode(task, source="eval", policy_version=0, iteration=0)
     metrics = MetricsLogger(run.path, trackers=[])
     with ReplayStore(run.store_url) as store:  # left open, unsynced, as a running run's store is
         store.commit_stage("eval/base", trajectories=[done], metrics={"eval/successes": 1.0})
@@ -277,14 +247,11 @@ def test_a_fork_at_a_stage_leaves_out_the_later_stages_and_the_run_untouched(tmp
     from click.testing import CliRunner
 
     from agentloop.cli import cli
-    from agentloop.types import Message, Task, Trajectory
+    from agentloop.types import Task
 
     run = RunDir.create(tmp_path / "run", Config(seed=3))
     task = Task("db", "1", "dev", "SELECT", "q")
-    done = Trajectory(
-        task=task, messages=(Message("user", "q"), Message("assistant", "a")), tokenizer="t", reward=1.0, success=True,
-        terminated=True, truncated=False, num_turns=1, invalid_actions=0, source="eval", policy_version=0, iteration=0,
-    )  # fmt: skip
+    done = episode(task, source="eval", policy_version=0, iteration=0)
     metrics = MetricsLogger(run.path, trackers=[])
     with ReplayStore(run.store_url) as store:
         for stage in ("eval/base", "sft", "eval/sft", "dpo/1", "eval/1"):

@@ -6,6 +6,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from records import episode
+
 from agentloop.replay import ReplayStore
 from agentloop.types import Message, Task, Trajectory
 
@@ -13,21 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _trial(task_id: str, trial: int, success: bool) -> Trajectory:
-    return Trajectory(
-        task=Task("db", task_id, "train", "SELECT", f"question {task_id}"),
-        messages=(Message("user", "the task"), Message("assistant", "Action: Answer\nFinal Answer: []")),
-        tokenizer="t",
-        reward=float(success),
-        success=success,
-        terminated=True,
-        truncated=False,
-        num_turns=1,
-        invalid_actions=0,
-        source="explore",
-        policy_version=1,
-        iteration=1,
-        trial=trial,
-    )
+    task = Task("db", task_id, "train", "SELECT", f"question {task_id}")
+    return episode(task, success=success, action="Action: Answer\nFinal Answer: []", trial=trial)
 
 
 def _run(run_dir: Path, trajectories: list[Trajectory]) -> Path:

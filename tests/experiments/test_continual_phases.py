@@ -9,10 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from records import episode
 
 from agentloop.config import ConfigError, load_config
 from agentloop.replay.store import ReplayStore
-from agentloop.types import Message, Task, Trajectory
+from agentloop.types import Task, Trajectory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import continual  # noqa: E402
@@ -68,20 +69,7 @@ def test_a_misspelt_family_stops_the_run_before_its_directory_exists(tmp_path: P
 
 
 def trajectory(t: Task, source: str, success: bool = True) -> Trajectory:
-    return Trajectory(
-        task=t,
-        messages=(Message("user", "go"), Message("assistant", "done")),
-        tokenizer="t",
-        reward=float(success),
-        success=success,
-        terminated=True,
-        truncated=False,
-        num_turns=1,
-        invalid_actions=0,
-        source=source,
-        policy_version=1,
-        iteration=1,
-    )
+    return episode(t, success=success, source=source)
 
 
 def test_a_phase_replays_only_the_families_trained_before_it(tmp_path: Path) -> None:
