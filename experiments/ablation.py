@@ -1,7 +1,7 @@
 """STE's ablation on agentloop: ETO alone, then STE's pieces added one by one, under the same budget.
 
     trunk (one per seed, by eto.py): experts, eval/base, SFT on the experts, eval/sft, with the
-        rollout context STE's memory needs (2,816 tokens: the DB's 2,048 plus 768 of memory)
+        rollout context STE's memory needs (its envs' context plus 768 tokens of memory: 2,816 on DB)
     each row: a copy of its seed's trunk, resumed for the same number of rounds on the same tasks
         eto          experiments/eto.py: one greedy pass per task, expert-vs-exploration pairs
         resample     experiments/ste.py with 3 trials per task and no memory: a failed task is tried
@@ -48,8 +48,6 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
-CONTEXT = 2816
-"""Every row's rollout context: the DB's 2,048 tokens and STE's default memory budgets (512 + 256)."""
 NO_REPLAY = ["round_sft.replay_fraction=0", "dpo.replay_fraction=0"]
 ROWS = {
     "eto": ("eto.py", ["dpo.replay_fraction=0"]),
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table:
         for seed in args.seeds:
             trunk = args.out / f"trunk-seed{seed}"
-            shared = [f"seed={seed}", "iterations=0", f"rollout.max_context_tokens={CONTEXT}"]
+            shared = [f"seed={seed}", "iterations=0", f"rollout.max_context_tokens={rollout_context(args.overrides)}"]
             run(trunk, "eto.py", [*shared, *for_script("eto.py", args.overrides)])
             collect(args.out, [seed], [], args.iterations)  # each record is written as soon as it is complete
             for row in args.rows:
@@ -103,6 +101,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 STE_SECTIONS = ("memory", "imagine", "mix", "round_sft")
+
+
+def rollout_context(overrides: list[str]) -> int:
+    """Every run's rollout context: the largest its envs register, plus STE's memory budgets, so that ETO's
+    rows play in the same context as STE's (DB with the default budgets: 2,048 + 512 + 256 = 2,816 tokens).
+    A ``rollout.max_context_tokens`` among the overrides, given later, wins."""
+    from ste import STEConfig
+
+    from agentloop import envs
+    from agentloop.config import load_config
+
+    config = load_config(STEConfig, None, [o for o in overrides if not o.startswith("rollout.max_context_tokens=")])
+    largest = max(envs.definition(spec.name).context_tokens for spec in config.envs)
+    return largest + config.memory.short_term_tokens + config.memory.long_term_tokens
 
 
 def for_script(script: str, overrides: list[str]) -> list[str]:

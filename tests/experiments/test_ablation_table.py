@@ -122,3 +122,10 @@ def test_rows_pair_only_on_the_tasks_both_played_and_a_row_without_its_adapter_w
     # eto played 2 of the 4 held-out tasks: trials is tested on those 2 only, and says so
     assert "| 0 | trials | db | 4/4 | 1.000 | [0.510, 1.000] | 0 | 0 | 1.000 (on 2) | 0.250 |" in table
     assert "| 0 | full | db | 1/4 | 0.250 | [0.046, 0.699] | - | - | other trunk | 1.000 |" in table
+
+
+def test_every_run_plays_in_its_envs_context_plus_the_memory_budgets(data_dir, monkeypatch) -> None:
+    monkeypatch.setenv("AGENTLOOP_DATA_DIR", str(data_dir))  # the config checks that its data_dir exists
+    assert ablation.rollout_context([]) == 2048 + 512 + 256  # DB: the trunk every DB record started from
+    assert ablation.rollout_context(["envs=[{name: db}, {name: webshop}]"]) == 4096 + 768
+    assert ablation.rollout_context(["memory.short_term_tokens=0", "rollout.max_context_tokens=9000"]) == 2048 + 256
