@@ -143,7 +143,7 @@ class RunDir:
         """Removes the adapters and metrics lines of every stage but ``stages`` (a fork cut at a stage)."""
         import shutil
 
-        from agentloop.metrics import JSONL_NAME
+        from agentloop.metrics import JSONL_NAME, read_metrics
 
         adapters = {self.adapter(stage).name for stage in stages}
         for found in (self.path / "adapters").glob("*"):
@@ -151,24 +151,15 @@ class RunDir:
                 shutil.rmtree(found) if found.is_dir() else found.unlink()
         metrics = self.path / JSONL_NAME
         if metrics.is_file():
-            keep = set(stages)
-            lines = [line for line in metrics.read_text().splitlines(keepends=True) if _stage_of(line) in keep]
-            metrics.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines))
+            keep = set(stages)  # read_metrics skips a line torn by a kill; written back as MetricsLogger writes
+            records = [r for r in read_metrics(metrics) if isinstance(r, dict) and r.get("stage") in keep]
+            metrics.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
 
     def save_config(self, config: Any) -> None:
         """Writes the resolved config into the run directory (replacing it whole)."""
         temporary = self.config_file.with_suffix(".yaml.tmp")
         temporary.write_text(yaml.safe_dump(_plain(to_dict(config)), sort_keys=False))
         temporary.replace(self.config_file)
-
-
-def _stage_of(line: str) -> str | None:
-    """The stage of a metrics line; None for a blank, torn (a run killed mid-write) or stageless line."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record.get("stage") if isinstance(record, dict) else None
 
 
 def check_resume(

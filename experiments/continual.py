@@ -129,10 +129,14 @@ def check_families(config: ContinualConfig) -> None:
 
     from agentloop import envs
 
+    families = [u.partition(":")[::2] for phase in config.phases for u in phase if ":" in u]
     splits = {spec.name: spec.splits()[0] for spec in config.envs}
-    for unit in (u for phase in config.phases for u in phase if ":" in u):
-        env, _, kind = unit.partition(":")
-        kinds = sorted({t.task.kind for t in envs.load_tasks(env, Path(config.data_dir), splits[env])})
+    found = {
+        env: sorted({t.task.kind for t in envs.load_tasks(env, Path(config.data_dir), splits[env])})
+        for env in {env for env, _ in families}
+    }  # each env's tasks read once
+    for env, kind in families:
+        kinds = found[env]
         if kind not in kinds:
             raise ConfigError(f"phases: {env} has no training task of kind {kind!r}; its kinds: {', '.join(kinds)}")
 
