@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         seen = [t for t in experts if belongs(t.task, trained)]  # the SFT data its rounds may replay
         for _ in range(config.iterations):
             rounds += 1
-            version = ste_round(run, memory, rounds, version, [t.task.key for t in mine], seen)
+            keys = [t.task.key for t in mine]  # explored, and imagined near: only the phase's envs and families
+            version = ste_round(run, memory, rounds, version, keys, seen, partial(belongs, units=units))
             run.evaluate(f"eval/{rounds}", version=version, iteration=rounds, extra=partial(forgetting, run, earlier))
 
     run.finish()
@@ -123,16 +124,14 @@ def belongs(task, units: list[str]) -> bool:
 
 
 def check_families(config: ContinualConfig) -> None:
-    """Fails, naming ``phases``, when a family it lists has no task in its env's training split (a kind
-    misspelt, say): before the run's directory, trackers or actors exist."""
+    """Fails, naming ``phases``, when a family it lists has no task among its env's training tasks (a kind
+    misspelt, or left out of a ``train_tasks`` sample): before the run's directory, trackers or actors exist."""
     from pathlib import Path
 
-    from agentloop import envs
-
     families = [u.partition(":")[::2] for phase in config.phases for u in phase if ":" in u]
-    splits = {spec.name: spec.splits()[0] for spec in config.envs}
+    specs = {spec.name: spec for spec in config.envs}
     found = {
-        env: sorted({t.task.kind for t in envs.load_tasks(env, Path(config.data_dir), splits[env])})
+        env: sorted({t.task.kind for t in specs[env].training_tasks(Path(config.data_dir), config.seed)})
         for env in {env for env, _ in families}
     }  # each env's tasks read once
     for env, kind in families:

@@ -65,6 +65,12 @@ class EnvSpec:
         found = envs.definition(self.name)
         return self.train_split or found.train_split, self.eval_split or found.eval_split
 
+    def training_tasks(self, data_dir: Path, seed: int) -> list:
+        """The training tasks a run with ``seed`` uses: its split's, or the seeded sample of ``train_tasks``."""
+        tasks = envs.load_tasks(self.name, data_dir, self.splits()[0])
+        keep = set(sample_ids([t.task.task_id for t in tasks], self.train_tasks, seed))
+        return [t for t in tasks if t.task.task_id in keep]
+
 
 @dataclass
 class ETOConfig:
@@ -268,11 +274,9 @@ class Run:
         self.metrics = MetricsLogger(run_dir.path, start_trackers(config.tracking, run_dir.path, config))
         self.train, self.held_out = {}, []  # training tasks by env; held-out tasks of all envs
         for spec in config.envs:
-            train_split, eval_split = spec.splits()
-            tasks = envs.load_tasks(spec.name, Path(config.data_dir), train_split)
-            keep = set(sample_ids([t.task.task_id for t in tasks], spec.train_tasks, config.seed))
-            self.train[spec.name] = [t for t in tasks if t.task.task_id in keep]
-            self.held_out += envs.load_tasks(spec.name, Path(config.data_dir), eval_split)[: spec.eval_tasks or None]
+            self.train[spec.name] = spec.training_tasks(Path(config.data_dir), config.seed)
+            held_out = envs.load_tasks(spec.name, Path(config.data_dir), spec.splits()[1])
+            self.held_out += held_out[: spec.eval_tasks or None]
         self.store = ReplayStore(url)
         self.heartbeat = Heartbeat(self.store)  # tells the dashboard this run lives
         self.stages = Stages(run_dir, self.store, self.metrics)

@@ -124,8 +124,9 @@ def check_endpoints(config) -> None:
             Endpoint(endpoint).check(key)
 
 
-def ste_round(run: Run, memory: RunMemory, it: int, version: int, explore_ids: list[str], experts) -> int:
-    """One STE round from policy ``version`` on the tasks ``explore_ids`` (and those it imagines);
+def ste_round(run: Run, memory: RunMemory, it: int, version: int, explore_ids: list[str], experts, within=None) -> int:
+    """One STE round from policy ``version`` on the tasks ``explore_ids`` (and those it imagines near them;
+    with ``within``, a test of a :class:`agentloop.types.Task`, only imagined tasks that pass it are kept);
     ``experts`` are the demonstrations replayed in its SFT. Returns the version it trained."""
     config = run.config
     # The explorer imagines tasks near a sample of the training tasks, unlike those remembered;
@@ -134,10 +135,10 @@ def ste_round(run: Run, memory: RunMemory, it: int, version: int, explore_ids: l
     if config.imagine.tasks_per_env:
         from agentloop.memory.imagination import rebuild
 
-        names = {key.split("/", 1)[0] for key in explore_ids}  # imagined near the round's own envs
         stage = f"imagine/{it}"
         made: dict = {}  # the tasks built when the stage runs now; rebuilt from the store when it ran before
-        proposals = run.stages.imagine(stage, it, partial(imagine, run, memory, version, it, names, made))
+        ask = partial(imagine, run, memory, version, it, set(explore_ids), made, within)
+        proposals = run.stages.imagine(stage, it, ask)
         imagined = made.get("tasks") or rebuild(proposals, run.train, env_configs(config))
         run.fleet.add_tasks(imagined)
         accepted = imagined_experts(run, proposals, imagined)
@@ -199,23 +200,24 @@ class RunMemory:
             ray.get(self.actor.add.remote(experiences))
 
 
-def imagine(run: Run, memory: RunMemory, version: int, it: int, names: set[str], made: dict):
-    """Proposals of new tasks near a seeded sample of the training tasks of envs ``names``, by the
-    policy (or the configured explorer), each shown the remembered tasks most like its base as ones to avoid."""
+def imagine(run: Run, memory: RunMemory, version: int, it: int, keys: set[str], made: dict, within=None):
+    """Proposals of new tasks near a seeded sample of the round's training tasks (``keys``), by the
+    policy (or the configured explorer), each shown the remembered tasks most like its base as ones to avoid;
+    a task that fails ``within`` (another task family than the round's, say) is not valid."""
     import random
 
     from agentloop.endpoint import Endpoint
     from agentloop.memory.imagination import build, choose_bases, requests
 
     config = run.config
-    train = {name: tasks for name, tasks in run.train.items() if name in names}
+    train = {name: [t for t in tasks if t.task.key in keys] for name, tasks in run.train.items()}
     bases = choose_bases(train, config.imagine.tasks_per_env, random.Random(config.seed * 1000 + it))
     asked = requests(bases, memory.recall(config.imagine.avoid) if config.imagine.avoid else None)
     if config.imagine.explorer.enabled:
         texts = Endpoint(config.imagine.explorer).answers(asked)
     else:
         texts = run.fleet.complete(asked, version, run.adapters[version], config.imagine.max_new_tokens)
-    proposals, made["tasks"] = build(bases, texts, env_configs(config), f"imagine/{it}")
+    proposals, made["tasks"] = build(bases, texts, env_configs(config), f"imagine/{it}", within)
     if config.imagine.judged:
         from agentloop.memory.judge import SYSTEM, judge
 

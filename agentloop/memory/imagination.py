@@ -72,9 +72,14 @@ def requests(bases: Sequence[Any], recall: Callable[[Sequence[Task]], list[list[
 
 
 def build(
-    bases: Sequence[Any], texts: Sequence[str], configs: Mapping[str, Any], stage: str
+    bases: Sequence[Any],
+    texts: Sequence[str],
+    configs: Mapping[str, Any],
+    stage: str,
+    within: Callable[[Task], bool] | None = None,
 ) -> tuple[list[Proposal], list[Any]]:
-    """The proposals as records, and the env tasks of those each environment could score.
+    """The proposals as records, and the env tasks of those each environment could score (and, with
+    ``within``, that pass it: a continual phase keeps only tasks of the families it trains).
 
     Task ids are ``<stage with / as ->-<n>`` (``imagine-1-0``, ...), so they are unique in a run.
     """
@@ -84,6 +89,8 @@ def build(
         env = base.task.env
         task_id = f"{prefix}-{i}"
         made = envs.definition(env).imagination.build(base, text, configs[env], task_id)
+        if not isinstance(made, str) and within is not None and not within(made.task):
+            made = f"a {made.task.kind} task, outside the task families this round explores"
         valid = not isinstance(made, str)
         proposals.append(Proposal(env, base.task.task_id, task_id, text, stage, valid, "" if valid else made))
         if valid:

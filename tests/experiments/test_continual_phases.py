@@ -68,6 +68,13 @@ def test_a_misspelt_family_stops_the_run_before_its_directory_exists(tmp_path: P
     assert not run_dir.exists()
 
 
+def test_a_family_left_out_of_the_training_sample_stops_the_run() -> None:
+    sampled = config("envs=[{name: db, train_tasks: 1}]", "phases=[[db:UPDATE], [db:INSERT, db:SELECT]]")
+    (kept,) = {t.task.kind for t in sampled.envs[0].training_tasks(Path(sampled.data_dir), sampled.seed)}
+    with pytest.raises(ConfigError, match=f"phases: db has no training task of kind .*; its kinds: {kept}$"):
+        continual.check_families(sampled)
+
+
 def trajectory(t: Task, source: str, success: bool = True) -> Trajectory:
     return episode(t, success=success, source=source)
 

@@ -143,6 +143,17 @@ def test_proposals_the_environment_cannot_score_are_refused_with_the_reason(trai
     assert tasks == [] and not proposals[0].valid and reason in proposals[0].reason
 
 
+def test_a_task_outside_the_round_s_families_is_not_valid(train):
+    base = max(train["db"], key=lambda t: len(t.rows))
+    texts = [
+        proposal(base, "Blank the first column.", f'UPDATE "{base.table_name}" SET "{column(base)}" = \'\';'),
+        proposal(base, "The first value?", f'SELECT "{column(base)}" FROM "{base.table_name}" LIMIT 1;'),
+    ]
+    proposals, tasks = build([base, base], texts, {"db": SQLEnvConfig()}, "imagine/1", lambda t: t.kind == "UPDATE")
+    assert [p.valid for p in proposals] == [True, False] and [t.task.kind for t in tasks] == ["UPDATE"]
+    assert proposals[1].reason == "a SELECT task, outside the task families this round explores"
+
+
 def test_proposals_are_stored_with_their_stage_and_read_back(tmp_path, train):
     base = train["db"][0]
     text = proposal(base, "First?", f'SELECT "{column(base)}" FROM "{base.table_name}" LIMIT 1;')
