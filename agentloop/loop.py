@@ -88,7 +88,8 @@ class RunDir:
         Made whole or not at all: copied beside the target, then renamed into place. The SQLite
         store is copied with SQLite's backup API, so what the run committed is there even if its
         write-ahead log was never checkpointed; the source may be running meanwhile (what it does for
-        a stage not yet complete is left out). The fork starts tracker runs of its own (W&B and MLflow
+        a stage not yet complete is left out, but for its streamed episodes, which a resume keeps; the fork is not
+        shown running until it is resumed). The fork starts tracker runs of its own (W&B and MLflow
         ids are not copied). A run whose store lives elsewhere (``store_url``) cannot be forked this way.
 
         Raises:
@@ -127,6 +128,7 @@ class RunDir:
             with ReplayStore(copied.store_url) as store:
                 if at is not None:
                     store.truncate(at)
+                store.forget_running()  # the source's heartbeat and running stage are not the fork's
                 kept = store.completed_stages()
             copied.keep_only(kept)  # also what the source was writing for a stage still running
             if "run_dir" in config:  # where the fork lives now

@@ -216,7 +216,10 @@ def test_a_fork_holds_the_runs_completed_stages_and_names_its_own_directory(tmp_
     done = episode(task, source="eval", policy_version=0, iteration=0)
     metrics = MetricsLogger(run.path, trackers=[])
     with ReplayStore(run.store_url) as store:  # left open, unsynced, as a running run's store is
+        store.begin_stage("eval/base", tasks=1)
         store.commit_stage("eval/base", trajectories=[done], metrics={"eval/successes": 1.0})
+        store.begin_stage("dpo/1")
+        store.beat()
         metrics.log({"x": 1.0}, stage="eval/base", step=0)
         for stage in ("sft", "dpo/1"):  # sft complete; dpo/1 running: its adapter written, not yet committed
             run.adapter(stage).mkdir(parents=True)
@@ -230,6 +233,11 @@ def test_a_fork_holds_the_runs_completed_stages_and_names_its_own_directory(tmp_
         forked = run.fork(tmp_path / "fork")
     with ReplayStore(forked.store_url) as store:
         assert store.completed_stages() == ["eval/base", "sft"] and len(store.trajectories(stage="eval/base")) == 1
+    from agentloop.dashboard.queries import StoreReader
+
+    source, copy = StoreReader(run.store_url), StoreReader(forked.store_url)
+    assert source.last_beat() is not None and [s.name for s in source.stages() if s.position is None] == ["dpo/1"]
+    assert copy.last_beat() is None and [s.name for s in copy.stages() if s.position is None] == []  # runs nothing
     assert (forked.adapter("sft") / "adapter_model.safetensors").read_bytes() == b"weights"
     assert not forked.adapter("dpo/1").exists() and not (forked.path / "trackers.json").exists()
     assert [r["stage"] for r in read_metrics(forked.path / "metrics.jsonl")] == ["eval/base", "sft"]

@@ -304,6 +304,15 @@ class ReplayStore:
             value = json.dumps({"at": at, "host": socket.gethostname(), "pid": os.getpid()})
             session.merge(MetaRow(key=ALIVE, value=value))
 
+    def forget_running(self) -> None:
+        """Deletes what tells watchers a process is writing this store: its heartbeat and the beginnings of
+        stages not complete (their streamed episodes stay, for ``--resume``). For a copy of a run
+        (:meth:`agentloop.loop.RunDir.fork`): nothing runs it until it is resumed, which begins its stage again."""
+        with Session(self._engine) as session, session.begin():
+            done = [BEGUN + name for name in session.scalars(select(StageRow.name))]
+            session.execute(delete(MetaRow).where(MetaRow.key == ALIVE))
+            session.execute(delete(MetaRow).where(MetaRow.key.startswith(BEGUN), MetaRow.key.not_in(done)))
+
     def completed_stages(self) -> list[str]:
         """Names of the completed stages, in completion order."""
         with Session(self._engine) as session:
