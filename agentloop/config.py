@@ -26,6 +26,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AGENTLOOP_CACHE", Path.home() / ".cache" / "agentloop")).expanduser()
 
 
+DTYPES = ("auto", "bfloat16", "float32")
+"""Values of every ``dtype`` setting (policy, learners): ``auto`` is :func:`resolve_dtype`'s choice."""
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``dtype``, or for ``auto`` the one that computes fastest here: bfloat16 on a GPU that has it and on a
+    CPU with bf16 instructions (AVX-512-bf16 or AMX), float32 elsewhere. A CPU without them (AVX2 only, as
+    most laptops and AMD EPYC before Zen 4) runs bf16 matmuls emulated: a 2-core AVX2 EPYC multiplied at
+    0.5 GFLOP/s in bf16 against 63 in fp32, where a Xeon with AMX does 480-650 in bf16 and 160-190 in fp32
+    (STACK.md). Called where the model is loaded, so each actor chooses for its own hardware."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    capabilities = torch.cpu.get_capabilities()
+    return "bfloat16" if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16") else "float32"
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type, or out of range."""
 

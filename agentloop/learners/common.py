@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agentloop.config import ConfigError
+from agentloop.config import DTYPES, ConfigError, resolve_dtype
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("bfloat16", "float32")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
@@ -70,11 +69,11 @@ def load_tokenizer(base_model: Path) -> PreTrainedTokenizerBase:
 
 
 def load_base(base_model: Path, dtype: str) -> PreTrainedModel:
-    """The base checkpoint in ``dtype`` (``"bfloat16"`` or ``"float32"``)."""
+    """The base checkpoint in ``dtype`` (``"bfloat16"``, ``"float32"``, or ``"auto"``: :func:`resolve_dtype`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(base_model), dtype=getattr(torch, dtype))
+    return AutoModelForCausalLM.from_pretrained(str(base_model), dtype=getattr(torch, resolve_dtype(dtype)))
 
 
 def load_policy(base_model: Path, adapter: Path, dtype: str) -> PeftModel:
@@ -101,7 +100,7 @@ def lora_config(config: Any) -> LoraConfig:
 def training_arguments(config: Any, output_dir: Path) -> dict[str, Any]:
     """Keyword arguments for TRL's ``SFTConfig`` / ``DPOConfig`` common to both learners.
 
-    On a machine without CUDA, ``use_cpu=True``; ``bf16`` follows ``config.dtype`` (TRL
+    On a machine without CUDA, ``use_cpu=True``; ``bf16`` follows ``config.dtype``, resolved here (TRL
     defaults it to True, which fails on CPU without ``use_cpu``). Nothing is checkpointed or
     reported: the learner saves the adapter itself, once, at the end.
     """
@@ -116,7 +115,7 @@ def training_arguments(config: Any, output_dir: Path) -> dict[str, Any]:
         "warmup_steps": config.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the steps
         "lr_scheduler_type": config.scheduler,
         "gradient_checkpointing": config.gradient_checkpointing,
-        "bf16": config.dtype == "bfloat16",
+        "bf16": resolve_dtype(config.dtype) == "bfloat16",
         "use_cpu": not torch.cuda.is_available(),
         "seed": config.seed,
         "save_strategy": "no",

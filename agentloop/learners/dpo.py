@@ -76,8 +76,9 @@ class DPOLearnerConfig:
     """Score the reference once before training (TRL option) instead of once per step and epoch."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
-    dtype: str = "bfloat16"
-    """Weights and autocast dtype: bfloat16 or float32."""
+    dtype: str = "auto"
+    """Weights and autocast dtype: bfloat16, float32, or ``auto`` (bfloat16 where the hardware computes it
+    natively, :func:`agentloop.config.resolve_dtype`)."""
     seed: int = 0
     """Seed for data order."""
     keep_memory: bool = False

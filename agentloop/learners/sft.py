@@ -66,8 +66,9 @@ class SFTLearnerConfig:
     """Flatten each batch into one unpadded row (TRL's ``padding_free``): no compute on padding."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
-    dtype: str = "bfloat16"
-    """Weights and autocast dtype: bfloat16 (AMX/AVX-512 bf16 is ~3x fp32 on CPU) or float32."""
+    dtype: str = "auto"
+    """Weights and autocast dtype: bfloat16 (AMX/AVX-512 bf16 is ~3x fp32 on CPU), float32, or ``auto``
+    (bfloat16 where the hardware computes it natively, :func:`agentloop.config.resolve_dtype`)."""
     seed: int = 0
     """Seed for LoRA initialisation and data order."""
     replay_fraction: float = 0.0

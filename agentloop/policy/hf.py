@@ -13,6 +13,7 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agentloop.config import resolve_dtype
 from agentloop.policy.base import Generation, GenerationStream, PolicyConfig, SamplingConfig
 from agentloop.policy.chat import ChatTokenizer
 from agentloop.policy.decode import DecodeEngine, PrefixCache, use_grouped_attention
@@ -46,7 +47,7 @@ class HFPolicy:
         import torch
         from transformers import AutoModelForCausalLM
 
-        dtype = getattr(torch, self.config.dtype)
+        dtype = getattr(torch, resolve_dtype(self.config.dtype))
         self.model = AutoModelForCausalLM.from_pretrained(self._path, dtype=dtype).to(self.device)
         self.model.eval()
         if self.model.config._attn_implementation == "sdpa":

@@ -32,6 +32,7 @@ from ctypes.util import find_library
 from pathlib import Path
 from typing import Any
 
+from agentloop.config import resolve_dtype
 from agentloop.policy.base import Generation, GenerationStream, PolicyConfig, SamplingConfig
 from agentloop.policy.chat import ChatTokenizer
 from agentloop.policy.model import check_adapter, pristine_weights, resolve_model
@@ -110,7 +111,7 @@ class VLLMPolicy:
         settings = self.config.vllm
         args = EngineArgs(
             model=self._path,
-            dtype=self.config.dtype,
+            dtype=resolve_dtype(self.config.dtype),
             seed=0,
             max_num_seqs=self.config.batch_size,
             max_model_len=settings.max_model_len or None,
@@ -157,7 +158,8 @@ class VLLMPolicy:
         from transformers import AutoModelForCausalLM
 
         if self._base is None:
-            self._base = AutoModelForCausalLM.from_pretrained(self._path, dtype=getattr(torch, self.config.dtype))
+            dtype = getattr(torch, resolve_dtype(self.config.dtype))
+            self._base = AutoModelForCausalLM.from_pretrained(self._path, dtype=dtype)
             self._pristine = pristine_weights(self._base)
         check_adapter(adapter, self._base)
         self._base.load_state_dict(self._pristine, strict=False)
