@@ -73,7 +73,9 @@ def load_base(base_model: Path, dtype: str) -> PreTrainedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(base_model), dtype=getattr(torch, resolve_dtype(dtype)))
+    resolved = resolve_dtype(dtype)  # auto: on the learner's own hardware, which the log records
+    logger.info("learner's base %s in %s (dtype=%s)", base_model, resolved, dtype)
+    return AutoModelForCausalLM.from_pretrained(str(base_model), dtype=getattr(torch, resolved))
 
 
 def load_policy(base_model: Path, adapter: Path, dtype: str) -> PeftModel:

@@ -42,6 +42,8 @@ class HFPolicy:
         self._streams = 0
         self._open: weakref.WeakSet[_Stream] = weakref.WeakSet()  # streams a new version restarts
         self._load_base()
+        # auto resolves on this actor's own hardware: the log says what a run's episodes were generated in
+        logger.info("policy %s in %s (dtype=%s)", self._path, self.model.dtype, config.dtype)
 
     def _load_base(self) -> None:
         import torch

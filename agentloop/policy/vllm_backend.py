@@ -123,7 +123,13 @@ class VLLMPolicy:
             # On CPU the model runs in a worker process whose OpenMP threads vLLM can bind.
             distributed_executor_backend=None if gpu else "mp",
         )
-        logger.info("starting vLLM on %s (%s)", "GPU" if gpu else "CPU", self._path)
+        logger.info(
+            "starting vLLM on %s (%s) in %s (dtype=%s)",
+            "GPU" if gpu else "CPU",
+            self._path,
+            resolve_dtype(self.config.dtype),
+            self.config.dtype,
+        )
         return LLMEngine.from_engine_args(args)
 
     # -- policy versions ------------------------------------------------------------------
