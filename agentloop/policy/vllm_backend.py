@@ -109,9 +109,10 @@ class VLLMPolicy:
         from vllm import EngineArgs, LLMEngine
 
         settings = self.config.vllm
+        dtype = resolve_dtype(self.config.dtype)  # auto: on this actor's own hardware
         args = EngineArgs(
             model=self._path,
-            dtype=resolve_dtype(self.config.dtype),
+            dtype=dtype,
             seed=0,
             max_num_seqs=self.config.batch_size,
             max_model_len=settings.max_model_len or None,
@@ -124,11 +125,7 @@ class VLLMPolicy:
             distributed_executor_backend=None if gpu else "mp",
         )
         logger.info(
-            "starting vLLM on %s (%s) in %s (dtype=%s)",
-            "GPU" if gpu else "CPU",
-            self._path,
-            resolve_dtype(self.config.dtype),
-            self.config.dtype,
+            "starting vLLM on %s (%s) in %s (dtype=%s)", "GPU" if gpu else "CPU", self._path, dtype, self.config.dtype
         )
         return LLMEngine.from_engine_args(args)
 

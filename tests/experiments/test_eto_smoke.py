@@ -81,7 +81,7 @@ def test_eto_runs_end_to_end_on_each_backend_and_resumes_on_one(tmp_path, data_d
     assert all(len(m.logprobs) == len(m.token_ids) for m in turns)
     store.close()
     if backend == "vllm":
-        return  # resuming is the driver's work, the same on either backend (about a third of this test's time)
+        return  # resuming is the driver's work, the same on either backend (over half of this test's time)
 
     second = _run(["--resume", str(run_dir), "iterations=2"], data_dir)
     assert second.returncode == 0, second.stderr[-4000:]
