@@ -82,6 +82,9 @@ def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_mo
     assert stages[8:] == ["imagine/2", "explore/2", "dpo/2", "eval/2"]
     store = ReplayStore(f"sqlite:///{run_dir / 'replay.db'}")
     later = store.trajectories(stage="explore/2")
+    # The resumed driver's new actors load round 1's adapter from disk and play it; round 2's is next.
+    assert {t.policy_version for t in later} == {2} and (run_dir / "adapters" / "dpo-2").is_dir()
+    assert {t.policy_version for t in store.trajectories(stage="eval/2")} == {3}
     # Round 2 recalls round 1's experiences from the store: its first trials are shown them.
     assert any(t.memory.startswith("Experience from similar tasks:") for t in later if t.trial == 0)
     assert len(store.experiences()) == 4 * tasks
