@@ -1,5 +1,7 @@
 """End to end: ``experiments/eto.py`` on a tiny random model over all four envs, with two rollout
-actors on each backend, then (on the transformers backend) resumed for one more round.
+actors on the transformers backend and one on vLLM (two vLLM actors sharing the cores, one killed and
+replaced, are tested on the fleet); and a driver killed mid-stage, resumed. A round added by
+``--resume`` is tested on ``experiments/ste.py``, whose driver is this one's.
 
 The Operating System env joins where its sandbox can run (root and bubblewrap, as in CI).
 """
@@ -28,7 +30,7 @@ def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", ["transformers", "vllm"])
-def test_eto_runs_end_to_end_on_each_backend_and_resumes_on_one(tmp_path, data_dir, tiny_model_dir, backend):
+def test_eto_runs_end_to_end_on_each_backend(tmp_path, data_dir, tiny_model_dir, backend):
     from agentloop.replay import ReplayStore
 
     run_dir = tmp_path / "run"
@@ -41,7 +43,7 @@ def test_eto_runs_end_to_end_on_each_backend_and_resumes_on_one(tmp_path, data_d
         f"policy.model={tiny_model_dir}",
         f"policy.backend={backend}",
         "policy.vllm.enforce_eager=true",
-        "rollout.actors=2",
+        f"rollout.actors={2 if backend == 'transformers' else 1}",  # an engine start less
         "policy.dtype=float32",
         "sft.dtype=float32",
         "dpo.dtype=float32",
@@ -79,17 +81,6 @@ def test_eto_runs_end_to_end_on_each_backend_and_resumes_on_one(tmp_path, data_d
     turns = [m for t in store.trajectories(stage="eval/1") for m in t.messages if m.role == "assistant"]
     assert {m.policy_version for m in turns} == {2}  # as the backend reported it, turn by turn
     assert all(len(m.logprobs) == len(m.token_ids) for m in turns)
-    store.close()
-    if backend == "vllm":
-        return  # resuming is the driver's work, the same on either backend (over half of this test's time)
-
-    second = _run(["--resume", str(run_dir), "iterations=2"], data_dir)
-    assert second.returncode == 0, second.stderr[-4000:]
-    stages = [json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert stages[7:] == ["explore/2", "dpo/2", "eval/2"]  # nothing done twice
-    store = ReplayStore(f"sqlite:///{run_dir / 'replay.db'}")
-    assert {t.policy_version for t in store.trajectories(stage="explore/2")} == {2}
-    assert {t.policy_version for t in store.trajectories(stage="eval/2")} == {3}
     store.close()
 
 
