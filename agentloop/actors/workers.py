@@ -290,6 +290,11 @@ class LearnerWorker:
         self.base_model = Path(resolve_model(base_model))
         self.sft_config, self.dpo_config = sft_config, dpo_config
         self._work = Path(tempfile.mkdtemp(prefix="agentloop-learner-"))
+        # Imported now (torch, transformers, TRL, datasets, PEFT), while the rollout actors start and
+        # play, rather than on the first call.
+        import peft  # noqa: F401
+
+        import agentloop.learners.trainers  # noqa: F401
 
     def sft(
         self, trajectories: Sequence[Trajectory], adapter: Files | None = None, config: Any = None
@@ -358,12 +363,13 @@ def start_workers(config: Any, tasks: Sequence[Any]) -> tuple[Any, Any]:
 
     from agentloop.actors.fleet import Fleet, gpu_shares
 
-    fleet = Fleet(config, tasks)
     _, learner_gpus = gpu_shares(ray.cluster_resources().get("GPU", 0), config.rollout.actors, config.rollout.num_gpus)
     learner_env = allocator_env()
+    # Asked for first: its process starts (imports torch, TRL) while the fleet's actors start and play.
     learner = ray.remote(num_cpus=1, num_gpus=learner_gpus, runtime_env={"env_vars": learner_env})(
         LearnerWorker
     ).remote(config.policy.model, config.sft, config.dpo, config.threads)
+    fleet = Fleet(config, tasks)
     logger.info(
         "started %d rollout actor(s) (%s GPU each) and the learner (%s GPU; allocator %s)",
         len(fleet.actors),
