@@ -29,10 +29,11 @@ class MemoryConfig:
     first_trial_memory: bool = True
     """Whether a task's first trial is shown long-term memory (it has no short-term memory yet).
     Off, the first trial is ETO's greedy pass, unchanged, and memory informs the retries only.
-    With it, the 270M default solved fewer training tasks at its first trial (39 of 250 against
-    59 of 250 for ETO's greedy pass, exact McNemar p = 0.0012), yet the round trained on that
-    exploration beat SFT and ETO on held-out tasks (README); the loop with it off is not measured yet
-    (the ablation's ``late_memory`` row). Why the first trial suffers: 40% of the first actions shown
+    With it, the 270M default solved fewer training tasks at its first trial than ETO's greedy pass
+    from the same SFT policy, on both seeds (39 against 59 of 250, exact McNemar p = 0.0012; seed 1:
+    37 against 59, p = 0.0007). Held out, the round trained on that exploration reached 14/60 on
+    seed 0 (ETO's round 13/60, p = 1.0; SFT 8/60, p = 0.070); with it off and ``redraws=4`` (the
+    ablation's ``redraw`` row), 18/60 (README). Why the first trial suffers: 40% of the first actions shown
     memory named a table, column or value found only in another task's experience, and those solved
     1 task in 77."""
     recall: str = "solved"
