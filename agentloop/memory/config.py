@@ -33,9 +33,10 @@ class MemoryConfig:
     from the same SFT policy, on both seeds (39 against 59 of 250, exact McNemar p = 0.0012; seed 1:
     37 against 59, p = 0.0007). Held out, the round trained on that exploration reached 14/60 on
     seed 0 (ETO's round 13/60, p = 1.0; SFT 8/60, p = 0.070); with it off and ``redraws=4`` (the
-    ablation's ``redraw`` row), 18/60 (README). Why the first trial suffers: 40% of the first actions shown
-    memory named a table, column or value found only in another task's experience, and those solved
-    1 task in 77."""
+    ablation's ``redraw`` row, same trunk), 18/60: 4 gained and 0 lost against the full row, p = 0.125,
+    after exploring 62 tasks against its 43 (30 gained, 11 lost, p = 0.0043; README). Why the first
+    trial suffers: 40% of the first actions shown memory named a table, column or value found only in
+    another task's experience, and those solved 1 task in 77."""
     recall: str = "solved"
     """Which experiences a trial is shown: ``solved`` (those that solved their task, each with its
     actions: worked examples) or ``all`` (every outcome, as STE's memory lists its queries). With
