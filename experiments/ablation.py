@@ -20,7 +20,8 @@
                      trial, the 270M policy began 70% of its retries with that trial's first action
     table: held-out success per row and env, k/n with a 95% Wilson interval, and an exact
         McNemar test against ``eto`` on the same tasks and seed; then each row's exploration of the
-        training tasks in its first round (first trial, any trial), paired with ETO's greedy pass
+        training tasks in its first round (first trial, any trial), paired with ETO's greedy pass;
+        with ``--compare A B``, row A against row B on each seed where both started from one trunk
 
 Every row starts from the same SFT policy (its trunk's adapter and stages are copied), so rows
 differ only in their rounds. Runs resume: a row or trunk already complete is not run again.
@@ -29,6 +30,7 @@ Usage:
     python experiments/ablation.py --out runs/ablation                       # all rows, seed 0
     python experiments/ablation.py --out runs/ablation --seeds 0 1 --rows eto full
     python experiments/ablation.py --out runs/ablation --table               # only the table, from what ran
+    python experiments/ablation.py --out runs/ablation --table --compare redraw full   # and one row against another
     python experiments/ablation.py --out runs/ablation -- db.max_turns=4     # overrides for every run
     (overrides of STE's own sections, memory.*, imagine.*, mix.* and round_sft.*, go to its rows only)
 """
@@ -76,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
         "--records", type=Path, nargs="+", default=[],
         help="directories of records of earlier runs (another session's OUT/records) to add to the table",
     )  # fmt: skip
+    parser.add_argument(
+        "--compare", nargs=2, action="append", default=[], metavar=("ROW", "AGAINST"), choices=["sft", *ROWS],
+        help="also pair ROW against AGAINST (held out, first trial, any trial), per seed; may be repeated",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
     if any(o.startswith(("store_url=", "run_dir=")) for o in args.overrides):
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                 collect(args.out, [seed], [row], args.iterations)
     found = {(r["seed"], r["row"]): r for r in read_records(args.records, args.iterations)}
     found.update({(r["seed"], r["row"]): r for r in collect(args.out, args.seeds, args.rows, args.iterations)})
-    table = ablation_table(list(found.values()), args.iterations)
+    table = ablation_table(list(found.values()), args.iterations, [tuple(pair) for pair in args.compare])
     args.out.mkdir(parents=True, exist_ok=True)  # --table from kept records alone: nothing ran here
     (args.out / "table.md").write_text(table)
     print(table)
@@ -232,10 +238,11 @@ def read_records(directories: list[Path], iterations: int) -> list[dict[str, Any
     return found
 
 
-def ablation_table(records: list[dict[str, Any]], iterations: int) -> str:
+def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list[tuple[str, str]] | None = None) -> str:
     """The markdown tables from rows' records: per seed, row and env, held-out successes of the last round
     with exact McNemar tests against eto and against the SFT policy the row started from; each row's spread
-    over seeds; then each row's first exploration against ETO's greedy pass.
+    over seeds; then each row's first exploration against ETO's greedy pass; then, for each pair
+    ``(row, against)`` of ``compare``, the same tests of one row against the other.
 
     Rows are paired with eto only when both started from the same SFT policy (the same trunk fingerprint):
     a trunk trained again on another machine may differ. A later record of a (seed, row) replaces an
@@ -306,6 +313,36 @@ def ablation_table(records: list[dict[str, Any]], iterations: int) -> str:
                 f"| {seed} | {row} | {sum(first.values())}/{len(first)} | {k}/{n} | [{low:.3f}, {high:.3f}] "
                 f"| {' | '.join(test)} |"
             )
+    if compare:
+        lines += [
+            "",
+            "Row against row on the same seed and trunk, exact McNemar tests on the tasks both played: gained/lost "
+            "and p, held out (last round), and in round 1's exploration at the first trial and at any trial.",
+            "",
+            "| seed | row | against | held out | gained | lost | p | first trial | gained | lost | p "
+            "| any trial | gained | lost | p |",
+            "|" + "---|" * 15,
+        ]
+    for row, against in compare or []:
+        for seed in seeds:
+            a, b = by.get((seed, row)), by.get((seed, against))
+            if a is not None and b is None and against == "sft":  # the trunk's record is gone: the row carries it
+                b = {**a, "explore_first": {}, "explore_any": {}}
+            if a is None or b is None:
+                continue
+            if not same_trunk(a, b):
+                lines.append(f"| {seed} | {row} | {against} | other trunk |" + " - |" * 11)
+                continue
+            cells = []
+            for key in ("held_out", "explore_first", "explore_any"):
+                mine, theirs = a[key], b[key]
+                if key == "held_out" and against == "sft":
+                    theirs = a["sft"]
+                if not mine or not theirs:
+                    cells += ["-"] * 4
+                    continue
+                cells += [f"{sum(mine.values())} vs {sum(theirs.values())}", *_paired(mine, theirs, ".2g")]
+            lines.append(f"| {seed} | {row} | {against} | {' | '.join(cells)} |")
     lines += ["", "Trunks (the SFT policy each row started from, by the hash of its adapter):", ""]
     for (seed, trunk), rows in trunks.items():
         lines.append(f"- seed {seed}, trunk {trunk}: {', '.join(rows)}")

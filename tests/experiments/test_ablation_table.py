@@ -102,6 +102,29 @@ def test_kept_records_make_the_table_without_their_runs_and_pair_only_rows_of_th
     assert "| 0 | full | db | 3/4 | 0.750 | [0.301, 0.954] | - | - | other trunk | 0.500 |" in table
     assert "- seed 0, trunk a: sft, eto, trials" in table and "- seed 0, trunk b: full" in table
     assert "\n| 1 | eto" not in table  # the record of another budget is left out
+    assert "Row against row" not in table  # only when asked
+
+
+def test_one_row_is_paired_against_another_on_held_out_tasks_and_exploration():
+    def kept(row, trunk, held_out, first, chain):
+        return {
+            "row": row, "seed": 0, "iterations": 1, "trunk": trunk, "commit": "", "sft": {"db/0": True, "db/1": False},
+            "held_out": {f"db/{i}": bool(ok) for i, ok in enumerate(held_out)},
+            "explore_first": {f"db/t{i}": bool(ok) for i, ok in enumerate(first)},
+            "explore_any": {f"db/t{i}": bool(ok) for i, ok in enumerate(chain)},
+        }  # fmt: skip
+
+    records = [
+        kept("eto", "a", [1, 0], [1, 1, 0, 0], [1, 1, 0, 0]),
+        kept("full", "a", [1, 1], [0, 0, 0, 0], [0, 1, 0, 0]),
+        kept("redraw", "a", [0, 1], [1, 1, 1, 1], [1, 1, 1, 1]),
+        kept("trials", "b", [1, 1], [1, 1, 1, 1], [1, 1, 1, 1]),
+    ]
+    table = ablation.ablation_table(records, 1, [("redraw", "full"), ("full", "sft"), ("trials", "eto")])
+    assert "| 0 | redraw | full | 1 vs 2 | 0 | 1 | 1 | 4 vs 0 | 4 | 0 | 0.12 | 4 vs 1 | 3 | 0 | 0.25 |" in table
+    # against sft: the row's own copy of its trunk's held-out outcomes; sft explored nothing
+    assert "| 0 | full | sft | 2 vs 1 | 1 | 0 | 1 | - | - | - | - | - | - | - | - |" in table
+    assert "| 0 | trials | eto | other trunk |" in table
 
 
 def test_rows_pair_only_on_the_tasks_both_played_and_a_row_without_its_adapter_with_nothing(tmp_path):
