@@ -9,11 +9,12 @@
                      its trials; no reflections, no replay
         trials       experiments/ste.py with 3 trials per task, short-term memory and reflections,
                      SFT on its successes and pairs among its trials; no long-term memory, no replay
-        long_term    ... plus long-term memory
+        long_term    ... plus long-term memory, shown at every trial as STE's explorer is (ste.py's default
+                     shows it to the retries only)
         imagined     ... plus imagined tasks
         full         ... plus replay of 10% of earlier rounds' data (SFT and DPO): STE+ETO
         late_memory  full, with long-term memory shown to the retries only: a task's first trial is
-                     ETO's greedy pass (``memory.first_trial_memory=false``). The 270M policy copies
+                     ETO's greedy pass (``memory.first_trial_memory=false``, ste.py's default). The 270M policy copies
                      other tasks' tables and values from the experiences shown at a first trial
         redraw       late_memory, with a retry's first turn drawn again (up to 4 times) while it repeats,
                      verbatim, an earlier trial's first action (``memory.redraws=4``): shown its failed
@@ -51,6 +52,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 NO_REPLAY = ["round_sft.replay_fraction=0", "dpo.replay_fraction=0"]
+EVERY_TRIAL = "memory.first_trial_memory=true"  # STE's design; ste.py's default shows memory to retries only
 ROWS = {
     "eto": ("eto.py", ["dpo.replay_fraction=0"]),
     "resample": (
@@ -58,9 +60,9 @@ ROWS = {
         ["memory.short_term_tokens=0", "memory.long_term_tokens=0", "memory.reflect=false", *NO_REPLAY],
     ),
     "trials": ("ste.py", ["memory.long_term_tokens=0", *NO_REPLAY]),
-    "long_term": ("ste.py", NO_REPLAY),
-    "imagined": ("ste.py", ["imagine.tasks_per_env=50", *NO_REPLAY]),
-    "full": ("ste.py", ["imagine.tasks_per_env=50"]),
+    "long_term": ("ste.py", [EVERY_TRIAL, *NO_REPLAY]),
+    "imagined": ("ste.py", [EVERY_TRIAL, "imagine.tasks_per_env=50", *NO_REPLAY]),
+    "full": ("ste.py", [EVERY_TRIAL, "imagine.tasks_per_env=50"]),
     "late_memory": ("ste.py", ["imagine.tasks_per_env=50", "memory.first_trial_memory=false"]),
     "redraw": ("ste.py", ["imagine.tasks_per_env=50", "memory.first_trial_memory=false", "memory.redraws=4"]),
 }

@@ -1,9 +1,10 @@
 """STE exploration (Wang et al., ACL 2024) feeding ETO's training rounds (Song et al., ACL 2024).
 
     behaviour cloning on expert trajectories, then for each iteration:
-        explore every training task in a chain of trials, each trial shown
+        explore every training task in a chain of trials: the first one ETO's greedy pass, each retry shown
             long-term memory: experiences of the most similar tasks tried so far, and
             short-term memory: the task's earlier trials, their outcomes and reflections
+            (memory.first_trial_memory=true shows long-term memory to the first trial too, as STE does)
         after each trial the policy reflects; every trial is distilled into long-term memory
         SFT on the round's successful trials (memory stripped), with replay of earlier rounds' data
         DPO on ETO's pairs (expert vs first trial) and the trials' pairs (success vs failure)

@@ -26,17 +26,18 @@ class MemoryConfig:
     """Budget of the retrieved experiences shown at the start of a trial (0 = no long-term memory)."""
     long_term_k: int = 3
     """Experiences retrieved per trial, most similar first."""
-    first_trial_memory: bool = True
-    """Whether a task's first trial is shown long-term memory (it has no short-term memory yet).
-    Off, the first trial is ETO's greedy pass, unchanged, and memory informs the retries only.
-    With it, the 270M default solved fewer training tasks at its first trial than ETO's greedy pass
-    from the same SFT policy, on both seeds (39 against 59 of 250, exact McNemar p = 0.0012; seed 1:
-    37 against 59, p = 0.0007). Held out, the round trained on that exploration reached 14/60 on
-    seed 0 (ETO's round 13/60, p = 1.0; SFT 8/60, p = 0.070); with it off and ``redraws=4`` (the
-    ablation's ``redraw`` row, same trunk), 18/60: 4 gained and 0 lost against the full row, p = 0.125,
-    after exploring 62 tasks against its 43 (30 gained, 11 lost, p = 0.0043; README). Why the first
-    trial suffers: 40% of the first actions shown memory named a table, column or value found only in
-    another task's experience, and those solved 1 task in 77."""
+    first_trial_memory: bool = False
+    """Whether a task's first trial is shown long-term memory (it has no short-term memory yet), as
+    STE's explorer is (the ablation's ``long_term``, ``imagined`` and ``full`` rows set it). Off, the
+    first trial is ETO's greedy pass, unchanged, and memory informs the retries only, so exploration
+    solves at least what that pass solves. On, the 270M default solved fewer training tasks at its
+    first trial than ETO's greedy pass from the same SFT policy, on both seeds (37 against 57 of 250,
+    exact McNemar p = 0.0012; seed 1: 37 against 59, p = 0.0007): 40% of the first actions shown
+    memory named a table, column or value found only in another task's experience, and those solved
+    1 task in 77. Held out, on seed 0's trunk, the round trained on that exploration reached 14/60
+    (ETO's round 13/60, p = 1.0); off with ``redraws=4`` (the ``redraw`` row), 18/60: 4 gained and
+    0 lost against it, p = 0.125, after exploring 62 tasks against its 43 (30 gained, 11 lost,
+    p = 0.0043; README)."""
     recall: str = "solved"
     """Which experiences a trial is shown: ``solved`` (those that solved their task, each with its
     actions: worked examples) or ``all`` (every outcome, as STE's memory lists its queries). With

@@ -41,6 +41,7 @@ def test_ste_runs_end_to_end_with_memory_and_resumes(tmp_path, data_dir, tiny_mo
         "memory.trials=2",
         "memory.reflection_tokens=12",
         "memory.recall=all",  # the random policy solves nothing: every outcome is recalled
+        "memory.first_trial_memory=true",  # STE's design: every trial, the first too, is shown long-term memory
         "imagine.tasks_per_env=2",
         "mismatch_episodes=2",
     ]

@@ -202,13 +202,13 @@ def test_a_trials_feed_continues_chains_begun_elsewhere_and_shows_long_term_memo
             earlier=lambda asked: {k: v for k, v in begun.items() if k in {f"db/{t.task_id}" for t in asked}},
         )
 
-    fresh, resumed = feed().take(2)
+    fresh, resumed = feed(first_trial_memory=True).take(2)  # STE's design: every trial is shown memory
     assert fresh.trial == 0 and fresh.memory.startswith("Experience from similar tasks:\n- Task: a similar question")
     assert resumed.trial == 2 and resumed.memory.index("Use WHERE.") < resumed.memory.index("Attempt 1: not solved")
     assert resumed.memory.index("SELECT x") < resumed.memory.index("SELECT y")
     asked_for.clear()
-    fresh, resumed = feed(first_trial_memory=False).take(2)
-    assert fresh.memory == "" and "Use WHERE." in resumed.memory  # the first trial is ETO's greedy pass
+    fresh, resumed = feed().take(2)
+    assert fresh.memory == "" and "Use WHERE." in resumed.memory  # by default the first trial is ETO's greedy pass
     assert asked_for == [[tasks[1]]]  # long-term memory is asked for the retries only
     assert MemoryConfig(trials=3, stop_on_success=False).last_trial(trial(tasks[0], 0, [], success=True)) is False
 
