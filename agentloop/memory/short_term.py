@@ -69,9 +69,9 @@ def _label(line: str) -> str:
 def render_trials(trials: Sequence[Trajectory], budget: int, count: Callable[[str], int]) -> str:
     """The earlier trials of a task as one text of at most ``budget`` tokens (``count`` measures).
 
-    The newest trials are kept whole first; when a trial no longer fits, its oldest lines go
-    first (its heading stays), and older trials are left out. ``""`` when there is nothing
-    to show or nothing fits.
+    The newest trials are kept whole first; when a trial no longer fits, its oldest turns go
+    first, each action with the reply it got (its heading stays, then its reflection's lines),
+    and older trials are left out. ``""`` when there is nothing to show or nothing fits.
     """
     if not trials or budget <= 0:
         return ""
@@ -80,14 +80,19 @@ def render_trials(trials: Sequence[Trajectory], budget: int, count: Callable[[st
     used = frame
     for number, trial in reversed(list(enumerate(trials, start=1))):
         lines = trial_lines(trial, number)
+        whole = len(lines)
         size = count("\n".join(lines) + "\n")
         while size + used > budget and len(lines) > 1:
-            lines = [lines[0], *lines[2:]]  # drop the oldest line after the heading
+            # the oldest line after the heading goes, and the reply that answered it
+            drop = 2 if lines[1].startswith("Turn ") and len(lines) > 2 and lines[2].startswith("Result: ") else 1
+            lines = [lines[0], *lines[1 + drop :]]
             size = count("\n".join(lines) + "\n")
         if size + used > budget:
             break
         blocks.insert(0, lines)
         used += size
+        if len(lines) < whole:  # this trial was cut: the older ones would only show their ends
+            break
     if not blocks:
         return ""
     return "\n".join([HEADER, *(line for block in blocks for line in block), FOOTER]) + "\n\n"

@@ -57,6 +57,17 @@ def test_earlier_trials_are_shown_oldest_first_with_outcomes_actions_results_and
     )
 
 
+def attempts(text: str) -> dict[int, list[str]]:
+    """The lines of each attempt shown in a rendering of short-term memory, by number."""
+    blocks: dict[int, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("Attempt "):
+            blocks[int(line.split()[1].rstrip(":"))] = []
+        if blocks and line not in (HEADER, FOOTER, ""):
+            blocks[max(blocks)].append(line)
+    return blocks
+
+
 def test_the_budget_drops_the_oldest_material_first():
     t = task(0)
     trials = [trial(t, i, [f"SELECT x{i} FROM y WHERE z = {i}"] * 3, reflection=f"lesson {i}") for i in range(3)]
@@ -69,13 +80,17 @@ def test_the_budget_drops_the_oldest_material_first():
             assert "lesson 2" in text or text.splitlines()[1].startswith("Attempt 3:")
             kept = [n for n in (1, 2, 3) if f"Attempt {n}:" in text]
             assert kept == list(range(kept[0], 4))  # older trials go before newer ones
-    # Just under the whole: the oldest line after the oldest kept trial's heading goes first.
+            shown, full = attempts(text), attempts(whole)
+            assert all(shown[n] == full[n] for n in kept[1:])  # only the oldest trial shown may be cut
+            assert not any(block[1].startswith("Result: ") for block in shown.values() if len(block) > 1)
+    # Just under the whole: the oldest turn of the oldest trial goes first, with its reply.
     cut = render_trials(trials, words(whole) - 1, count=words)
-    assert cut.splitlines()[1:3] == [
-        "Attempt 1: not solved (reward 0.00).",
-        "Result: result of SELECT x0 FROM y WHERE z = 0",
-    ]
-    assert whole.count("SELECT x0") == 5 and cut.count("SELECT x0") == 4
+    assert cut.splitlines()[1:3] == ["Attempt 1: not solved (reward 0.00).", "Turn 2: SELECT x0 FROM y WHERE z = 0"]
+    assert whole.count("SELECT x0") == 5 and cut.count("SELECT x0") == 3
+    # A budget that cuts the newest trial shows no older one: it would show only their ends.
+    newest = render_trials(trials[2:], 10_000, count=words)
+    cut = render_trials(trials, words(newest) - 1, count=words)
+    assert "Attempt 1:" not in cut and "Attempt 2:" not in cut and "lesson 2" in cut
     assert render_trials(trials, budget=0, count=words) == "" == render_trials([], 100, words)
 
 
