@@ -212,7 +212,7 @@ def imagine(run: Run, memory: RunMemory, version: int, it: int, keys: set[str], 
 
     config = run.config
     train = {name: [t for t in tasks if t.task.key in keys] for name, tasks in run.train.items()}
-    bases = choose_bases(train, config.imagine.tasks_per_env, random.Random(config.seed * 1000 + it))
+    bases = choose_bases(train, config.imagine.tasks_per_env, random.Random(config.seed * 1000 + it), run.held_out)
     asked = requests(bases, memory.recall(config.imagine.avoid) if config.imagine.avoid else None)
     if config.imagine.explorer.enabled:
         texts = Endpoint(config.imagine.explorer).answers(asked)

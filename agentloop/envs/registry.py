@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,11 @@ class Imagination:
     evidence: Callable[[Any, Any], str] | None = None
     """``evidence(task, config)``: what a judge reads of a built task to decide whether the proposal's own
     solution does what it asks (the task and its solution, as text); None: the env is not judged."""
+    scene: Callable[[Any], Hashable] | None = None
+    """``scene(task)``: what an imagined task is built over (DB: its table, rows included). A training
+    task whose scene a held-out task shares is never a base, so that no imagined task can restate a
+    held-out one and train on it; None: held-out tasks share no scene with training ones, or ``build``
+    keeps them out itself (WebShop never imagines over a held-out product)."""
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,24 @@ class ImagineConfig:
             raise ConfigError("tasks_per_env and avoid must be >= 0, max_new_tokens >= 1")
 
 
-def choose_bases(train: Mapping[str, Sequence[Any]], n: int, rng: random.Random) -> list[Any]:
-    """Up to ``n`` training tasks of each env that takes imagined tasks, a seeded sample, envs in order."""
+def choose_bases(
+    train: Mapping[str, Sequence[Any]], n: int, rng: random.Random, held_out: Sequence[Any] = ()
+) -> list[Any]:
+    """Up to ``n`` training tasks of each env that takes imagined tasks, a seeded sample, envs in order;
+    never one whose scene (:attr:`Imagination.scene`) a task of ``held_out`` shares."""
     bases = []
     for name in sorted(train):
-        if envs.definition(name).imagination is not None and train[name]:
-            bases += rng.sample(list(train[name]), min(n, len(train[name])))
+        imagination = envs.definition(name).imagination
+        if imagination is None or not train[name]:
+            continue
+        pool = list(train[name])
+        if imagination.scene is not None:
+            taken = {imagination.scene(t) for t in held_out if t.task.env == name}
+            pool = [t for t in pool if imagination.scene(t) not in taken]
+            if len(pool) < len(train[name]):
+                logger.info("imagination: %d %s training tasks share a held-out task's scene, not used as bases",
+                            len(train[name]) - len(pool), name)  # fmt: skip
+        bases += rng.sample(pool, min(n, len(pool)))
     return bases
 
 

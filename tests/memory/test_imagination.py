@@ -30,6 +30,17 @@ def column(base) -> str:
     return base.columns[0][0]
 
 
+def test_no_base_shares_its_table_with_a_held_out_task(data_dir):
+    from agentloop.envs.db.imagine import scene
+
+    every, held_out = load_tasks("db", data_dir, "train"), load_tasks("db", data_dir, "dev")
+    tables = {scene(t) for t in held_out}
+    shared = {t.task.task_id for t in every if scene(t) in tables}
+    assert shared  # dbbench's dev split asks about some training tables too
+    bases = choose_bases({"db": every}, len(every), random.Random(0), held_out)
+    assert len(bases) == len(every) - len(shared) and not shared & {b.task.task_id for b in bases}
+
+
 def test_proposals_are_asked_with_remembered_tasks_to_avoid_and_built_into_scored_tasks(train):
     bases = choose_bases(train, 3, random.Random(0))
     assert len(bases) == 3 and bases == choose_bases(train, 3, random.Random(0))

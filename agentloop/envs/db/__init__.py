@@ -72,7 +72,7 @@ keeps the demonstrations that succeed.
 from agentloop.envs.db.config import SQLEnvConfig
 from agentloop.envs.db.env import SQLEnv
 from agentloop.envs.db.experts import DBExpertConfig, build_db_experts
-from agentloop.envs.db.imagine import imagined_task, judge_evidence, proposal_prompt
+from agentloop.envs.db.imagine import imagined_task, judge_evidence, proposal_prompt, scene
 from agentloop.envs.db.tasks import SPLIT_FILES, DBTask, load_db_tasks
 from agentloop.envs.registry import EnvDefinition, Imagination
 
@@ -88,7 +88,7 @@ ENV = EnvDefinition(
     expert_config=DBExpertConfig,
     context_tokens=2048,
     median_episode_tokens=270,  # bench/episode_tokens.py: median of 200 train experts
-    imagination=Imagination(prompt=proposal_prompt, build=imagined_task, evidence=judge_evidence),
+    imagination=Imagination(prompt=proposal_prompt, build=imagined_task, evidence=judge_evidence, scene=scene),
 )
 """The Database environment's registration (``agentloop.envs``)."""
 

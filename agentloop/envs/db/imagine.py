@@ -54,6 +54,12 @@ def proposal_prompt(base: DBTask) -> str:
     return "\n".join(lines)
 
 
+def scene(task: DBTask) -> tuple:
+    """The table a task is asked over, rows included: 4 of dbbench's 60 dev tasks ask about a table that
+    a training task has too, and an imagined task over it could restate the held-out question."""
+    return task.table_name, task.columns, task.rows
+
+
 def parse_proposal(text: str) -> tuple[str, str] | str:
     """The (question, SQL) of a proposal, or a sentence saying why it cannot be read."""
     question = _QUESTION_RE.search(text or "")
