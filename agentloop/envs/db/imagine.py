@@ -142,6 +142,17 @@ def imagined_task(base: DBTask, text: str, config: SQLEnvConfig, task_id: str) -
     )
 
 
+def _without_comments(sql: str) -> str:
+    """``sql`` as sqlglot writes it back, without its comments (a comment could address the judge)."""
+    import sqlglot
+    from sqlglot.errors import ParseError
+
+    try:
+        return sqlglot.parse_one(sql, read="sqlite").sql(dialect="sqlite", comments=False)
+    except ParseError:  # a kept task's SQL parsed when it was built (_reads_table); never here
+        return sql
+
+
 def judge_evidence(task: DBTask, config: SQLEnvConfig) -> str:
     """What a judge reads of an imagined task: the table, the question, the SQL, and its answer
     (a SELECT's values; for a write, the rows it adds and removes)."""
@@ -150,7 +161,7 @@ def judge_evidence(task: DBTask, config: SQLEnvConfig) -> str:
         f"Table {quote_identifier(task.table_name)} ({columns}), first rows:",
         *(repr(tuple(row)) for row in task.rows[:SAMPLE_ROWS]),
         f"Task: {task.task.instruction}",
-        f"Solution (SQLite):\n{task.gold_sql}",
+        f"Solution (SQLite):\n{_without_comments(task.gold_sql)}",
     ]
     if task.is_write:
         before = _outcome(task, "SELECT 1", config)[1] or Counter()
