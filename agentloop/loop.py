@@ -349,8 +349,9 @@ class Stages:
         Returns:
             The stage's trajectories in ``keys`` order.
         """
-        if self.done(stage, step):
-            return self.store.trajectories(stage=stage)
+        if self.done(stage, step):  # in keys order, as when it ran (its trials of keys no longer asked are left out)
+            found = _chains(self.store.trajectories(stage=stage))
+            return [t for k in keys for t in found.get(k, ())]
         ends = ends or (lambda _: True)  # without trials, a key's one episode ends it
         chains = _chains(self.store.trajectories(stage=stage))
         stored = {k for k, trials in chains.items() if ends(trials[-1])}

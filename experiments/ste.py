@@ -151,13 +151,15 @@ def ste_round(run: Run, memory: RunMemory, it: int, version: int, explore_ids: l
         stage, it, keys, play, partial(explored, run, version, it), ends=config.memory.last_trial, memory=memory
     )
     # SFT on the round's successes, then DPO on expert and trial pairs (reference: the policy after SFT).
-    if config.mix.successes and (accepted or any(t.success for t in trials)):
+    # A stage completed before a resume counts, whatever its data would be now: the versions stay those trained.
+    done = run.stages.completed
+    if f"round_sft/{it}" in done or (config.mix.successes and (accepted or any(t.success for t in trials))):
         data = round_sft_data(run, it, trials, experts, accepted)
         train = partial(train_round_sft, run, version, data)
         run.adapters[version + 1] = run.stages.train(f"round_sft/{it}", it, train)
         version += 1
     pairs = round_pairs(config.mix, experts + accepted, trials, it)
-    if pairs:
+    if f"dpo/{it}" in done or pairs:
         run.adapters[version + 1] = run.stages.train(
             f"dpo/{it}", it, partial(train_dpo, run, it, pairs, version), pairs=pairs
         )

@@ -138,6 +138,8 @@ def test_a_streamed_stage_stores_batches_as_they_come_and_resumes_with_only_the_
     record = read_metrics(metrics.path)[-1]
     assert record["explore/episodes"] == 7 and record["explore/resumed_episodes"] == 4
     assert resumed.stream("explore/1", 1, keys, play(crash_after=0), measure) == found  # complete: not run again
+    again = resumed.stream("explore/1", 1, keys[::-1], play(crash_after=0), measure)
+    assert [f"{t.task.env}/{t.task.task_id}" for t in again] == keys[::-1]  # read back in the order asked
     assert replace(found[0]) == found[0]
     metrics.close()
     store.close()
