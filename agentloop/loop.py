@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 C = TypeVar("C")
 
 
+_ABSENT = object()
+"""A key missing from a saved config."""
+
+
 @dataclass(frozen=True)
 class RunDir:
     """The directory of one run."""
@@ -74,8 +78,29 @@ class RunDir:
         run = cls(Path(path))
         if not run.config_file.is_file():
             raise ConfigError(f"--resume {path}: no config.yaml there; is it a run directory?")
-        saved = load_config(config_cls, run.config_file)
-        return run, saved, load_config(config_cls, run.config_file, list(overrides))
+        legacy = run.legacy_settings(config_cls)
+        saved = load_config(config_cls, run.config_file, legacy)
+        return run, saved, load_config(config_cls, run.config_file, [*legacy, *overrides])
+
+    def legacy_settings(self, config_cls: type) -> list[str]:
+        """Overrides restoring what this run ran with for settings its saved config predates.
+
+        A config class lists in ``LEGACY`` (a class attribute: dotted key -> value) the settings whose
+        default is not what runs made before the setting existed did (``memory.first_trial_memory``: such
+        runs showed memory at every trial). Without this, a run saved before the key would be read with
+        today's default, and a resume would change what its begun stages compute without a word.
+        """
+        raw = yaml.safe_load(self.config_file.read_text()) or {}
+        found = []
+        for key, value in getattr(config_cls, "LEGACY", {}).items():
+            node: Any = raw
+            for part in key.split("."):
+                node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+            if node is _ABSENT:
+                logger.info("%s: not in %s (the run predates it); read as %r, what runs did then", key,
+                            self.config_file, value)  # fmt: skip
+                found.append(f"{key}={json.dumps(value)}")
+        return found
 
     def fork(self, target: Path, at: str | None = None) -> RunDir:
         """A new run directory at ``target`` holding this run's completed stages (store, adapters,

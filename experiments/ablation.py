@@ -92,13 +92,16 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             trunk = args.out / f"trunk-seed{seed}"
             shared = [f"seed={seed}", "iterations=0", f"rollout.max_context_tokens={rollout_context(args.overrides)}"]
-            run(trunk, "eto.py", [*shared, *for_script("eto.py", args.overrides)])
+            if record(args.out, "sft", seed, 0) is None:  # a complete trunk or row is not started again
+                run(trunk, "eto.py", [*shared, *for_script("eto.py", args.overrides)])
             collect(args.out, [seed], [], args.iterations)  # each record is written as soon as it is complete
             for row in args.rows:
                 script, overrides = ROWS[row]
                 target = args.out / f"{row}-seed{seed}"
                 fork(trunk, target)
-                run(target, script, [f"iterations={args.iterations}", *overrides, *for_script(script, args.overrides)])
+                if record(args.out, row, seed, args.iterations) is None:
+                    rounds = f"iterations={args.iterations}"
+                    run(target, script, [rounds, *overrides, *for_script(script, args.overrides)])
                 collect(args.out, [seed], [row], args.iterations)
     found = {(r["seed"], r["row"]): r for r in read_records(args.records, args.iterations)}
     found.update({(r["seed"], r["row"]): r for r in collect(args.out, args.seeds, args.rows, args.iterations)})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any, ClassVar
 
 from eto import FREE_SETTINGS, ETOConfig, Run, parse_args, rollout_metrics
 
@@ -52,6 +53,13 @@ class MixConfig:
 @dataclass
 class STEConfig(ETOConfig):
     """An ETO run whose exploration has STE's trials and memory; ``--help`` lists overrides."""
+
+    LEGACY: ClassVar[dict[str, Any]] = {
+        "memory.first_trial_memory": True,  # before 457c1ee every trial was shown long-term memory
+        "memory.recall": "all",  # before d527ec8 long-term memory showed every outcome
+        "memory.retry_temperature": 0.0,  # before 61fe778 retries decoded greedily
+    }
+    """What runs saved before these settings existed did (:meth:`agentloop.loop.RunDir.legacy_settings`)."""
 
     iterations: int = 1
     """STE rounds. One on the CPU default: its 670 trials of the 250 DB tasks took 42 min on 2 cores

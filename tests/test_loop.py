@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import pytest
 from records import episode
@@ -72,6 +73,48 @@ def test_resume_reads_the_saved_config_and_writes_only_when_told(tmp_path):
     assert run.config_file.read_text() == before
     run.save_config(config)
     assert RunDir.resume(run.path, Config)[1].iterations == 5
+
+
+@dataclass
+class Grown(Config):
+    """Config after a setting was added whose default is not what earlier runs did."""
+
+    LEGACY: ClassVar[dict[str, Any]] = {"dpo.beta": 0.5, "sampled": False}
+    sampled: bool = True
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_what_it_ran_with(tmp_path):
+    import yaml
+
+    from agentloop.config import load_config
+
+    run = RunDir.create(tmp_path / "run", load_config(Config, None, ["dpo.beta=0.5"]))
+    old = yaml.safe_load(run.config_file.read_text())
+    del old["dpo"]["beta"]  # saved before dpo.beta existed
+    run.config_file.write_text(yaml.safe_dump(old))
+    _, saved, config = RunDir.resume(run.path, Grown)
+    assert (saved.dpo.beta, saved.sampled, config.dpo.beta, config.sampled) == (0.5, False, 0.5, False)
+    assert check_resume(saved, config, ["dpo/1"], READS) == []  # nothing changed
+    _, saved, config = RunDir.resume(run.path, Grown, ["sampled=true", "dpo.beta=0.2"])
+    assert config.sampled and config.dpo.beta == 0.2  # an override still wins, and is checked
+    with pytest.raises(ConfigError, match="dpo.beta: completed stage dpo/1 ran with 0.5"):
+        check_resume(saved, config, ["dpo/1"], READS)
+    run.save_config(config)
+    assert RunDir.resume(run.path, Grown)[1].dpo.beta == 0.2  # saved now: the legacy value no longer applies
+
+
+def test_ste_s_legacy_settings_are_its_own_settings(data_dir):
+    import sys
+    from pathlib import Path
+
+    from agentloop.config import load_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from ste import STEConfig
+
+    overrides = [f"{key}={json.dumps(value)}" for key, value in STEConfig.LEGACY.items()]
+    config = load_config(STEConfig, None, [f"data_dir={data_dir}", *overrides])  # every key names a setting, every value is valid
+    assert config.memory.first_trial_memory is True and config.memory.recall == "all"
 
 
 def test_metrics_committed_but_never_logged_are_logged_when_a_resumed_run_passes_the_stage(tmp_path):

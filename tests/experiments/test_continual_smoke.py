@@ -78,6 +78,8 @@ def test_the_ablation_runs_its_rows_from_one_trunk_and_writes_the_table(tmp_path
     kept = {p.name: json.loads(p.read_text()) for p in (out / "records").iterdir()}
     assert sorted(kept) == ["seed0-eto-1r.json", "seed0-sft.json", "seed0-trials-1r.json"]
     assert len({r["trunk"] for r in kept.values()}) == 1 and len(kept["seed0-trials-1r.json"]["held_out"]) == 3
+    rerun = run_experiment("ablation.py", args, data_dir)  # complete: no trunk or row is started again
+    assert rerun.returncode == 0 and "resuming" not in rerun.stdout and (out / "table.md").read_text() == table
     again = run_experiment("ablation.py", ["--out", str(tmp_path / "elsewhere"), "--table", "--records",
                                            str(out / "records"), "--iterations", "1"], data_dir)  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
