@@ -75,9 +75,14 @@ def _phases_problem(phases: list[list[str]], envs: list[str]) -> str:
     return ""
 
 
-def main(argv: list[str] | None = None) -> None:
-    config, run_dir, saved = parse_args(argv, ContinualConfig, "continual", __doc__, check=check_families)
+def check_config(config: ContinualConfig) -> None:
+    """Before any work: the phases' families exist in the data, and the configured endpoints answer."""
+    check_families(config)
     check_endpoints(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, run_dir, saved = parse_args(argv, ContinualConfig, "continual", __doc__, check=check_config)
     # Rounds are numbered across phases, so a resumed run keeps its rounds per phase (iterations).
     free = tuple(key for key in FREE_SETTINGS if key != "iterations")
     run = Run(config, run_dir, saved, stage_reads(), free)

@@ -432,7 +432,8 @@ def parse_args(
 ):
     """Reads the config (YAML + overrides, or a run to resume) and opens the run directory
     (new runs: ``runs/<name>-<date>-<time>`` unless ``run_dir`` is set). ``check(config)``, an
-    experiment's own check of its config against the data, raises before a new run's directory exists."""
+    experiment's own check of its config (against the data, or endpoints that must answer), raises before
+    a new run's directory exists, or before a resumed run starts any work."""
     from agentloop.loop import RunDir
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -450,6 +451,8 @@ def parse_args(
         for key in ("run_dir", "store_url"):  # where the run and its record of completed stages live
             if getattr(config, key) != getattr(saved, key):
                 raise ConfigError(f"{key}: a resumed run keeps its {key} ({getattr(saved, key)!r})")
+        if check is not None:
+            check(config)
         return config, run, saved
     config = load_config(config_class, args.config, args.overrides)
     config.fit_lengths()

@@ -73,6 +73,39 @@ class STEConfig(ETOConfig):
     """SFT of each round on its successful trials, continuing the current adapter; 10% of earlier
     rounds' SFT data (the expert demonstrations, earlier successes) replayed, per env, as STE replays."""
 
+    def validate(self) -> None:
+        super().validate()
+        if self.memory.trials == 1 and self.memory.long_term_tokens and not self.memory.first_trial_memory:
+            raise ConfigError(
+                "memory.trials=1 with memory.first_trial_memory=false: no trial would ever be shown long-term memory; "
+                "set memory.first_trial_memory=true (one pass, shown memory) or memory.long_term_tokens=0"
+            )
+        if self.memory.trials == 1 and not (self.mix.successes or self.mix.expert_pairs):
+            raise ConfigError("mix.trial_pairs: pairs among a task's trials need memory.trials >= 2, and are all this "
+                              "round would train on")  # fmt: skip
+
+    def check_lengths(self) -> None:
+        """As :meth:`ETOConfig.check_lengths`, for ``round_sft`` too; and a rollout context set by hand must leave
+        an episode its room beside memory's budgets, or a trial shown all its memory would be cut short."""
+        super().check_lengths()
+        context, memory = self.rollout.max_context_tokens, self.memory.memory_tokens
+        for i, spec in enumerate(self.envs):
+            found = envs.definition(spec.name)
+            if 0 < self.round_sft.max_length < found.median_episode_tokens:
+                raise ConfigError(
+                    f"round_sft.max_length={self.round_sft.max_length} would cut the final turn of most {spec.name} "
+                    f"episodes (envs[{i}].name={spec.name}: half are longer than {found.median_episode_tokens} "
+                    "tokens); set it to 0 to fit the rollout's context"
+                )
+            if context and memory and context - memory < found.median_episode_tokens:
+                raise ConfigError(
+                    f"rollout.max_context_tokens={context} leaves {context - memory} tokens beside memory's {memory} "
+                    f"(memory.short_term_tokens + memory.long_term_tokens): a trial shown all of it would cut most "
+                    f"{spec.name} episodes (envs[{i}].name={spec.name}: half are longer than "
+                    f"{found.median_episode_tokens} tokens); set it to at least {found.context_tokens + memory}, "
+                    "or to 0 to fit the envs and memory"
+                )
+
     def fit_lengths(self) -> None:
         """As :meth:`ETOConfig.fit_lengths`, with room in the rollout's context for memory; learners
         get the same length (a trial shown little memory may use the room for its own turns)."""
@@ -98,8 +131,7 @@ STAGE_READS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, run_dir, saved = parse_args(argv, STEConfig, "ste", __doc__)
-    check_endpoints(config)
+    config, run_dir, saved = parse_args(argv, STEConfig, "ste", __doc__, check=check_endpoints)
     run = Run(config, run_dir, saved, STAGE_READS, FREE_SETTINGS)
     memory = RunMemory(run)  # rebuilt from the store's experiences on --resume
 

@@ -113,7 +113,8 @@ def test_ste_s_legacy_settings_are_its_own_settings(data_dir):
     from ste import STEConfig
 
     overrides = [f"{key}={json.dumps(value)}" for key, value in STEConfig.LEGACY.items()]
-    config = load_config(STEConfig, None, [f"data_dir={data_dir}", *overrides])  # every key names a setting, every value is valid
+    # every key names a setting, every value is valid
+    config = load_config(STEConfig, None, [f"data_dir={data_dir}", *overrides])
     assert config.memory.first_trial_memory is True and config.memory.recall == "all"
 
 

@@ -99,4 +99,27 @@ def test_a_teacher_that_does_not_answer_fails_the_run_before_any_work(tmp_path, 
     teacher = [f"memory.teacher.url=http://127.0.0.1:{port}/v1", "memory.teacher.model=m", "memory.teacher.retries=0"]
     result = _run([f"run_dir={tmp_path / 'r'}", *teacher], data_dir)
     assert result.returncode != 0 and f"memory.teacher: http://127.0.0.1:{port}/v1 (m)" in result.stderr
-    assert not (tmp_path / "r" / "replay.db").exists()  # no stage ran
+    assert not (tmp_path / "r").exists()  # checked before the run's directory is made
+
+
+def test_ste_settings_that_would_run_without_effect_or_cut_episodes_fail_naming_the_key(data_dir):
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from ste import STEConfig
+
+    from agentloop.config import ConfigError, load_config
+
+    base = [f"data_dir={data_dir}"]
+    with pytest.raises(ConfigError, match=r"memory.trials=1 with memory.first_trial_memory=false"):
+        load_config(STEConfig, None, [*base, "memory.trials=1"])
+    load_config(STEConfig, None, [*base, "memory.trials=1", "memory.long_term_tokens=0"])  # ETO's pass, reflected
+    load_config(STEConfig, None, [*base, "memory.trials=1", "memory.first_trial_memory=true"])
+    with pytest.raises(ConfigError, match=r"^mix.trial_pairs: pairs among a task's trials need memory.trials >= 2"):
+        load_config(STEConfig, None, [*base, "memory.trials=1", "memory.long_term_tokens=0", "mix.successes=false",
+                                      "mix.expert_pairs=false"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"rollout.max_context_tokens=1024 leaves 256 tokens beside memory's 768"):
+        load_config(STEConfig, None, [*base, "rollout.max_context_tokens=1024"])
+    load_config(STEConfig, None, [*base, "rollout.max_context_tokens=1024", "memory.short_term_tokens=256"])
+    with pytest.raises(ConfigError, match=r"^round_sft.max_length=128 would cut the final turn of most db episodes"):
+        load_config(STEConfig, None, [*base, "round_sft.max_length=128"])
