@@ -134,7 +134,9 @@ class RolloutStats:
     replayed_episodes: int = 0
     """Episodes a dead actor had taken and not returned, played again by another actor."""
     memory_tokens: int = 0
-    """Prompt tokens that memory added to first turns (STE's trials)."""
+    """Prompt tokens that memory added to first turns (STE's trials): what it adds to prefill with a prefix cache."""
+    memory_prompt_tokens: int = 0
+    """Of ``prompt_tokens``, memory's: it is in every turn's prompt (and the reflection's) of its trial."""
     reflection_tokens: int = 0
     """Tokens generated for reflections (included in ``generated_tokens``)."""
     failed_reflections: int = 0
@@ -237,6 +239,7 @@ class Rollout:
         cache = getattr(policy, "prefix_cache", None)
         reused_before = cache.reused_tokens if cache is not None else 0
         prompt_tokens = generated = taken = played = memory_tokens = reflection_tokens = failed_reflections = 0
+        memory_prompt_tokens = 0
         redraws = redrawn_tokens = 0
         queue: deque[tuple[int, Attempt]] = deque()  # taken, not started
         idle: dict[str, list[Any]] = {}  # built environments not in an episode, by env name
@@ -308,6 +311,7 @@ class Rollout:
                                 cache.pop([*episode.prompt, *generation.token_ids], reuse=False)
                             stream.add(index, episode.prompt, episode.attempt.temperature)
                             prompt_tokens += len(episode.prompt)
+                            memory_prompt_tokens += episode.memory_tokens
                         else:
                             steps[env_work(_advance, policy, episode, generation, config)] = index
                 if pool is not None and not stream.busy and (resets or steps or taught):
@@ -326,12 +330,14 @@ class Rollout:
                     stream.add(index, episode.prompt, episode.attempt.temperature)
                     prompt_tokens += len(episode.prompt)
                     memory_tokens += episode.memory_tokens
+                    memory_prompt_tokens += episode.memory_tokens
                 for future in [f for f in steps if f.done()]:
                     index = steps.pop(future)
                     episode, outcome = active[index], future.result()
                     if outcome is None:  # the episode goes on: its next turn joins the stream
                         stream.add(index, episode.prompt, episode.attempt.temperature)
                         prompt_tokens += len(episode.prompt)
+                        memory_prompt_tokens += episode.memory_tokens
                         continue
                     trajectory = _trajectory(policy, episode, outcome, self.source, self.iteration)
                     prompt = self._reflection_prompt(trajectory)
@@ -339,6 +345,7 @@ class Rollout:
                         episode.ended, episode.reflecting = trajectory, prompt
                         stream.add(index, prompt, max_new_tokens=self.reflection_tokens)
                         prompt_tokens += len(prompt)
+                        memory_prompt_tokens += episode.memory_tokens
                         continue
                     if cache is not None:  # no next turn will resume from this episode's last one
                         cache.pop(trajectory.token_ids, reuse=False)
@@ -371,6 +378,7 @@ class Rollout:
             prompt_tokens=prompt_tokens,
             reused_prompt_tokens=(cache.reused_tokens - reused_before) if cache is not None else 0,
             memory_tokens=memory_tokens,
+            memory_prompt_tokens=memory_prompt_tokens,
             reflection_tokens=reflection_tokens,
             failed_reflections=failed_reflections,
             redraws=redraws,

@@ -305,7 +305,8 @@ AFTER_EXPLORING = ("/solved", "/verified")
 
 
 def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]:
-    """An exploration stage's metrics: per training task (its last trial), for the first trials alone
+    """An exploration stage's metrics: per training task (its first successful trial, else its last), for the first
+    trials alone
     (the single greedy pass), a paired test of the two, trials per task, memory's prompt tokens, and
     how many imagined tasks a trial solved, and how many are verified (solved or accepted by the judge), per env."""
     from agentloop.memory.imagination import imagination_metrics
@@ -318,7 +319,7 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
         else []
     )
     trials = [t for t in trials if t.task.split != "imagined"]
-    last = {t.task.key: t for t in trials}  # a chain's trials come in order: its last one wins
+    last = task_outcomes(trials)
     first = [t for t in trials if t.trial == 0]
     solved = [t for t in last.values() if t.success]
     retries, repeating, repeating_solved = repeated_retries(trials)
@@ -343,12 +344,21 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
     }
     if stats is not None:
         metrics["explore/memory_tokens"] = float(stats.memory_tokens)
-        metrics["explore/memory_token_share"] = stats.memory_tokens / max(stats.prompt_tokens, 1)
+        metrics["explore/memory_token_share"] = stats.memory_prompt_tokens / max(stats.prompt_tokens, 1)
         metrics["explore/reflection_tokens"] = float(stats.reflection_tokens)
         metrics["explore/failed_reflections"] = float(stats.failed_reflections)
         metrics["explore/redraws"] = float(stats.redraws)  # retries' first turns drawn again (memory.redraws)
         metrics["explore/redrawn_tokens"] = float(stats.redrawn_tokens)
     return metrics | run.mismatch(trials, version, "explore")
+
+
+def task_outcomes(trials) -> dict:
+    """Each task's trial that stands for it, by key: its first success, else its last trial (with
+    ``memory.stop_on_success=false`` a chain goes on after its success). Trials come in chain order."""
+    chains: dict[str, list] = {}
+    for t in trials:
+        chains.setdefault(t.task.key, []).append(t)
+    return {key: next((t for t in chain if t.success), chain[-1]) for key, chain in chains.items()}
 
 
 def round_sft_data(run: Run, it: int, trials, experts, accepted=()) -> dict[str, list]:

@@ -342,6 +342,7 @@ class Fleet:
             actors_lost=counts["lost_actors"],
             replayed_episodes=counts["replayed"],
             memory_tokens=sum(s.memory_tokens for s in counts["stats"]),
+            memory_prompt_tokens=sum(s.memory_prompt_tokens for s in counts["stats"]),
             reflection_tokens=sum(s.reflection_tokens for s in counts["stats"]),
             failed_reflections=sum(s.failed_reflections for s in counts["stats"]),
             redraws=sum(s.redraws for s in counts["stats"]),

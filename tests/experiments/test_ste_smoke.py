@@ -123,3 +123,21 @@ def test_ste_settings_that_would_run_without_effect_or_cut_episodes_fail_naming_
     load_config(STEConfig, None, [*base, "rollout.max_context_tokens=1024", "memory.short_term_tokens=256"])
     with pytest.raises(ConfigError, match=r"^round_sft.max_length=128 would cut the final turn of most db episodes"):
         load_config(STEConfig, None, [*base, "round_sft.max_length=128"])
+
+
+def test_a_task_counts_as_solved_by_its_first_success_even_when_later_trials_fail():
+    import sys
+
+    from records import episode
+
+    from agentloop.types import Task
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from ste import task_outcomes
+
+    a, b = Task("db", "a", "train", "k", "do a"), Task("db", "b", "train", "k", "do b")
+    failed = {"success": False, "reward": 0.0}
+    trials = [episode(a, trial=0, **failed), episode(a, trial=1), episode(a, trial=2, **failed),
+              episode(b, trial=0, **failed), episode(b, trial=1, **failed)]  # fmt: skip
+    found = task_outcomes(trials)  # memory.stop_on_success=false: a's chain went on after its success
+    assert [(t.trial, t.success) for t in found.values()] == [(1, True), (1, False)]

@@ -96,12 +96,15 @@ def test_each_task_gets_a_second_trial_shown_the_first_and_stops_at_its_success(
         assert "surely not this" in second.memory and REFLECTION in second.memory
         assert second.messages[0].content == second.memory + first.messages[0].content
         assert second.messages[0].token_ids == tuple(chat.user_segment(second.messages[0].content, first=True))
-    # Memory's prompt tokens are counted exactly: the first turns' extra tokens.
-    extra = sum(
+    # Memory's prompt tokens are counted exactly: the first turns' extra tokens, and in every turn's prompt
+    # (and the reflection's) of the trial, as prompt_tokens counts prompts.
+    extra = [
         len(t.messages[0].token_ids) - len(chat.user_segment(t.messages[0].content[len(t.memory) :], first=True))
         for t in trajectories
-    )
-    assert stats.memory_tokens == extra > 0
+    ]
+    assert stats.memory_tokens == sum(extra) > 0
+    turns = [t.num_turns + 1 for t in trajectories]  # + its reflection
+    assert stats.memory_prompt_tokens == sum(e * n for e, n in zip(extra, turns, strict=True)) > stats.memory_tokens
     reflected = sum(len(chat.assistant_segment(REFLECTION)) for _ in trajectories)
     assert stats.reflection_tokens == reflected
     # First trials decode greedily, retries at memory.retry_temperature; reflections within their own budget.
