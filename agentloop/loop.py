@@ -300,8 +300,8 @@ class Remembers(Protocol):
         ...
 
 
-def _chains(trajectories: Iterable[Trajectory]) -> dict[str, list[Trajectory]]:
-    """Stored trials by their task's key (``"<env>/<task_id>"``), each chain in trial order."""
+def trial_chains(trajectories: Iterable[Trajectory]) -> dict[str, list[Trajectory]]:
+    """Trials by their task's key (``"<env>/<task_id>"``), each chain in trial order."""
     chains: dict[str, list[Trajectory]] = {}
     for t in trajectories:
         chains.setdefault(t.task.key, []).append(t)
@@ -375,10 +375,10 @@ class Stages:
             The stage's trajectories in ``keys`` order.
         """
         if self.done(stage, step):  # in keys order, as when it ran (its trials of keys no longer asked are left out)
-            found = _chains(self.store.trajectories(stage=stage))
+            found = trial_chains(self.store.trajectories(stage=stage))
             return [t for k in keys for t in found.get(k, ())]
         ends = ends or (lambda _: True)  # without trials, a key's one episode ends it
-        chains = _chains(self.store.trajectories(stage=stage))
+        chains = trial_chains(self.store.trajectories(stage=stage))
         stored = {k for k, trials in chains.items() if ends(trials[-1])}
         todo = [k for k in keys if k not in stored]
         begun = {k: chains[k] for k in todo if k in chains}
@@ -402,7 +402,7 @@ class Stages:
                     memory.add(experiences)
             else:
                 stats = item
-        found = _chains(self.store.trajectories(stage=stage))
+        found = trial_chains(self.store.trajectories(stage=stage))
         missing = [k for k in keys if k not in found or not ends(found[k][-1])]
         if missing:
             raise RuntimeError(f"{stage}: {len(missing)} episodes were never returned, e.g. {missing[:3]}")

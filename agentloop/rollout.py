@@ -263,6 +263,14 @@ class Rollout:
             return future
 
         stream = open_stream(policy, config.sampling)
+
+        def ask(index: int, prompt: list[int], episode: _Episode, **sampling: Any) -> None:
+            """Queues a prompt of ``episode``, counting its tokens and memory's share of them."""
+            nonlocal prompt_tokens, memory_prompt_tokens
+            stream.add(index, prompt, **sampling)
+            prompt_tokens += len(prompt)
+            memory_prompt_tokens += episode.memory_tokens  # memory opens every prompt of its trial
+
         bar = tqdm(total=self.total, desc=f"{self.source} episodes", disable=not self.progress, leave=False)
         try:
             while True:
@@ -309,9 +317,7 @@ class Rollout:
                             redraws, redrawn_tokens = redraws + 1, redrawn_tokens + len(generation.token_ids)
                             if cache is not None:  # no turn will resume from the discarded draw
                                 cache.pop([*episode.prompt, *generation.token_ids], reuse=False)
-                            stream.add(index, episode.prompt, episode.attempt.temperature)
-                            prompt_tokens += len(episode.prompt)
-                            memory_prompt_tokens += episode.memory_tokens
+                            ask(index, episode.prompt, episode, temperature=episode.attempt.temperature)
                         else:
                             steps[env_work(_advance, policy, episode, generation, config)] = index
                 if pool is not None and not stream.busy and (resets or steps or taught):
@@ -327,25 +333,19 @@ class Rollout:
                 for future in [f for f in resets if f.done()]:
                     index = resets.pop(future)
                     episode = active[index] = future.result()
-                    stream.add(index, episode.prompt, episode.attempt.temperature)
-                    prompt_tokens += len(episode.prompt)
+                    ask(index, episode.prompt, episode, temperature=episode.attempt.temperature)
                     memory_tokens += episode.memory_tokens
-                    memory_prompt_tokens += episode.memory_tokens
                 for future in [f for f in steps if f.done()]:
                     index = steps.pop(future)
                     episode, outcome = active[index], future.result()
                     if outcome is None:  # the episode goes on: its next turn joins the stream
-                        stream.add(index, episode.prompt, episode.attempt.temperature)
-                        prompt_tokens += len(episode.prompt)
-                        memory_prompt_tokens += episode.memory_tokens
+                        ask(index, episode.prompt, episode, temperature=episode.attempt.temperature)
                         continue
                     trajectory = _trajectory(policy, episode, outcome, self.source, self.iteration)
                     prompt = self._reflection_prompt(trajectory)
                     if prompt:  # the policy reflects: one more turn, resuming from the cached conversation
                         episode.ended, episode.reflecting = trajectory, prompt
-                        stream.add(index, prompt, max_new_tokens=self.reflection_tokens)
-                        prompt_tokens += len(prompt)
-                        memory_prompt_tokens += episode.memory_tokens
+                        ask(index, prompt, episode, max_new_tokens=self.reflection_tokens)
                         continue
                     if cache is not None:  # no next turn will resume from this episode's last one
                         cache.pop(trajectory.token_ids, reuse=False)

@@ -331,8 +331,8 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
     for row, against in compare or []:
         for seed in seeds:
             a, b = by.get((seed, row)), by.get((seed, against))
-            if a is not None and b is None and against == "sft":  # the trunk's record is gone: the row carries it
-                b = {**a, "explore_first": {}, "explore_any": {}}
+            if a is not None and against == "sft":  # every row carries its trunk's held-out outcomes
+                b = {**a, "held_out": a["sft"], "explore_first": {}, "explore_any": {}}
             if a is None or b is None:
                 continue
             if not same_trunk(a, b):
@@ -341,8 +341,6 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
             cells = []
             for key in ("held_out", "explore_first", "explore_any"):
                 mine, theirs = a[key], b[key]
-                if key == "held_out" and against == "sft":
-                    theirs = a["sft"]
                 if not mine or not theirs:
                     cells += ["-"] * 4
                     continue

@@ -305,10 +305,10 @@ AFTER_EXPLORING = ("/solved", "/verified")
 
 
 def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]:
-    """An exploration stage's metrics: per training task (its first successful trial, else its last), for the first
-    trials alone
-    (the single greedy pass), a paired test of the two, trials per task, memory's prompt tokens, and
-    how many imagined tasks a trial solved, and how many are verified (solved or accepted by the judge), per env."""
+    """An exploration stage's metrics: per training task (its first successful trial, else its last), for
+    the first trials alone (the single greedy pass), a paired test of the two, trials per task, memory's
+    prompt tokens, and how many imagined tasks a trial solved, and how many are verified (solved or
+    accepted by the judge), per env."""
     from agentloop.memory.imagination import imagination_metrics
     from agentloop.metrics import paired_comparison, trajectory_metrics
 
@@ -354,11 +354,10 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
 
 def task_outcomes(trials) -> dict:
     """Each task's trial that stands for it, by key: its first success, else its last trial (with
-    ``memory.stop_on_success=false`` a chain goes on after its success). Trials come in chain order."""
-    chains: dict[str, list] = {}
-    for t in trials:
-        chains.setdefault(t.task.key, []).append(t)
-    return {key: next((t for t in chain if t.success), chain[-1]) for key, chain in chains.items()}
+    ``memory.stop_on_success=false`` a chain goes on after its success)."""
+    from agentloop.loop import trial_chains
+
+    return {key: next((t for t in chain if t.success), chain[-1]) for key, chain in trial_chains(trials).items()}
 
 
 def round_sft_data(run: Run, it: int, trials, experts, accepted=()) -> dict[str, list]:
