@@ -118,6 +118,35 @@ def paired_outcomes(before: Mapping[Any, bool], after: Mapping[Any, bool]) -> tu
     return len(keys), gained, lost, mcnemar_exact(gained, lost)
 
 
+def paired_rewards(
+    before: Mapping[Any, float], after: Mapping[Any, float], resamples: int = 100_000
+) -> tuple[int, float, float, float]:
+    """Mean reward per task before and after, on the tasks both hold: (tasks, mean before, mean after, p).
+
+    The p-value is a two-sided paired permutation test of the mean difference (scipy's
+    ``permutation_test``, flipping the sign of each task's difference): exact while the sign
+    patterns of the tasks that differ number at most ``resamples``, otherwise from that many
+    seeded random flips, so the same outcomes always give the same p. For rewards that are not
+    only 0 or 1 (WebShop's), where success counts alone would throw the partial ones away.
+    """
+    keys = [key for key in after if key in before]
+    if not keys:
+        return 0, 0.0, 0.0, 1.0
+    import numpy as np
+    from scipy.stats import permutation_test
+
+    old = np.array([before[key] for key in keys], dtype=np.float64)
+    new = np.array([after[key] for key in keys], dtype=np.float64)
+    differences = (new - old)[new != old]  # a task without a difference flips to itself: exact tests need fewer
+    p = 1.0  # no task differs, or one: its two signs are equally far from 0
+    if len(differences) > 1:
+        p = permutation_test(
+            (differences,), lambda d, axis: d.mean(axis=axis), permutation_type="samples", vectorized=True,
+            n_resamples=resamples, alternative="two-sided", rng=np.random.default_rng(0),
+        ).pvalue  # fmt: skip
+    return len(keys), float(old.mean()), float(new.mean()), float(min(1.0, p))
+
+
 def forgetting(
     before: Iterable[Mapping[str, float]], now: Mapping[str, float], units: Iterable[str], prefix: str = "forget"
 ) -> dict[str, float]:

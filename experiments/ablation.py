@@ -21,7 +21,8 @@
                      trial, the 270M policy began 70% of its retries with that trial's first action
     table: held-out success per row and env, k/n with a 95% Wilson interval, and an exact
         McNemar test against ``eto`` on the same tasks and seed; then each row's exploration of the
-        training tasks in its first round (first trial, any trial), paired with ETO's greedy pass;
+        training tasks in its first round (first trial, any trial), paired with ETO's greedy pass; for an env
+        whose reward is graded (WebShop's), each row's mean held-out reward with paired permutation tests;
         with ``--compare A B``, row A against row B on each seed where both started from one trunk
 
 Every row starts from the same SFT policy (its trunk's adapter and stages are copied), so rows
@@ -174,9 +175,10 @@ def commit() -> str:
 
 def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | None:
     """A completed row's outcomes task by task, or None while it is not complete (or ran another number of
-    rounds): held-out success after its rounds (the trunk, row ``sft``: after SFT), the SFT policy's held-out
-    success it started from, and its first exploration (first trial, any trial), with the trunk's fingerprint
-    and the code's commit. The trunk's record has ``iterations`` 0: it serves rows of any number of rounds."""
+    rounds): held-out success and reward after its rounds (the trunk, row ``sft``: after SFT), the SFT policy's
+    held-out success and reward it started from, and its first exploration (first trial, any trial), with the
+    trunk's fingerprint and the code's commit. The trunk's record has ``iterations`` 0: it serves rows of any
+    number of rounds."""
     from compare_exploration import outcomes
 
     from agentloop.replay import ReplayStore
@@ -191,13 +193,16 @@ def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | 
         completed = store.completed_stages()
         if stage not in completed:
             return None
-        held_out = {f"{t.task.env}/{t.task.task_id}": t.success for t in store.trajectories(stage=stage)}
-        sft = {f"{t.task.env}/{t.task.task_id}": t.success for t in store.trajectories(stage="eval/sft")}
+        played = {f"{t.task.env}/{t.task.task_id}": t for t in store.trajectories(stage=stage)}
+        trunk = {f"{t.task.env}/{t.task.task_id}": t for t in store.trajectories(stage="eval/sft")}
     first, chain = outcomes(path, "explore/1")[:2] if "explore/1" in completed else ({}, {})
     return {
         "row": row, "seed": seed, "iterations": 0 if row == "sft" else iterations, "trunk": trunk_fingerprint(path),
         "commit": commit(),
-        "held_out": held_out, "sft": sft, "explore_first": first, "explore_any": chain,
+        "held_out": {key: t.success for key, t in played.items()}, "sft": {key: t.success for key, t in trunk.items()},
+        "held_out_reward": {key: t.reward for key, t in played.items()},
+        "sft_reward": {key: t.reward for key, t in trunk.items()},
+        "explore_first": first, "explore_any": chain,
     }  # fmt: skip
 
 
@@ -270,7 +275,8 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
     for seed in seeds:
         mine = [by[seed, row] for row in order if (seed, row) in by]
         if (seed, "sft") not in by and mine:  # the trunk's own record is gone: its rows carry its outcomes
-            mine.insert(0, {**mine[0], "row": "sft", "held_out": mine[0]["sft"]})
+            trunk = {"row": "sft", "held_out": mine[0]["sft"], "held_out_reward": mine[0].get("sft_reward")}
+            mine.insert(0, {**mine[0], **trunk})
         eto = by.get((seed, "eto"))
         for r in mine:
             trunks.setdefault((seed, r["trunk"]), []).append(r["row"])
@@ -293,6 +299,7 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
         lines.append(
             f"| {row} | {env} | {len(found_rates)} | {mean:.3f} | {min(found_rates):.3f} | {max(found_rates):.3f} |"
         )
+    lines += reward_table(by, seeds, order)
     lines += [
         "",
         "Exploration of the training tasks in round 1 (stage explore/1; imagined tasks left out): solved at the "
@@ -350,6 +357,59 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
     for (seed, trunk), rows in trunks.items():
         lines.append(f"- seed {seed}, trunk {trunk}: {', '.join(rows)}")
     return "\n".join(lines) + "\n"
+
+
+def reward_table(by: dict[tuple[int, str], dict[str, Any]], seeds: list[int], order: list[str]) -> list[str]:
+    """Mean held-out reward per seed, row and env, for the envs whose rewards are not only 0 and 1 (WebShop's:
+    a purchase that matches part of the goal), with paired permutation tests against eto and against the SFT
+    policy the row started from; no lines when every env's reward is its success (DB, OS, ALFWorld), or the
+    records predate rewards."""
+    graded = {
+        key.split("/", 1)[0]
+        for r in by.values()
+        for key, reward in (r.get("held_out_reward") or {}).items()
+        if reward not in (0.0, 1.0)
+    }
+    if not graded:
+        return []
+    lines = [
+        "",
+        "Mean held-out reward, for envs whose reward is graded (paired permutation tests of the mean difference on "
+        "the same tasks and seed: against eto when it started from the same trunk, and against sft).",
+        "",
+        "| seed | row | env | mean reward | vs eto | p vs eto | vs sft | p vs sft |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for seed in seeds:
+        eto = by.get((seed, "eto"))
+        for row in order:
+            r = by.get((seed, row))
+            rows = [by[seed, other] for other in order if (seed, other) in by]
+            if r is None and row == "sft" and rows:  # the trunk's record is gone: its rows carry its rewards
+                r = {**rows[0], "held_out_reward": rows[0].get("sft_reward")}
+            if r is None or not r.get("held_out_reward"):
+                continue
+            for env in sorted(graded):
+                now = {k: v for k, v in r["held_out_reward"].items() if k.startswith(env + "/")}
+                if not now:
+                    continue
+                cells = ["-", "-"]
+                if row not in ("eto", "sft") and eto is not None and eto.get("held_out_reward"):
+                    cells = _paired_reward(now, eto["held_out_reward"]) if same_trunk(eto, r) else ["-", "other trunk"]
+                cells += ["-", "-"] if row == "sft" or not r.get("sft_reward") else _paired_reward(now, r["sft_reward"])
+                mean = sum(now.values()) / len(now)
+                lines.append(f"| {seed} | {row} | {env} | {mean:.3f} | {' | '.join(cells)} |")
+    return lines
+
+
+def _paired_reward(now: dict[str, float], before: dict[str, float]) -> list[str]:
+    """The mean reward's difference and its paired permutation p, on the tasks both played, as table cells."""
+    from agentloop.metrics import paired_rewards
+
+    tasks, mean_before, mean_after, p = paired_rewards(before, now)
+    if not tasks:
+        return ["-", "-"]
+    return [f"{mean_after - mean_before:+.3f}", f"{p:.3f}" + (f" (on {tasks})" if tasks < len(now) else "")]
 
 
 def same_trunk(a: dict[str, Any], b: dict[str, Any]) -> bool:

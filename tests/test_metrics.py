@@ -15,6 +15,7 @@ from agentloop.metrics import (
     learning_curve,
     mcnemar_exact,
     paired_comparison,
+    paired_rewards,
     plot_learning_curve,
     read_metrics,
     trajectory_metrics,
@@ -90,6 +91,26 @@ BATCH = [
 )
 def test_mcnemar_exact_by_hand(b: int, c: int, expected: float) -> None:
     assert mcnemar_exact(b, c) == pytest.approx(expected)
+
+
+def test_paired_rewards_flip_each_tasks_difference_exactly_while_few_tasks_differ() -> None:
+    before = {"a": 0.0, "b": 0.5, "c": 1.0, "gone": 0.0}
+    # differences +0.5 and +0.25 (c unchanged): sign patterns give means 0.375, 0.125, -0.125, -0.375,
+    # two of the four as far from 0 as the one seen
+    assert paired_rewards(before, {"a": 0.5, "b": 0.75, "c": 1.0, "new": 1.0}) == (3, 0.5, 0.75, pytest.approx(0.5))
+    six = {str(i): 0.1 * (i + 1) for i in range(6)}  # every task better, by different amounts: 2 of 64 patterns
+    assert paired_rewards(dict.fromkeys(six, 0.0), six)[3] == pytest.approx(2 / 64)
+    assert paired_rewards(before, before)[3] == 1.0  # no task differs
+    assert paired_rewards(before, {**before, "a": 1.0})[3] == 1.0  # one does: either sign is as far out
+    assert paired_rewards(before, {"other": 1.0}) == (0, 0.0, 0.0, 1.0)
+
+
+def test_paired_rewards_sample_the_same_flips_every_time_when_too_many_tasks_differ() -> None:
+    before = {i: 0.0 for i in range(40)}
+    after = {i: (0.3 if i % 3 else -0.2) + 0.01 * i for i in range(40)}
+    first = paired_rewards(before, after, resamples=2000)
+    assert first == paired_rewards(before, after, resamples=2000)  # seeded: a table is reproducible
+    assert 0.0 < first[3] < 0.01  # 26 of 40 tasks up by 0.3 or more, the other 14 within 0.2 of where they were
 
 
 def test_forgetting_is_the_fall_from_each_earlier_envs_best_in_points() -> None:

@@ -13,11 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import ablation  # noqa: E402
 
 
-def episode(task_id: str, split: str, success: bool, source: str, trial: int = 0) -> Trajectory:
-    task = Task("db", task_id, split, "SELECT", f"question {task_id}")
+def episode(
+    task_id: str, split: str, success: bool, source: str, trial: int = 0, env: str = "db", reward: float | None = None
+) -> Trajectory:
+    task = Task(env, task_id, split, "SELECT", f"question {task_id}")
     messages = (Message("user", task.instruction), Message("assistant", "Action: Answer\nFinal Answer: [1]"))
+    reward = float(success) if reward is None else reward
     return Trajectory(
-        task=task, messages=messages, tokenizer="t", reward=float(success), success=success, terminated=True,
+        task=task, messages=messages, tokenizer="t", reward=reward, success=success, terminated=True,
         truncated=False, num_turns=1, invalid_actions=0, source=source, policy_version=1, iteration=1,  # type: ignore[arg-type]
         generated_tokens=3, trial=trial,
     )  # fmt: skip
@@ -145,6 +148,28 @@ def test_rows_pair_only_on_the_tasks_both_played_and_a_row_without_its_adapter_w
     # eto played 2 of the 4 held-out tasks: trials is tested on those 2 only, and says so
     assert "| 0 | trials | db | 4/4 | 1.000 | [0.510, 1.000] | 0 | 0 | 1.000 (on 2) | 0.250 |" in table
     assert "| 0 | full | db | 1/4 | 0.250 | [0.046, 0.699] | - | - | other trunk | 1.000 |" in table
+
+
+def test_graded_rewards_get_their_own_paired_table_and_binary_ones_none(tmp_path):
+    def played(rewards, env="webshop"):
+        return [episode(f"g-{i}", "test", r == 1.0, "eval", env=env, reward=r) for i, r in enumerate(rewards)]
+
+    sft = played([0.0, 0.25, 0.5, 1.0, 0.0, 0.0]) + played([0.0, 1.0], env="db")
+    store(tmp_path / "trunk-seed0", {"eval/sft": sft}, iterations=0)
+    store(tmp_path / "eto-seed0", {"eval/sft": sft, "eval/1": played([0.5, 0.25, 0.5, 1.0, 0.0, 0.0])})
+    store(tmp_path / "full-seed0", {"eval/sft": sft, "eval/1": played([0.5, 0.75, 1.0, 1.0, 0.25, 0.5])})
+    records = ablation.collect(tmp_path, [0], ["eto", "full"], 1)
+    assert records[1]["held_out_reward"] == {f"webshop/g-{i}": r for i, r in enumerate([0.5, 0.25, 0.5, 1.0, 0, 0])}
+    table = ablation.ablation_table(records, 1)
+    assert "| 0 | sft | webshop | 0.292 | - | - | - | - |" in table  # db's rewards are its successes: no line
+    # against eto: +0.5, +0.5, +0.25, +0.5 on four tasks (2 of 16 sign patterns as far out);
+    # against sft: +0.5 on four tasks and +0.25 on one (2 of 32)
+    assert "| 0 | full | webshop | 0.667 | +0.292 | 0.125 | +0.375 | 0.062 |" in table
+    assert "| 0 | eto | webshop | 0.375 | - | - | +0.083 | 1.000 |" in table
+    assert "| 0 | full | db |" not in table.split("Mean held-out reward")[1]
+
+    graded = ablation.ablation_table([{**r, "held_out_reward": {}} for r in records], 1)
+    assert "Mean held-out reward" not in graded  # records written before rewards were kept: no reward table
 
 
 def test_every_run_plays_in_its_envs_context_plus_the_memory_budgets(data_dir, monkeypatch) -> None:
