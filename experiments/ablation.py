@@ -194,14 +194,15 @@ def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | 
         if stage not in completed:
             return None
         played = {f"{t.task.env}/{t.task.task_id}": t for t in store.trajectories(stage=stage)}
-        trunk = {f"{t.task.env}/{t.task.task_id}": t for t in store.trajectories(stage="eval/sft")}
+        started = {f"{t.task.env}/{t.task.task_id}": t for t in store.trajectories(stage="eval/sft")}
     first, chain = outcomes(path, "explore/1")[:2] if "explore/1" in completed else ({}, {})
     return {
         "row": row, "seed": seed, "iterations": 0 if row == "sft" else iterations, "trunk": trunk_fingerprint(path),
         "commit": commit(),
-        "held_out": {key: t.success for key, t in played.items()}, "sft": {key: t.success for key, t in trunk.items()},
+        "held_out": {key: t.success for key, t in played.items()},
         "held_out_reward": {key: t.reward for key, t in played.items()},
-        "sft_reward": {key: t.reward for key, t in trunk.items()},
+        "sft": {key: t.success for key, t in started.items()},
+        "sft_reward": {key: t.reward for key, t in started.items()},
         "explore_first": first, "explore_any": chain,
     }  # fmt: skip
 
@@ -275,8 +276,8 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
     for seed in seeds:
         mine = [by[seed, row] for row in order if (seed, row) in by]
         if (seed, "sft") not in by and mine:  # the trunk's own record is gone: its rows carry its outcomes
-            trunk = {"row": "sft", "held_out": mine[0]["sft"], "held_out_reward": mine[0].get("sft_reward")}
-            mine.insert(0, {**mine[0], **trunk})
+            as_trunk = {"row": "sft", "held_out": mine[0]["sft"], "held_out_reward": mine[0].get("sft_reward")}
+            mine.insert(0, {**mine[0], **as_trunk})
         eto = by.get((seed, "eto"))
         for r in mine:
             trunks.setdefault((seed, r["trunk"]), []).append(r["row"])
