@@ -274,12 +274,8 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
     rates: dict[tuple[str, str], list[float]] = {}
     trunks: dict[tuple[int, str], list[str]] = {}
     for seed in seeds:
-        mine = [by[seed, row] for row in order if (seed, row) in by]
-        if (seed, "sft") not in by and mine:  # the trunk's own record is gone: its rows carry its outcomes
-            as_trunk = {"row": "sft", "held_out": mine[0]["sft"], "held_out_reward": mine[0].get("sft_reward")}
-            mine.insert(0, {**mine[0], **as_trunk})
         eto = by.get((seed, "eto"))
-        for r in mine:
+        for r in seed_records(by, seed, order):
             trunks.setdefault((seed, r["trunk"]), []).append(r["row"])
             for env in sorted({key.split("/", 1)[0] for key in r["held_out"]}):
                 now = {k: v for k, v in r["held_out"].items() if k.startswith(env + "/")}
@@ -300,7 +296,7 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
         lines.append(
             f"| {row} | {env} | {len(found_rates)} | {mean:.3f} | {min(found_rates):.3f} | {max(found_rates):.3f} |"
         )
-    lines += reward_table(by, seeds, order)
+    lines += reward_table([r for seed in seeds for r in seed_records(by, seed, order)], by)
     lines += [
         "",
         "Exploration of the training tasks in round 1 (stage explore/1; imagined tasks left out): solved at the "
@@ -360,14 +356,24 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
     return "\n".join(lines) + "\n"
 
 
-def reward_table(by: dict[tuple[int, str], dict[str, Any]], seeds: list[int], order: list[str]) -> list[str]:
-    """Mean held-out reward per seed, row and env, for the envs whose rewards are not only 0 and 1 (WebShop's:
-    a purchase that matches part of the goal), with paired permutation tests against eto and against the SFT
-    policy the row started from; no lines when every env's reward is its success (DB, OS, ALFWorld), or the
-    records predate rewards."""
+def seed_records(by: dict[tuple[int, str], dict[str, Any]], seed: int, order: list[str]) -> list[dict[str, Any]]:
+    """One seed's records in table order, the trunk's (row ``sft``) first; when the trunk's own record is gone,
+    one made from its rows' copy of its held-out outcomes and rewards."""
+    mine = [by[seed, row] for row in order if (seed, row) in by]
+    if (seed, "sft") not in by and mine:
+        as_trunk = {"row": "sft", "held_out": mine[0]["sft"], "held_out_reward": mine[0].get("sft_reward")}
+        mine.insert(0, {**mine[0], **as_trunk})
+    return mine
+
+
+def reward_table(records: list[dict[str, Any]], by: dict[tuple[int, str], dict[str, Any]]) -> list[str]:
+    """Mean held-out reward per record (seed, row) and env, for the envs whose rewards are not only 0 and 1
+    (WebShop's: a purchase that matches part of the goal), with paired permutation tests against eto and
+    against the SFT policy the row started from; no lines when every env's reward is its success (DB, OS,
+    ALFWorld), or the records predate rewards."""
     graded = {
         key.split("/", 1)[0]
-        for r in by.values()
+        for r in records
         for key, reward in (r.get("held_out_reward") or {}).items()
         if reward not in (0.0, 1.0)
     }
@@ -381,25 +387,17 @@ def reward_table(by: dict[tuple[int, str], dict[str, Any]], seeds: list[int], or
         "| seed | row | env | mean reward | vs eto | p vs eto | vs sft | p vs sft |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for seed in seeds:
-        eto = by.get((seed, "eto"))
-        for row in order:
-            r = by.get((seed, row))
-            rows = [by[seed, other] for other in order if (seed, other) in by]
-            if r is None and row == "sft" and rows:  # the trunk's record is gone: its rows carry its rewards
-                r = {**rows[0], "held_out_reward": rows[0].get("sft_reward")}
-            if r is None or not r.get("held_out_reward"):
+    for r in records:
+        seed, row, eto = r["seed"], r["row"], by.get((r["seed"], "eto"))
+        for env in sorted(graded):
+            now = {k: v for k, v in (r.get("held_out_reward") or {}).items() if k.startswith(env + "/")}
+            if not now:
                 continue
-            for env in sorted(graded):
-                now = {k: v for k, v in r["held_out_reward"].items() if k.startswith(env + "/")}
-                if not now:
-                    continue
-                cells = ["-", "-"]
-                if row not in ("eto", "sft") and eto is not None and eto.get("held_out_reward"):
-                    cells = _paired_reward(now, eto["held_out_reward"]) if same_trunk(eto, r) else ["-", "other trunk"]
-                cells += ["-", "-"] if row == "sft" or not r.get("sft_reward") else _paired_reward(now, r["sft_reward"])
-                mean = sum(now.values()) / len(now)
-                lines.append(f"| {seed} | {row} | {env} | {mean:.3f} | {' | '.join(cells)} |")
+            cells = ["-", "-"]
+            if row not in ("eto", "sft") and eto is not None and eto.get("held_out_reward"):
+                cells = _paired_reward(now, eto["held_out_reward"]) if same_trunk(eto, r) else ["-", "other trunk"]
+            cells += ["-", "-"] if row == "sft" or not r.get("sft_reward") else _paired_reward(now, r["sft_reward"])
+            lines.append(f"| {seed} | {row} | {env} | {sum(now.values()) / len(now):.3f} | {' | '.join(cells)} |")
     return lines
 
 

@@ -167,6 +167,8 @@ def test_graded_rewards_get_their_own_paired_table_and_binary_ones_none(tmp_path
     assert "| 0 | full | webshop | 0.667 | +0.292 | 0.125 | +0.375 | 0.062 |" in table
     assert "| 0 | eto | webshop | 0.375 | - | - | +0.083 | 1.000 |" in table
     assert "| 0 | full | db |" not in table.split("Mean held-out reward")[1]
+    rows_only = ablation.ablation_table([r for r in records if r["row"] != "sft"], 1)  # the trunk's record is gone
+    assert "| 0 | sft | webshop | 0.292 | - | - | - | - |" in rows_only  # from the rows' copy of its rewards
 
     graded = ablation.ablation_table([{**r, "held_out_reward": {}} for r in records], 1)
     assert "Mean held-out reward" not in graded  # records written before rewards were kept: no reward table
