@@ -1,6 +1,7 @@
 """Generation throughput: transformers' ``generate`` against agentloop's decode engine, same prompts.
 
-Three workloads on Database tasks, greedy, 128 new tokens at most per turn:
+Three workloads on one env's tasks (``--env``, Database by default), greedy, 128 new tokens at most
+per turn:
 
   turn        the first turn of N tasks: ``model.generate`` on left-padded batches (the
               baseline), then ``HFPolicy.generate`` (continuous batching). Prints tokens/s,
@@ -9,7 +10,9 @@ Three workloads on Database tasks, greedy, 128 new tokens at most per turn:
               for all episodes and no prefix cache (lockstep, the baseline), then the
               policy's own stream (continuous batching, prefix cache across turns).
   stream      the stream alone, as an explore stage runs it (48 episodes at a time), with
-              the process's peak PSS. To compare allocators, run it twice, once under
+              the process's peak PSS and the prefix cache's reuse. Its cache is sized as an
+              experiment sizes it (48 episodes x the env's context) unless ``--cache-tokens``
+              says otherwise: run it twice to compare sizes. To compare allocators, run it twice, once under
               ``LD_PRELOAD=$(ldconfig -p | grep -o '/.*libjemalloc.so.2')``; to compare
               engines, run this script from a ``git worktree`` of each commit (it imports the
               ``agentloop`` beside it).
@@ -21,6 +24,8 @@ Usage:
   python bench/generation_throughput.py --adapter runs/eto-.../adapters/sft --tasks 64
   python bench/generation_throughput.py --adapter runs/eto-.../adapters/dpo-1 --split train \
       --tasks 250 --workloads stream
+  python bench/generation_throughput.py --env webshop --split test --tasks 48 --workloads stream \
+      --cache-tokens 65536
 """
 
 from __future__ import annotations
@@ -43,7 +48,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--workloads", default="turn,episodes", help="any of turn,episodes,stream")
-    parser.add_argument("--split", default="dev,train", help="task splits, in order (dev,train or train)")
+    parser.add_argument("--env", default="db")
+    parser.add_argument("--split", default=None, help="task splits, in order (default: held-out, then train)")
+    parser.add_argument(
+        "--cache-tokens", type=int, default=-1, help="prefix cache of the stream (-1: 48 x the env's context)"
+    )
     args = parser.parse_args()
 
     import os
@@ -51,7 +60,6 @@ def main() -> None:
     import torch
 
     from agentloop import envs
-    from agentloop.envs.db import SQLEnvConfig
     from agentloop.policy.base import PolicyConfig, SamplingConfig
     from agentloop.policy.hf import HFPolicy
     from agentloop.rollout import RolloutConfig, rollout
@@ -59,20 +67,32 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     data_dir = args.data_dir or Path(os.environ.get("AGENTLOOP_DATA_DIR", "data"))
-    tasks = [t for split in args.split.split(",") for t in envs.load_tasks("db", data_dir, split)][: args.tasks]
+    found = envs.definition(args.env)
+    splits = args.split.split(",") if args.split else [found.eval_split, found.train_split]
+    tasks = [t for split in splits for t in envs.load_tasks(args.env, data_dir, split)][: args.tasks]
     sampling = SamplingConfig(max_new_tokens=128)
+    stream = RolloutConfig(concurrent_episodes=48, max_context_tokens=found.context_tokens, sampling=sampling)
+
+    def make_env(_name):
+        return envs.make_env(args.env, tasks, found.config())
 
     def policy(prefix_cache: bool) -> HFPolicy:
-        cache_tokens = 65536 if prefix_cache else 0
-        p = HFPolicy(PolicyConfig(model=args.model, batch_size=args.batch_size, prefix_cache_tokens=cache_tokens))
+        config = PolicyConfig(model=args.model, batch_size=args.batch_size, prefix_cache_tokens=0)
+        if prefix_cache:  # as an experiment sizes it (fit_lengths), unless told
+            config.prefix_cache_tokens = args.cache_tokens
+            config.fit_prefix_cache(stream.concurrent_episodes, stream.max_context_tokens)
+        p = HFPolicy(config)
         p.load_adapter(args.adapter, version=1 if args.adapter else 0)
         return p
 
     ours = policy(prefix_cache=True)
-    print(f"{len(tasks)} tasks, batch {args.batch_size}, {torch.get_num_threads()} threads, adapter {args.adapter}")
+    print(
+        f"{len(tasks)} {args.env} tasks, batch {args.batch_size}, {torch.get_num_threads()} threads, adapter "
+        f"{args.adapter}, prefix cache {ours.config.cache_tokens} tokens"
+    )
 
     if "turn" in args.workloads:
-        env = envs.make_env("db", tasks, SQLEnvConfig())
+        env = make_env(args.env)
         prompts = [ours.chat.user_segment(env.reset(options={"task_id": t.task.task_id})[0], first=True) for t in tasks]
         started = time.perf_counter()
         baseline = generate_batches(ours, prompts, sampling, args.batch_size)
@@ -87,12 +107,16 @@ def main() -> None:
         print(f"turn      ratio {base_s / ours_s:.2f}x faster; identical completions {same}/{len(prompts)}")
 
     if "episodes" in args.workloads:
-        config = RolloutConfig(concurrent_episodes=max(args.batch_size, len(tasks)), sampling=sampling)
+        config = RolloutConfig(
+            concurrent_episodes=max(args.batch_size, len(tasks)),
+            max_context_tokens=found.context_tokens,
+            sampling=sampling,
+        )
         results = {}
         for name, acting in (("lockstep", _Lockstep(policy(prefix_cache=False))), ("stream", ours)):
             _, stats = rollout(
                 acting,
-                lambda env: envs.make_env(env, tasks, SQLEnvConfig()),
+                make_env,
                 [t.task for t in tasks],
                 config,
                 source="eval",
@@ -111,9 +135,9 @@ def main() -> None:
         peak = PeakPSS()
         _, stats = rollout(
             ours,
-            lambda env: envs.make_env(env, tasks, SQLEnvConfig()),
+            make_env,
             [t.task for t in tasks],
-            RolloutConfig(concurrent_episodes=48, sampling=sampling),
+            stream,
             source="explore",
             iteration=1,
         )

@@ -161,12 +161,14 @@ class ETOConfig:
     def fit_lengths(self) -> None:
         """Resolves the lengths left at 0: the rollout's context becomes the largest that the run's envs
         register (``EnvDefinition.context_tokens``), and each learner's ``max_length`` that context, so
-        whole episodes train. Called once, before the config is saved with the run."""
+        whole episodes train; the prefix cache left at -1 gets room for every episode in flight at that
+        context. Called once, before the config is saved with the run."""
         if self.rollout.max_context_tokens == 0:
             self.rollout.max_context_tokens = max(envs.definition(spec.name).context_tokens for spec in self.envs)
         for learner in (self.sft, self.dpo):
             if learner.max_length == 0:
                 learner.max_length = self.rollout.max_context_tokens
+        self.policy.fit_prefix_cache(self.rollout.concurrent_episodes, self.rollout.max_context_tokens)
 
     def env_config(self, name: str):
         """The settings section of one environment (``db``, ``os``, ...)."""

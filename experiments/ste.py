@@ -115,6 +115,7 @@ class STEConfig(ETOConfig):
         for learner in (self.sft, self.round_sft, self.dpo):  # a trial shown little memory may run longer
             if learner.max_length == 0:
                 learner.max_length = self.rollout.max_context_tokens
+        self.policy.fit_prefix_cache(self.rollout.concurrent_episodes, self.rollout.max_context_tokens)
 
 
 STAGE_READS = {

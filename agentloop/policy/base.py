@@ -54,6 +54,11 @@ class VLLMConfig:
             raise ConfigError(f"max_model_len must be >= 0, got {self.max_model_len}")
 
 
+UNFITTED_PREFIX_CACHE_TOKENS = 65536
+"""The prefix cache of a policy whose ``prefix_cache_tokens=-1`` was never fitted to a rollout (a
+bench, a test): 32 conversations of 2,048 tokens."""
+
+
 @dataclass
 class PolicyConfig:
     """Which model acts and how it is run."""
@@ -70,16 +75,35 @@ class PolicyConfig:
     runs 3x faster than fp32), else float32 (:func:`agentloop.config.resolve_dtype`)."""
     batch_size: int = 32
     """Most prompts generated together in one forward pass."""
-    prefix_cache_tokens: int = 65536
+    prefix_cache_tokens: int = -1
     """Tokens of finished turns whose keys and values are kept, so the next turn of a
-    conversation prefills only its new tokens (0 = off). About 18 KB per token for Gemma 3 270M."""
+    conversation prefills only its new tokens (0 = off). -1 (the default): room for every
+    episode in flight at its longest, which an experiment resolves to ``rollout.concurrent_episodes
+    × rollout.max_context_tokens`` (:meth:`fit_prefix_cache`); a smaller cache drops the oldest
+    conversations, which then prefill again at every turn. The cache holds only what live
+    conversations have produced: about 18 KB per token for Gemma 3 270M in bfloat16, 36 KB in float32.
+    A policy built outside an experiment with -1 keeps :data:`UNFITTED_PREFIX_CACHE_TOKENS`. vLLM reads only
+    whether it is on: its own KV-cache pool sets the size."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.prefix_cache_tokens < 0:
-            raise ConfigError(f"prefix_cache_tokens must be >= 0, got {self.prefix_cache_tokens}")
+        if self.prefix_cache_tokens < -1:
+            raise ConfigError(
+                f"prefix_cache_tokens must be >= 0 (0 = off), or -1 to fit the episodes in flight; "
+                f"got {self.prefix_cache_tokens}"
+            )
+
+    def fit_prefix_cache(self, episodes: int, context_tokens: int) -> None:
+        """Resolves ``prefix_cache_tokens=-1``: room for ``episodes`` conversations of ``context_tokens`` each."""
+        if self.prefix_cache_tokens == -1:
+            self.prefix_cache_tokens = episodes * context_tokens
+
+    @property
+    def cache_tokens(self) -> int:
+        """The prefix cache's size in tokens (0 = off), :data:`UNFITTED_PREFIX_CACHE_TOKENS` if never fitted."""
+        return UNFITTED_PREFIX_CACHE_TOKENS if self.prefix_cache_tokens == -1 else self.prefix_cache_tokens
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ class HFPolicy:
         self.chat = ChatTokenizer(AutoTokenizer.from_pretrained(self._path))
         self.version = 0
         self.adapter: Path | None = None
-        self.prefix_cache = PrefixCache(config.prefix_cache_tokens) if config.prefix_cache_tokens else None
+        self.prefix_cache = PrefixCache(config.cache_tokens) if config.cache_tokens else None
         self._streams = 0
         self._open: weakref.WeakSet[_Stream] = weakref.WeakSet()  # streams a new version restarts
         self._load_base()

@@ -116,7 +116,7 @@ class VLLMPolicy:
             seed=0,
             max_num_seqs=self.config.batch_size,
             max_model_len=settings.max_model_len or None,
-            enable_prefix_caching=self.config.prefix_cache_tokens > 0,
+            enable_prefix_caching=self.config.cache_tokens > 0,
             enforce_eager=settings.enforce_eager,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             skip_tokenizer_init=True,  # token ids in and out; agentloop's ChatTokenizer decodes

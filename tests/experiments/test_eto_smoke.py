@@ -140,9 +140,17 @@ def test_lengths_fit_the_chosen_envs_and_a_length_that_cuts_most_episodes_fails(
     config = load_config(eto.ETOConfig, None, base)
     config.fit_lengths()  # the default DB run: its registered context, and whole episodes in the learners
     assert (config.rollout.max_context_tokens, config.sft.max_length, config.dpo.max_length) == (2048, 2048, 2048)
+    assert config.policy.prefix_cache_tokens == 48 * 2048  # every episode in flight keeps its turns
     config = load_config(eto.ETOConfig, None, [*base, "envs=[{name: db}, {name: webshop}]", "dpo.max_length=3000"])
     config.fit_lengths()
     assert (config.rollout.max_context_tokens, config.sft.max_length, config.dpo.max_length) == (4096, 4096, 3000)
+    assert config.policy.prefix_cache_tokens == 48 * 4096
+    for setting, tokens in (("policy.prefix_cache_tokens=0", 0), ("policy.prefix_cache_tokens=1000", 1000)):
+        config = load_config(eto.ETOConfig, None, [*base, setting])
+        config.fit_lengths()
+        assert config.policy.prefix_cache_tokens == tokens  # off, or the size given, stays
+    with pytest.raises(ConfigError, match=r"prefix_cache_tokens must be >= 0 \(0 = off\), or -1"):
+        load_config(eto.ETOConfig, None, [*base, "policy.prefix_cache_tokens=-2"])
     assert (config.dpo.replay_fraction, config.dpo.sft_loss_weight) == (0.1, 1.0)  # the experiment's, not the class's
     config = load_config(eto.ETOConfig, None, [*base, "sft.epochs=1", "rollout.sampling.max_new_tokens=12"])
     assert (config.sft.max_length, config.rollout.max_context_tokens, config.rollout.concurrent_episodes) == (0, 0, 48)

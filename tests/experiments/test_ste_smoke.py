@@ -120,7 +120,9 @@ def test_ste_settings_that_would_run_without_effect_or_cut_episodes_fail_naming_
                                       "mix.expert_pairs=false"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"rollout.max_context_tokens=1024 leaves 256 tokens beside memory's 768"):
         load_config(STEConfig, None, [*base, "rollout.max_context_tokens=1024"])
-    load_config(STEConfig, None, [*base, "rollout.max_context_tokens=1024", "memory.short_term_tokens=256"])
+    config = load_config(STEConfig, None, [*base, "rollout.max_context_tokens=1024", "memory.short_term_tokens=256"])
+    config.fit_lengths()
+    assert config.policy.prefix_cache_tokens == config.rollout.concurrent_episodes * 1024  # memory's room included
     with pytest.raises(ConfigError, match=r"^round_sft.max_length=128 would cut the final turn of most db episodes"):
         load_config(STEConfig, None, [*base, "round_sft.max_length=128"])
 
