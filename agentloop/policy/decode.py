@@ -15,7 +15,9 @@ again. :func:`decode` removes both:
 Rows resume from caches of different lengths, so a batch is laid out as
 ``[padding, cached tokens, padding, new tokens]`` per row and the attention masks are built
 here from each key's true position, not its column: causal, the sliding window of local
-layers (Gemma 3 alternates local and global layers), and no attention to padding. The
+layers (Gemma 3 alternates local and global layers), and no attention to padding. A local
+layer attends only to the columns its window reaches in some row (the last ones: each row's
+newest tokens are on the right), so its cost does not grow with the conversation. The
 result equals decoding each prompt alone from scratch (tests check it against
 ``model.generate``), up to floating-point rounding.
 """
@@ -539,6 +541,9 @@ def grouped_attention(module, query, key, value, attention_mask, dropout: float 
     query heads on 1 key/value head). Here the query heads of a group are folded into the
     query axis instead: ``[b, kv * g, q, d]`` becomes ``[b, kv, g * q, d]`` against the
     un-copied ``[b, kv, k, d]`` keys, with the mask repeated over the folded rows.
+
+    A mask narrower than the keys covers their last columns (a local layer's window, see
+    :func:`_masks`): the keys and values left of it are not attended to, so they are left out.
     """
     import torch
 
@@ -552,6 +557,8 @@ def grouped_attention(module, query, key, value, attention_mask, dropout: float 
         k = key.shape[2]
         mask = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)[None, None]
     if mask is not None:
+        if mask.shape[-1] < key.shape[2]:
+            key, value = key[:, :, -mask.shape[-1] :], value[:, :, -mask.shape[-1] :]
         mask = mask[:, :, :, : key.shape[2]].repeat(1, 1, group, 1)
     out = torch.nn.functional.scaled_dot_product_attention(
         folded, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
@@ -592,9 +599,14 @@ def _masks(config, query_pos: torch.Tensor, key_pos: torch.Tensor, window: int |
         own[:, idx, offset + idx] = True
         causal = torch.where(pad_query[:, :, None], own, causal)
     masks = {"full_attention": causal[:, None]}
+    attention = getattr(config, "_attn_implementation", "sdpa")
     if window is not None:
-        masks["sliding_attention"] = (causal & ((q - k < window) | pad_query[:, :, None]))[:, None]
-    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        local = causal & ((q - k < window) | pad_query[:, :, None])
+        if attention == ATTENTION:  # only the columns some query reaches: grouped_attention drops the others
+            first = int(local.any(dim=1).any(dim=0).int().argmax())
+            local = local[:, :, first:]
+        masks["sliding_attention"] = local[:, None]
+    if attention == "eager":
         masks = {name: _additive(mask) for name, mask in masks.items()}
     types = getattr(config, "layer_types", None)
     return masks if types else masks["full_attention"]

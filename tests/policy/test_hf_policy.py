@@ -189,6 +189,28 @@ def test_grouped_attention_equals_transformers_sdpa(tiny_model_dir):
             assert torch.allclose(grouped.model(input_ids=batch, attention_mask=mask).logits, reference, atol=1e-5)
 
 
+def test_a_local_layer_is_masked_over_only_the_columns_its_window_reaches():
+    import torch
+
+    from agentloop.policy.decode import ATTENTION, _masks
+
+    class Grouped:
+        _attn_implementation, layer_types = ATTENTION, ["sliding_attention", "full_attention"]
+
+    class Plain(Grouped):
+        _attn_implementation = "sdpa"
+
+    # two rows decoding: one 20 tokens long, one 15 after 5 columns of padding; the new query on the right
+    key_pos = torch.tensor([list(range(21)), [-1] * 5 + list(range(16))])
+    query_pos = key_pos[:, -1:]
+    narrow, full = _masks(Grouped, query_pos, key_pos, 4), _masks(Plain, query_pos, key_pos, 4)
+    assert full["sliding_attention"].shape[-1] == full["full_attention"].shape[-1] == 21
+    assert narrow["sliding_attention"].shape[-1] == 4  # positions 17-20 and 12-15: the last 4 columns
+    assert torch.equal(narrow["sliding_attention"], full["sliding_attention"][..., -4:])
+    assert not full["sliding_attention"][..., :-4].any()  # nothing attended is left out
+    assert torch.equal(narrow["full_attention"], full["full_attention"])
+
+
 def test_completion_stops_at_stop_token(policy):
     stop = policy.chat.stop_id
     gen = policy._completion([7, 8, stop, 9, 9], [-1.0, -2.0, -0.5, -3.0, -3.0])
