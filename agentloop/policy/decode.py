@@ -319,11 +319,21 @@ class DecodeEngine:
         return free > 0 and (running <= self.max_rows // 2 or len(self.waiting) >= max(1, free // 2))
 
     def _admit(self) -> list[tuple[Hashable, list[int]]]:
-        import torch
-
+        """Prefills waiting prompts into the free slots, in groups of rows with similar numbers of new tokens."""
         free = self.max_rows - self.running
         group = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
         found = [self.cache.pop(p) if self.cache is not None else None for _, p in group]
+        new = [len(p) - (len(f.ids) if f else 0) for (_, p), f in zip(group, found, strict=True)]
+        finished = []
+        for rows in prefill_groups(new):
+            finished += self._prefill([group[r] for r in rows], [found[r] for r in rows])
+        return finished
+
+    def _prefill(self, group, found: list[CachedPrefix | None]) -> list[tuple[Hashable, list[int]]]:
+        """One forward pass over ``group``'s new tokens (each resuming from its ``found`` cache entry), then the
+        rows that go on join the batch."""
+        import torch
+
         cached = [len(f.ids) if f else 0 for f in found]
         new = [p[c:] for (_, p), c in zip(group, cached, strict=True)]
         width_cached, width_new = max(cached), max(len(n) for n in new)
@@ -469,6 +479,33 @@ class DecodeEngine:
         """True when empty columns make up most of the cache (rows that joined late, or left)."""
         used = int((self.key_pos >= 0).sum(dim=1).max())
         return self.key_pos.shape[1] > 2 * used + 64
+
+
+PREFILL_SLACK = 512
+"""Padding tokens a prefill group takes on beyond half its real new tokens before it is split."""
+
+
+def prefill_groups(new: Sequence[int]) -> list[list[int]]:
+    """Splits the rows of one admission (``new``: each row's tokens to prefill) into groups prefilled
+    one forward pass each, shortest first.
+
+    A forward pass pads every row to its longest one, and pays for the padding as for real tokens:
+    a new conversation (its whole prompt) among continuing ones (a short observation each), as when
+    the rollout starts a new episode, would have every row prefill the new one's length. A group
+    grows while its padding stays within half its real tokens plus :data:`PREFILL_SLACK`.
+    """
+    groups: list[list[int]] = []
+    total = 0
+    for r in sorted(range(len(new)), key=new.__getitem__):
+        rows = groups[-1] if groups else []
+        if rows and (len(rows) + 1) * new[r] - (total + new[r]) > (total + new[r]) // 2 + PREFILL_SLACK:
+            rows = []
+        if not rows:
+            groups.append(rows)
+            total = 0
+        rows.append(r)
+        total += new[r]
+    return groups
 
 
 def _fill_cache(found: list[CachedPrefix | None], width: int, room: int, device) -> KVBuffer:

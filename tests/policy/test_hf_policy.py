@@ -124,12 +124,17 @@ def test_compacting_the_cache_changes_nothing(policy, monkeypatch):
     assert policy.generate(prompts, sampling) == expected
 
 
-def test_requests_joining_a_running_batch_take_idle_slots_with_the_same_result(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("slack", [512, 0])
+def test_requests_joining_a_running_batch_take_idle_slots_with_the_same_result(tiny_model_dir, monkeypatch, slack):
     """A stream fed one prompt at a time, as the rollout feeds it: requests end at different
     steps, later ones (some longer than the running batch is wide, some resuming from the
     prefix cache) take the idle slots, and the batch shrinks when it runs dry. Every
-    completion equals decoding its prompt alone without a cache."""
+    completion equals decoding its prompt alone without a cache. With no slack for padding,
+    an admission of rows with different numbers of new tokens is prefilled in several groups."""
+    from agentloop.policy import decode
     from agentloop.policy.decode import DecodeEngine, KVBuffer
+
+    monkeypatch.setattr(decode, "PREFILL_SLACK", slack)
 
     cached = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", batch_size=3))
     plain = HFPolicy(PolicyConfig(model=str(tiny_model_dir), dtype="float32", prefix_cache_tokens=0))
@@ -140,8 +145,9 @@ def test_requests_joining_a_running_batch_take_idle_slots_with_the_same_result(t
     stops = (free[0].token_ids[1], free[2].token_ids[6], free[5].token_ids[3])  # rows end at different steps
     for p in (cached, plain):
         monkeypatch.setattr(p.chat, "stop_ids", stops)
-    calls = {"write": 0, "pad_left": 0, "drop_left": 0, "shrink": 0}
-    for cls, name in ((KVBuffer, "write"), (KVBuffer, "pad_left"), (KVBuffer, "drop_left"), (DecodeEngine, "_shrink")):
+    calls = {"write": 0, "pad_left": 0, "drop_left": 0, "shrink": 0, "admit": 0, "prefill": 0}
+    changes = [(KVBuffer, "write"), (KVBuffer, "pad_left"), (KVBuffer, "drop_left"), (DecodeEngine, "_shrink")]
+    for cls, name in [*changes, (DecodeEngine, "_admit"), (DecodeEngine, "_prefill")]:
         original, label = getattr(cls, name), name.strip("_")
 
         def counted(self, *args, _original=original, _name=label, **kwargs):
@@ -165,6 +171,19 @@ def test_requests_joining_a_running_batch_take_idle_slots_with_the_same_result(t
             conversation += [*gen.token_ids, *chat.user_segment(f"Observation {turn}: {text[:7]}", first=False)]
     assert cached.prefix_cache.hits >= len(texts)  # the second turn resumed from the first
     assert all(calls.values()), calls  # each way of changing the batch in place was taken
+    assert (calls["prefill"] > calls["admit"]) == (slack == 0), calls  # admissions split only without slack
+
+
+def test_an_admission_is_prefilled_in_groups_whose_padding_stays_small():
+    from agentloop.policy.decode import PREFILL_SLACK, prefill_groups
+
+    assert PREFILL_SLACK == 512
+    assert prefill_groups([100] * 8) == [list(range(8))]  # no padding at all
+    # continuing conversations (a short observation each), one new conversation, one long page
+    assert prefill_groups([5, 2000, 7, 6, 300]) == [[0, 3, 2], [4], [1]]
+    assert prefill_groups([40, 90, 10, 250]) == [[2, 0, 1, 3]]  # 1,000 padded for 390 real: within the slack
+    assert prefill_groups([40, 90, 10, 600]) == [[2, 0, 1], [3]]  # 2,400 for 740: not
+    assert prefill_groups([]) == []
 
 
 def test_grouped_attention_equals_transformers_sdpa(tiny_model_dir):
