@@ -495,16 +495,15 @@ def prefill_groups(new: Sequence[int]) -> list[list[int]]:
     grows while its padding stays within half its real tokens plus :data:`PREFILL_SLACK`.
     """
     groups: list[list[int]] = []
-    total = 0
+    total = 0  # real new tokens of the last group
     for r in sorted(range(len(new)), key=new.__getitem__):
-        rows = groups[-1] if groups else []
-        if rows and (len(rows) + 1) * new[r] - (total + new[r]) > (total + new[r]) // 2 + PREFILL_SLACK:
-            rows = []
-        if not rows:
-            groups.append(rows)
-            total = 0
-        rows.append(r)
-        total += new[r]
+        grown = total + new[r]
+        if groups and (len(groups[-1]) + 1) * new[r] - grown <= grown // 2 + PREFILL_SLACK:
+            groups[-1].append(r)
+            total = grown
+        else:
+            groups.append([r])
+            total = new[r]
     return groups
 
 
