@@ -89,14 +89,19 @@ class RunDir:
         default is not what runs made before the setting existed did (``memory.first_trial_memory``: such
         runs showed memory at every trial). Without this, a run saved before the key would be read with
         today's default, and a resume would change what its begun stages compute without a word.
+
+        A key counts as predated only where its section was saved without it. A config with no such
+        section at all never ran what the section sets (an STE row forked from an ETO trunk has no
+        ``memory``), so it starts with today's defaults, as a new run would.
         """
         raw = yaml.safe_load(self.config_file.read_text()) or {}
         found = []
         for key, value in getattr(config_cls, "LEGACY", {}).items():
+            *sections, name = key.split(".")
             node: Any = raw
-            for part in key.split("."):
+            for part in sections:
                 node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
-            if node is _ABSENT:
+            if isinstance(node, dict) and name not in node:
                 logger.info("%s: not in %s (the run predates it); read as %r, what runs did then", key,
                             self.config_file, value)  # fmt: skip
                 found.append(f"{key}={json.dumps(value)}")

@@ -103,6 +103,22 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_what_it_ran_with(tmp_
     assert RunDir.resume(run.path, Grown)[1].dpo.beta == 0.2  # saved now: the legacy value no longer applies
 
 
+def test_a_run_without_a_legacy_setting_s_section_starts_with_today_s_defaults(tmp_path):
+    """A run whose config never had the section (an STE row forked from an ETO trunk has no
+    ``memory``) never ran what it sets: the legacy values are for runs that did."""
+    import yaml
+
+    from agentloop.config import load_config
+
+    run = RunDir.create(tmp_path / "run", load_config(Config, None, ["dpo.beta=0.2"]))
+    old = yaml.safe_load(run.config_file.read_text())
+    del old["dpo"]
+    run.config_file.write_text(yaml.safe_dump(old))
+    assert run.legacy_settings(Grown) == ["sampled=false"]  # the top level is always saved
+    _, saved, config = RunDir.resume(run.path, Grown)
+    assert saved.dpo.beta == config.dpo.beta == Config().dpo.beta and not config.sampled
+
+
 def test_ste_s_legacy_settings_are_its_own_settings(data_dir):
     import sys
     from pathlib import Path
