@@ -11,6 +11,7 @@ import pytest
 from agentloop.envs import build_experts, load_tasks, make_env
 from agentloop.envs.db import DBExpertConfig, SQLEnvConfig
 from agentloop.envs.db.gold import canonical_sql
+from agentloop.envs.db.imagine import parse_proposal
 from agentloop.memory.imagination import build, choose_bases, imagination_metrics, rebuild, requests
 from agentloop.memory.judge import judge, parse_verdict
 from agentloop.replay import ReplayStore
@@ -52,6 +53,11 @@ def test_proposals_are_asked_with_remembered_tasks_to_avoid_and_built_into_score
         copy = proposal(base, base.task.instruction, canonical_sql(base))
         copied = build([base], [copy], {"db": SQLEnvConfig()}, "imagine/1")
         assert copied[0][0].reason == "the example task itself"
+        sql = canonical_sql(base)
+        wrapped = f'Action: "Question: {base.task.instruction.upper()}"\nAction: "SQL:\n```sql\n{sql}\n```"'
+        assert parse_proposal(wrapped) == (" ".join(base.task.instruction.upper().split()), sql)
+        # as the 270M policy wrote one: the copy, in another case and wrapped in its action format
+        assert build([base], [wrapped], {"db": SQLEnvConfig()}, "imagine/1")[0][0].reason == "the example task itself"
         assert prompt.count(f"- {remembered.task.instruction}") == 1  # shown once, as one to avoid
     a, b, c = bases
     texts = [

@@ -28,7 +28,7 @@ MAX_VALUES = 10
 SAMPLE_ROWS = 3
 """Rows of the table shown to the explorer."""
 
-_QUESTION_RE = re.compile(r"Question:\s*(.+?)\s*(?:\n\s*SQL:|$)", re.IGNORECASE | re.DOTALL)
+_QUESTION_RE = re.compile(r"Question:[ \t]*(.+)", re.IGNORECASE)  # one line, as the example shows it
 _SQL_RE = re.compile(r"```(?:[ \t]*(?:sqlite|sql)\b)?(.*?)```", re.IGNORECASE | re.DOTALL)
 
 
@@ -64,11 +64,16 @@ def parse_proposal(text: str) -> tuple[str, str] | str:
     """The (question, SQL) of a proposal, or a sentence saying why it cannot be read."""
     question = _QUESTION_RE.search(text or "")
     block = _SQL_RE.search(text or "")
-    if question is None or not question.group(1).strip():
+    if question is None or not question.group(1).strip(" \t\"'`"):
         return "no question"
     if block is None or not block.group(1).strip():
         return "no ```sql block"
-    return " ".join(question.group(1).split()), block.group(1).strip()
+    return " ".join(question.group(1).strip(" \t\"'`").split()), block.group(1).strip()
+
+
+def _words(text: str) -> list[str]:
+    """The words of ``text``, lowercased, without punctuation or quotes."""
+    return re.findall(r"\w+", text.lower())
 
 
 def _reads_table(sql: str, table: str) -> bool:
@@ -105,7 +110,7 @@ def imagined_task(base: DBTask, text: str, config: SQLEnvConfig, task_id: str) -
     if isinstance(parsed, str):
         return parsed
     question, sql = parsed
-    if " ".join(question.lower().split()) == " ".join(base.task.instruction.lower().split()):
+    if _words(question) == _words(base.task.instruction):  # a copy in quotes or recased is still a copy
         return "the example task itself"
     kind = sql.lstrip("( \n").split(None, 1)[0].upper() if sql.strip() else ""
     if kind not in ("SELECT", "WITH", "INSERT", "UPDATE"):
