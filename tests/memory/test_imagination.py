@@ -56,6 +56,8 @@ def test_proposals_are_asked_with_remembered_tasks_to_avoid_and_built_into_score
         sql = canonical_sql(base)
         wrapped = f'Action: "Question: {base.task.instruction.upper()}"\nAction: "SQL:\n```sql\n{sql}\n```"'
         assert parse_proposal(wrapped) == (" ".join(base.task.instruction.upper().split()), sql)
+        assert parse_proposal(f"Question:\nHow many rows?\nSQL:\n```sql\n{sql}\n```") == ("How many rows?", sql)
+        assert parse_proposal(f"Question:\nSQL:\n```sql\n{sql}\n```") == "no question"
         # as the 270M policy wrote one: the copy, in another case and wrapped in its action format
         assert build([base], [wrapped], {"db": SQLEnvConfig()}, "imagine/1")[0][0].reason == "the example task itself"
         assert prompt.count(f"- {remembered.task.instruction}") == 1  # shown once, as one to avoid

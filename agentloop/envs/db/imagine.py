@@ -28,7 +28,9 @@ MAX_VALUES = 10
 SAMPLE_ROWS = 3
 """Rows of the table shown to the explorer."""
 
-_QUESTION_RE = re.compile(r"Question:[ \t]*(.+)", re.IGNORECASE)  # one line, as the example shows it
+# one line, as the example shows it (or the next line, when "Question:" ends its own)
+_QUESTION_RE = re.compile(r"Question:[ \t]*(?:\n[ \t]*)?(?!SQL:)(.+)", re.IGNORECASE)
+_QUOTES = " \t\"'`"
 _SQL_RE = re.compile(r"```(?:[ \t]*(?:sqlite|sql)\b)?(.*?)```", re.IGNORECASE | re.DOTALL)
 
 
@@ -64,11 +66,12 @@ def parse_proposal(text: str) -> tuple[str, str] | str:
     """The (question, SQL) of a proposal, or a sentence saying why it cannot be read."""
     question = _QUESTION_RE.search(text or "")
     block = _SQL_RE.search(text or "")
-    if question is None or not question.group(1).strip(" \t\"'`"):
+    asked = question.group(1).strip(_QUOTES) if question else ""
+    if not asked:
         return "no question"
     if block is None or not block.group(1).strip():
         return "no ```sql block"
-    return " ".join(question.group(1).strip(" \t\"'`").split()), block.group(1).strip()
+    return " ".join(asked.split()), block.group(1).strip()
 
 
 def _words(text: str) -> list[str]:
