@@ -1,7 +1,8 @@
-"""What every environment does with its tasks: index them by id, and pick one on reset."""
+"""What every environment does with its tasks: index them by id, pick one on reset, and compare their words."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -41,3 +42,9 @@ def choose_task(tasks: Mapping[str, T], options: Mapping[str, Any], rng: np.rand
     if task_id not in tasks:
         raise KeyError(f"task_id {task_id!r} is not among this env's {len(tasks)} tasks")
     return tasks[task_id]
+
+
+def words(text: str) -> list[str]:
+    """The words of ``text``, lowercased, without punctuation or quotes: an imagined task that copies its
+    example in other quotes or case is still a copy."""
+    return re.findall(r"\w+", text.lower())

@@ -87,3 +87,16 @@ def test_proposals_the_sandbox_or_the_check_cannot_score_are_refused_with_the_re
     assert tasks == [] and not proposals[0].valid and reason in proposals[0].reason, proposals[0].reason
     unreadable, _ = build([integer], ["Task: something\nno solution"], {"os": CONFIG}, "imagine/1")
     assert unreadable[0].reason == "no Solution: ```bash block"
+
+
+def test_the_example_task_copied_is_refused_and_the_same_question_on_new_files_is_not(bases):
+    integer, _ = bases
+    setup = "\n".join(s.code for s in integer.init if s.language == "bash")
+    quoted = f'"{integer.task.instruction.upper()}"'  # a small explorer's copy: its quotes, another case
+    copies = [proposal(quoted, None, "wc -l < ~/f"), proposal(quoted, setup, "wc -l < ~/f")]
+    proposals, tasks = build([integer, integer], copies, {"os": CONFIG}, "imagine/1")
+    assert tasks == [] and [p.reason for p in proposals] == ["the example task itself"] * 2
+    # The same question asked of other files is another task: it goes on to the sandbox's checks.
+    fresh = proposal(integer.task.instruction, "printf 'a\\nb\\nc\\n' > ~/f", "wc -l < ~/f")
+    proposals, _ = build([integer], [fresh], {"os": CONFIG}, "imagine/1")
+    assert proposals[0].reason != "the example task itself"

@@ -21,6 +21,7 @@ from agentloop.envs.db.config import SQLEnvConfig
 from agentloop.envs.db.engine import EpisodeDB, SQLResult, build_template, leased_worker, quote_identifier, sqlite_type
 from agentloop.envs.db.gold import canonical_sql
 from agentloop.envs.db.tasks import ENV_NAME, DBTask
+from agentloop.envs.tasks import words
 from agentloop.types import Task
 
 MAX_VALUES = 10
@@ -74,11 +75,6 @@ def parse_proposal(text: str) -> tuple[str, str] | str:
     return " ".join(asked.split()), block.group(1).strip()
 
 
-def _words(text: str) -> list[str]:
-    """The words of ``text``, lowercased, without punctuation or quotes."""
-    return re.findall(r"\w+", text.lower())
-
-
 def _reads_table(sql: str, table: str) -> bool:
     """Whether ``sql`` names ``table`` (as SQLite reads it); False for SQL sqlglot cannot parse."""
     import sqlglot
@@ -113,7 +109,7 @@ def imagined_task(base: DBTask, text: str, config: SQLEnvConfig, task_id: str) -
     if isinstance(parsed, str):
         return parsed
     question, sql = parsed
-    if _words(question) == _words(base.task.instruction):  # a copy in quotes or recased is still a copy
+    if words(question) == words(base.task.instruction):  # a copy in quotes or recased is still a copy
         return "the example task itself"
     kind = sql.lstrip("( \n").split(None, 1)[0].upper() if sql.strip() else ""
     if kind not in ("SELECT", "WITH", "INSERT", "UPDATE"):

@@ -7,7 +7,8 @@ command whose output is the answer. The new task keeps the training task's check
 ``integer-match``, ``string-match``, ...), so it is scored exactly as the training tasks are: the
 agent's answer against what the solution printed in the episode's own sandbox.
 
-:func:`imagined_task` keeps a proposal only when, in the sandbox, the setup runs and the
+:func:`imagined_task` keeps a proposal only when it is not the example task itself (the same
+question, in other quotes or case, on the same setup); in the sandbox, the setup runs and the
 solution prints an answer; it prints the same answer in a second fresh sandbox; the answer is not
 written in the question (given away) or in the solution (a constant such as ``echo 3``, an
 answer the explorer knows before it asks); and the task's own check accepts it, which is
@@ -23,6 +24,7 @@ from agentloop.envs.os.config import OSEnvConfig
 from agentloop.envs.os.env import OSEnv
 from agentloop.envs.os.experts import as_bash, expert_actions
 from agentloop.envs.os.tasks import ENV_NAME, OSTask, Script
+from agentloop.envs.tasks import words
 from agentloop.types import Task
 
 SETUP_CHARS = 1500
@@ -104,6 +106,9 @@ def imagined_task(base: OSTask, text: str, config: OSEnvConfig, task_id: str) ->
         return parsed
     question, setup, solution = parsed
     own_setup = bool(setup) and not setup.lstrip().startswith("# (none)")
+    base_setup = "\n".join(s.code for s in base.init if s.language == "bash")
+    if words(question) == words(base.task.instruction) and (not own_setup or words(setup) == words(base_setup)):
+        return "the example task itself"  # the same question on the same machine, in other quotes or case
     task = OSTask(
         task=Task(ENV_NAME, task_id, "imagined", base.task.kind, question),
         task_set="imagined",
