@@ -52,6 +52,8 @@ def test_eto_runs_end_to_end_on_each_backend(tmp_path, data_dir, tiny_model_dir,
         f"envs=[{', '.join(envs)}]",
         "iterations=1",
         "db.max_turns=2",
+        "alfworld.max_steps=12",  # room for its experts' plans; the tiny model's episodes run to the limit,
+        "os.max_turns=4",  # and vLLM on the CPU steps each turn slowly
         "rollout.sampling.max_new_tokens=12",
     ]
     first = _run(tiny, data_dir)
