@@ -4,13 +4,17 @@ and both against another run's exploration of the same tasks (ETO's greedy pass,
     python experiments/compare_exploration.py RUN_DIR [BASELINE_RUN_DIR] [--stage explore/1]
     python experiments/compare_exploration.py RUN_DIR BASELINE_RUN_DIR --stage eval/1   # held-out, paired
     python experiments/compare_exploration.py runs/continual-replay runs/continual-noreplay --stage eval/sft-2
+    python experiments/compare_exploration.py runs/family-replay runs/family-replay --stage eval/sft-2 \
+        --baseline-stage eval/sft-1 --families        # forgetting within a run: each task family, paired
 
 Prints, per trial number, the trials played and solved; how many retries began with the very action
 their task's previous trial began with (a small policy shown its failed trial tends to repeat it); how
 many first trials shown long-term memory began by quoting a name or value found only in the memory (copied
 from another task's experience); then
 successes k/n with a 95% Wilson interval and an exact McNemar test (gained, lost, p) on the tasks both
-sides played, and per env when there are several.
+sides played, and per env when there are several; with ``--families``, per task family (env and kind) too.
+The baseline may be another stage (``--baseline-stage``), of the same run or of another: the same held-out
+tasks after phase 1 and after phase 2 of a continual run tell which of them were forgotten.
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("baseline", type=Path, nargs="?")
     parser.add_argument("--stage", default="explore/1")
+    parser.add_argument("--baseline-stage", help="the baseline's stage (default: --stage)")
+    parser.add_argument("--families", action="store_true", help="also pair each task family (env and kind) apart")
     args = parser.parse_args(argv)
     trajectories = explored(args.run, args.stage)
     first, chain, trials = tally(trajectories)
@@ -96,14 +102,17 @@ def main(argv: list[str] | None = None) -> None:
           f"{copied}/{shown} ({solved} of them solved; {others}/{shown - copied} of the others)")  # fmt: skip
     print(paired(first, chain, "first trial -> any trial"))
     if args.baseline is not None:
-        baseline, _, _ = outcomes(args.baseline, args.stage)
+        baseline, _, _ = outcomes(args.baseline, args.baseline_stage or args.stage)
+        groups = {t.task.key: t.task.env for t in trajectories}
+        if args.families:
+            groups.update({t.task.key: f"{t.task.env}:{t.task.kind}" for t in trajectories})
         for name, now in (("first trial", first), ("any trial", chain)):
             print(paired(baseline, now, f"baseline -> {name}"))
-            envs = sorted({key.split("/", 1)[0] for key in now})
-            for env in envs if len(envs) > 1 else ():  # several envs (a continual run's held-out): each apart
-                mine = {key: ok for key, ok in now.items() if key.startswith(env + "/")}
-                if any(key in baseline for key in mine):  # an env the baseline never played: nothing to pair
-                    print("  " + paired(baseline, mine, f"{env}: baseline -> {name}"))
+            apart = sorted(set(groups.values()))
+            for group in apart if len(apart) > 1 else ():  # several envs or families (a continual run's): each apart
+                mine = {key: ok for key, ok in now.items() if groups[key] == group}
+                if any(key in baseline for key in mine):  # a group the baseline never played: nothing to pair
+                    print("  " + paired(baseline, mine, f"{group}: baseline -> {name}"))
 
 
 if __name__ == "__main__":

@@ -99,3 +99,27 @@ def test_held_out_stages_of_several_envs_are_also_paired_per_env(tmp_path, capsy
     assert lines[4].startswith("baseline -> first trial: 2 -> 2/3 ") and "gained 1, lost 1" in lines[4]
     assert lines[5].startswith("  db: baseline -> first trial: 1 -> 2/2 ") and "gained 1, lost 0" in lines[5]
     assert lines[6].startswith("  os: baseline -> first trial: 1 -> 0/1 ") and "gained 0, lost 1" in lines[6]
+
+
+def test_a_run_against_its_own_earlier_stage_pairs_each_task_family(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import compare_exploration
+
+    def played(kind: str, task_id: str, success: bool) -> Trajectory:
+        found = _trial(task_id, 0, success)
+        return replace(found, task=replace(found.task, kind=kind), source="eval")
+
+    (tmp_path / "run").mkdir()
+    with ReplayStore(f"sqlite:///{tmp_path / 'run' / 'replay.db'}") as store:  # UPDATE forgotten, INSERT learnt
+        before = [played("UPDATE", "1", True), played("UPDATE", "2", True), played("INSERT", "3", False)]
+        store.add(before, "eval/sft-1")
+        after = [played("UPDATE", "1", False), played("UPDATE", "2", True), played("INSERT", "3", True)]
+        store.add(after, "eval/sft-2")
+    run = str(tmp_path / "run")
+    compare_exploration.main([run, run, "--stage", "eval/sft-2", "--baseline-stage", "eval/sft-1", "--families"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4].startswith("baseline -> first trial: 2 -> 2/3 ") and "gained 1, lost 1" in lines[4]
+    assert lines[5].startswith("  db:INSERT: baseline -> first trial: 0 -> 1/1 ") and "gained 1, lost 0" in lines[5]
+    assert lines[6].startswith("  db:UPDATE: baseline -> first trial: 2 -> 1/2 ") and "gained 0, lost 1" in lines[6]
+    compare_exploration.main([run, run, "--stage", "eval/sft-2", "--baseline-stage", "eval/sft-1"])
+    assert not capsys.readouterr().out.splitlines()[5].startswith("  ")  # one env and no --families: no groups
