@@ -26,6 +26,8 @@ Usage:
       --tasks 250 --workloads stream
   python bench/generation_throughput.py --env webshop --split test --tasks 48 --workloads stream \
       --cache-tokens 65536
+  python bench/generation_throughput.py --adapter ... --split train --tasks 48 --workloads stream \
+      --dtype float32                            # as a machine without bf16 instructions runs it
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--workloads", default="turn,episodes", help="any of turn,episodes,stream")
     parser.add_argument("--env", default="db")
+    parser.add_argument("--dtype", default="auto", help="auto: bf16 with bf16 instructions, else fp32")
     parser.add_argument("--split", default=None, help="task splits, in order (default: held-out, then train)")
     parser.add_argument(
         "--cache-tokens", type=int, default=-1, help="prefix cache of the stream (-1: 48 x the env's context)"
@@ -77,7 +80,7 @@ def main() -> None:
         return envs.make_env(args.env, tasks, found.config())
 
     def policy(prefix_cache: bool) -> HFPolicy:
-        config = PolicyConfig(model=args.model, batch_size=args.batch_size, prefix_cache_tokens=0)
+        config = PolicyConfig(model=args.model, dtype=args.dtype, batch_size=args.batch_size, prefix_cache_tokens=0)
         if prefix_cache:  # as an experiment sizes it (fit_lengths), unless told
             config.prefix_cache_tokens = args.cache_tokens
             config.fit_prefix_cache(stream.concurrent_episodes, stream.max_context_tokens)
@@ -88,7 +91,7 @@ def main() -> None:
     ours = policy(prefix_cache=True)
     print(
         f"{len(tasks)} {args.env} tasks, batch {args.batch_size}, {torch.get_num_threads()} threads, adapter "
-        f"{args.adapter}, prefix cache {ours.config.cache_tokens} tokens"
+        f"{args.adapter}, prefix cache {ours.config.cache_tokens} tokens, dtype {args.dtype}"
     )
 
     if "turn" in args.workloads:
