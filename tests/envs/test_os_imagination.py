@@ -96,6 +96,11 @@ def test_the_example_task_copied_is_refused_and_the_same_question_on_new_files_i
     copies = [proposal(quoted, None, "wc -l < ~/f"), proposal(quoted, setup, "wc -l < ~/f")]
     proposals, tasks = build([integer, integer], copies, {"os": CONFIG}, "imagine/1")
     assert tasks == [] and [p.reason for p in proposals] == ["the example task itself"] * 2
+    # The same setup written otherwise (a comment added) still gives the example's answer: still a copy.
+    if integer.example is not None:
+        commented = proposal(integer.task.instruction, f"# prepared\n{setup}", integer.example.code)
+        proposals, tasks = build([integer], [commented], {"os": CONFIG}, "imagine/1")
+        assert tasks == [] and proposals[0].reason.startswith("the example task itself"), proposals[0].reason
     # The same question asked of other files is another task: it goes on to the sandbox's checks.
     fresh = proposal(integer.task.instruction, "printf 'a\\nb\\nc\\n' > ~/f", "wc -l < ~/f")
     proposals, _ = build([integer], [fresh], {"os": CONFIG}, "imagine/1")

@@ -8,11 +8,11 @@ command whose output is the answer. The new task keeps the training task's check
 agent's answer against what the solution printed in the episode's own sandbox.
 
 :func:`imagined_task` keeps a proposal only when it is not the example task itself (the same
-question, in other quotes or case, on the same setup); in the sandbox, the setup runs and the
-solution prints an answer; it prints the same answer in a second fresh sandbox; the answer is not
-written in the question (given away) or in the solution (a constant such as ``echo 3``, an
-answer the explorer knows before it asks); and the task's own check accepts it, which is
-measured by replaying the solution and that answer through the real environment.
+question, in other quotes or case, on the same setup or on one written otherwise that gives the same
+answer); in the sandbox, the setup runs and the solution prints an answer; it prints the same
+answer in a second fresh sandbox; the answer is not written in the question (given away) or in
+the solution (a constant such as ``echo 3``, an answer the explorer knows before it asks); and the
+task's own check accepts it, which is measured by replaying the solution and that answer through the real environment.
 """
 
 from __future__ import annotations
@@ -85,6 +85,17 @@ def _solution_output(task: OSTask, env: OSEnv) -> str | None:
     return result.output.strip() if result.exit_code == 0 and result.output.strip() else None
 
 
+def _base_answer(base: OSTask, config: OSEnvConfig) -> str | None:
+    """What ``base``'s own solution prints on its own setup (None without a bash solution)."""
+    if base.example is None or base.example.language != "bash":
+        return None
+    env = OSEnv([base], config)
+    try:
+        return _solution_output(base, env)
+    finally:
+        env.close()
+
+
 def _written_in(answer: str, text: str) -> bool:
     """Whether ``answer`` appears in ``text`` as a whole word (or whole phrase)."""
     return re.search(rf"(?<![\w.]){re.escape(answer)}(?![\w]|\.\d)", text) is not None
@@ -133,6 +144,8 @@ def imagined_task(base: OSTask, text: str, config: OSEnvConfig, task_id: str) ->
             return f"the solution prints a constant ({first[:40]!r} is written in it)"
         if _written_in(first, question):
             return f"the task gives its answer away ({first[:40]!r} is written in it)"
+        if words(question) == words(base.task.instruction) and first == _base_answer(base, config):
+            return "the example task itself (its question, and its answer on a setup written otherwise)"
         actions = expert_actions(task, env)
         if actions is None or not replay_actions(env, task_id, actions).success:
             return f"the task's check ({base.task.kind}) does not accept the solution's own answer"
