@@ -160,7 +160,12 @@ def fork(trunk: Path, target: Path) -> None:
 def trunk_fingerprint(run_dir: Path) -> str:
     """The SFT policy a run started from: a hash of its ``adapters/sft`` weights (a row's are its trunk's copy);
     "" when they are gone (such a record is paired with no other)."""
-    weights = sorted((run_dir / "adapters" / "sft").glob("*.safetensors"))
+    return fingerprint(run_dir / "adapters" / "sft")
+
+
+def fingerprint(adapter: Path) -> str:
+    """A hash of an adapter's weights; "" when there are none."""
+    weights = sorted(adapter.glob("*.safetensors"))
     digest = hashlib.sha256()
     for path in weights:
         digest.update(path.read_bytes())

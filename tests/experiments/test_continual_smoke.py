@@ -4,12 +4,16 @@ random model: every stage runs, forgetting of the first env is logged, the ablat
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from experiment_runs import run_experiment
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "experiments"))
+import forgetting_table  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
@@ -51,6 +55,11 @@ def test_envs_trained_in_sequence_log_the_forgetting_of_the_first(tmp_path, data
     assert "explore/env/webshop/episodes" not in records["explore/1"]
     assert records["explore/2"]["explore/env/webshop/episodes"] == 2
     assert records["sft/2"]["sft/replayed"] == 0  # 10% of 4 DB demonstrations rounds to none
+    # the run's record and forgetting table: DB's drop as the run logged it
+    kept = forgetting_table.write_records([run_dir], tmp_path / "records")
+    assert list(kept[0]["stages"]) == ["eval/base", "eval/sft-1", "eval/1", "eval/sft-2", "eval/2"]
+    row = next(line for line in forgetting_table.forgetting_table(kept).splitlines() if "| db |" in line)
+    assert row.split(" | ")[6] == f"{records['eval/2']['forget/env/db/drop']:.0f}"
 
 
 def test_the_ablation_runs_its_rows_from_one_trunk_and_writes_the_table(tmp_path, data_dir, tiny_model_dir):
