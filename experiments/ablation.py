@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                     rounds = f"iterations={args.iterations}"
                     run(target, script, [rounds, *overrides, *for_script(script, args.overrides)])
                 collect(args.out, [seed], [row], args.iterations)
-    found = {(r["seed"], r["row"]): r for r in read_records(args.records, args.iterations)}
-    found.update({(r["seed"], r["row"]): r for r in collect(args.out, args.seeds, args.rows, args.iterations)})
+    found = {(replicate(r), r["row"]): r for r in read_records(args.records, args.iterations)}
+    found.update({(replicate(r), r["row"]): r for r in collect(args.out, args.seeds, args.rows, args.iterations)})
     table = ablation_table(list(found.values()), args.iterations, [tuple(pair) for pair in args.compare])
     args.out.mkdir(parents=True, exist_ok=True)  # --table from kept records alone: nothing ran here
     (args.out / "table.md").write_text(table)
@@ -233,9 +233,10 @@ def collect(out: Path, seeds: list[int], rows: list[str], iterations: int) -> li
 
 
 def record_name(found: dict[str, Any]) -> str:
-    """``seed0-sft.json`` for a trunk, ``seed0-eto-1r.json`` for a row of one round."""
+    """``seed0-1a2b3c4d-sft.json`` for a trunk, ``seed0-1a2b3c4d-eto-1r.json`` for a row of one round from it:
+    a seed's trunk trained again (on another machine) gets records of its own."""
     rounds = f"-{found['iterations']}r" if found["row"] != "sft" else ""
-    return f"seed{found['seed']}-{found['row']}{rounds}.json"
+    return f"seed{found['seed']}-{found['trunk'][:8] or 'noadapter'}-{found['row']}{rounds}.json"
 
 
 def read_records(directories: list[Path], iterations: int) -> list[dict[str, Any]]:
@@ -260,14 +261,16 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
     over seeds; then each row's first exploration against ETO's greedy pass; then, for each pair
     ``(row, against)`` of ``compare``, the same tests of one row against the other.
 
-    Rows are paired with eto only when both started from the same SFT policy (the same trunk fingerprint):
-    a trunk trained again on another machine may differ. A later record of a (seed, row) replaces an
-    earlier one."""
+    Rows are paired only when both started from the same SFT policy (the same trunk fingerprint): a trunk
+    trained again (on another machine, say) is a replicate of its own, its seed labelled with its trunk's
+    hash, and its rows are told apart from the other trunk's ("other trunk" where the pair is across them).
+    A later record of a (seed, trunk, row) replaces an earlier one."""
     from agentloop.metrics import wilson_interval
 
     order = ["sft", *ROWS]
-    by = {(r["seed"], r["row"]): r for r in records}
-    seeds = sorted({seed for seed, _ in by})
+    by = {(replicate(r), r["row"]): r for r in records}
+    seeds = sorted({group for group, _ in by})
+    label = replicate_labels(list(seeds))
     lines = [
         f"Held-out success after {iterations} rounds (stage eval/{iterations}; sft: eval/sft of the trunk). "
         "Exact McNemar tests on the same tasks and seed: gained/lost and p against eto (when it started from "
@@ -281,27 +284,37 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
     for seed in seeds:
         eto = by.get((seed, "eto"))
         for r in seed_records(by, seed, order):
-            trunks.setdefault((seed, r["trunk"]), []).append(r["row"])
+            trunks.setdefault(seed, []).append(r["row"])
             for env in sorted({key.split("/", 1)[0] for key in r["held_out"]}):
                 now = {k: v for k, v in r["held_out"].items() if k.startswith(env + "/")}
                 k, n = sum(now.values()), len(now)
                 low, high = wilson_interval(k, n)
                 rates.setdefault((r["row"], env), []).append(k / n)
                 vs_eto = ("-", "-", "-")
-                if r["row"] not in ("eto", "sft") and eto is not None:
-                    vs_eto = _paired(now, eto["held_out"], ".3f") if same_trunk(eto, r) else ("-", "-", "other trunk")
+                if r["row"] not in ("eto", "sft") and (eto is not None or across(by, seed, "eto")):
+                    vs_eto = (
+                        _paired(now, eto["held_out"], ".3f")
+                        if eto and same_trunk(eto, r)
+                        else ("-", "-", "other trunk")
+                    )
                 vs_sft = ("-", "-", "-") if r["row"] == "sft" else _paired(now, r["sft"], ".3f")
                 lines.append(
-                    f"| {seed} | {r['row']} | {env} | {k}/{n} | {k / n:.3f} | [{low:.3f}, {high:.3f}] "
+                    f"| {label[seed]} | {r['row']} | {env} | {k}/{n} | {k / n:.3f} | [{low:.3f}, {high:.3f}] "
                     f"| {' | '.join(vs_eto)} | {vs_sft[2]} |"
                 )
-    lines += ["", "Spread over seeds:", "", "| row | env | seeds | mean rate | min | max |", "|" + "---|" * 6]
+    lines += [
+        "",
+        "Spread over seeds (and trunks):",
+        "",
+        "| row | env | runs | mean rate | min | max |",
+        "|" + "---|" * 6,
+    ]
     for (row, env), found_rates in rates.items():
         mean = sum(found_rates) / len(found_rates)
         lines.append(
             f"| {row} | {env} | {len(found_rates)} | {mean:.3f} | {min(found_rates):.3f} | {max(found_rates):.3f} |"
         )
-    lines += reward_table([r for seed in seeds for r in seed_records(by, seed, order)], by)
+    lines += reward_table([r for seed in seeds for r in seed_records(by, seed, order)], by, label)
     lines += [
         "",
         "Exploration of the training tasks in round 1 (stage explore/1; imagined tasks left out): solved at the "
@@ -321,10 +334,14 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
             k, n = sum(chain.values()), len(chain)
             low, high = wilson_interval(k, n)
             test = ("-", "-", "-")
-            if eto is not None and row != "eto":
-                test = _paired(chain, eto["explore_any"], ".2g") if same_trunk(eto, r) else ("-", "-", "other trunk")
+            if (eto is not None or across(by, seed, "eto")) and row != "eto":
+                test = (
+                    _paired(chain, eto["explore_any"], ".2g")
+                    if eto and same_trunk(eto, r)
+                    else ("-", "-", "other trunk")
+                )
             lines.append(
-                f"| {seed} | {row} | {sum(first.values())}/{len(first)} | {k}/{n} | [{low:.3f}, {high:.3f}] "
+                f"| {label[seed]} | {row} | {sum(first.values())}/{len(first)} | {k}/{n} | [{low:.3f}, {high:.3f}] "
                 f"| {' | '.join(test)} |"
             )
     if compare:
@@ -342,10 +359,10 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
             a, b = by.get((seed, row)), by.get((seed, against))
             if a is not None and against == "sft":  # every row carries its trunk's held-out outcomes
                 b = {**a, "held_out": a["sft"], "explore_first": {}, "explore_any": {}}
-            if a is None or b is None:
+            if a is not None and b is None and across(by, seed, against):
+                lines.append(f"| {label[seed]} | {row} | {against} | other trunk |" + " - |" * 11)
                 continue
-            if not same_trunk(a, b):
-                lines.append(f"| {seed} | {row} | {against} | other trunk |" + " - |" * 11)
+            if a is None or b is None:
                 continue
             cells = []
             for key in ("held_out", "explore_first", "explore_any"):
@@ -354,14 +371,33 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
                     cells += ["-"] * 4
                     continue
                 cells += [f"{sum(mine.values())} vs {sum(theirs.values())}", *_paired(mine, theirs, ".2g")]
-            lines.append(f"| {seed} | {row} | {against} | {' | '.join(cells)} |")
+            lines.append(f"| {label[seed]} | {row} | {against} | {' | '.join(cells)} |")
     lines += ["", "Trunks (the SFT policy each row started from, by the hash of its adapter):", ""]
     for (seed, trunk), rows in trunks.items():
         lines.append(f"- seed {seed}, trunk {trunk}: {', '.join(rows)}")
     return "\n".join(lines) + "\n"
 
 
-def seed_records(by: dict[tuple[int, str], dict[str, Any]], seed: int, order: list[str]) -> list[dict[str, Any]]:
+def replicate(found: dict[str, Any]) -> tuple[int, str]:
+    """A record's replicate: its seed and the trunk it started from (a seed's trunk trained again is another)."""
+    return found["seed"], found["trunk"]
+
+
+def replicate_labels(replicates: list[tuple[int, str]]) -> dict[tuple[int, str], str]:
+    """Each replicate's name in the tables: its seed, with its trunk's hash when the seed has several trunks."""
+    seeds = [seed for seed, _ in replicates]
+    return {
+        (seed, trunk): str(seed) if seeds.count(seed) == 1 else f"{seed} ({trunk[:8] or 'no adapter'})"
+        for seed, trunk in replicates
+    }
+
+
+def across(by: dict[tuple[tuple[int, str], str], dict[str, Any]], group: tuple[int, str], row: str) -> bool:
+    """Whether ``row`` ran from another trunk of ``group``'s seed (not from ``group``'s own)."""
+    return any(g[0] == group[0] and g != group and r == row for g, r in by)
+
+
+def seed_records(by: dict[tuple[Any, str], dict[str, Any]], seed: Any, order: list[str]) -> list[dict[str, Any]]:
     """One seed's records in table order, the trunk's (row ``sft``) first; when the trunk's own record is gone,
     one made from its rows' copy of its held-out outcomes and rewards."""
     mine = [by[seed, row] for row in order if (seed, row) in by]
@@ -371,7 +407,9 @@ def seed_records(by: dict[tuple[int, str], dict[str, Any]], seed: int, order: li
     return mine
 
 
-def reward_table(records: list[dict[str, Any]], by: dict[tuple[int, str], dict[str, Any]]) -> list[str]:
+def reward_table(
+    records: list[dict[str, Any]], by: dict[tuple[Any, str], dict[str, Any]], label: dict[tuple[int, str], str]
+) -> list[str]:
     """Mean held-out reward per record (seed, row) and env, for the envs whose rewards are not only 0 and 1
     (WebShop's: a purchase that matches part of the goal), with paired permutation tests against eto and
     against the SFT policy the row started from; no lines when every env's reward is its success (DB, OS,
@@ -393,7 +431,7 @@ def reward_table(records: list[dict[str, Any]], by: dict[tuple[int, str], dict[s
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        seed, row, eto = r["seed"], r["row"], by.get((r["seed"], "eto"))
+        seed, row, eto = replicate(r), r["row"], by.get((replicate(r), "eto"))
         for env in sorted(graded):
             now = {k: v for k, v in (r.get("held_out_reward") or {}).items() if k.startswith(env + "/")}
             if not now:
@@ -401,8 +439,12 @@ def reward_table(records: list[dict[str, Any]], by: dict[tuple[int, str], dict[s
             cells = ["-", "-"]
             if row not in ("eto", "sft") and eto is not None and eto.get("held_out_reward"):
                 cells = _paired_reward(now, eto["held_out_reward"]) if same_trunk(eto, r) else ["-", "other trunk"]
+            elif row not in ("eto", "sft") and across(by, seed, "eto"):
+                cells = ["-", "other trunk"]
             cells += ["-", "-"] if row == "sft" or not r.get("sft_reward") else _paired_reward(now, r["sft_reward"])
-            lines.append(f"| {seed} | {row} | {env} | {sum(now.values()) / len(now):.3f} | {' | '.join(cells)} |")
+            lines.append(
+                f"| {label[seed]} | {row} | {env} | {sum(now.values()) / len(now):.3f} | {' | '.join(cells)} |"
+            )
     return lines
 
 

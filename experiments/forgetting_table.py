@@ -7,8 +7,9 @@ lose of what its earlier phases taught, with and without replay, task by task.
     table, per run and per env or task family of an earlier phase, at the run's last evaluation:
         success k/n with a 95% Wilson interval; the end of that unit's own phase -> now, gained / lost
         with an exact McNemar test; forgetting in points (its best at an earlier evaluation - now, as
-        continual.py logs it, negative when it rose); and, paired on the same tasks, the run against the baseline run (without replay), when both
-        grew from the same phase-1 policy (a fork of one run, as the README's sweep does)
+        continual.py logs it, negative when it rose); and, paired on the same tasks, the run against
+        the baseline run (without replay), when both grew from the same phase-1 policy (a fork of one
+        run, as the README's sweep does); the env or family its last phase trained, for what replay cost it
 
 Usage:
     python experiments/forgetting_table.py runs/family-noreplay runs/family-replay-0.1 --baseline family-noreplay \\

@@ -65,8 +65,9 @@ def test_the_table_pairs_held_out_rows_and_exploration_on_the_same_tasks(tmp_pat
         tmp_path / "full-seed0", {"eval/sft": sft, "eval/1": sft, "eval/2": sft}, iterations=2
     )  # ran 2 rounds: not this table's
     records = ablation.collect(tmp_path, [0], ["eto", "trials", "full"], 1)
+    trunk = records[0]["trunk"][:8]  # each record's name says which trunk it grew from
     assert sorted(p.name for p in (tmp_path / "records").iterdir()) == [
-        "seed0-eto-1r.json", "seed0-sft.json", "seed0-trials-1r.json",
+        f"seed0-{trunk}-eto-1r.json", f"seed0-{trunk}-sft.json", f"seed0-{trunk}-trials-1r.json",
     ]  # fmt: skip
     assert ablation.collect(tmp_path, [0], ["full"], 2)[1]["row"] == "full"  # its own table's
     table = ablation.ablation_table(records, 1)
@@ -100,10 +101,13 @@ def test_kept_records_make_the_table_without_their_runs_and_pair_only_rows_of_th
     records = ablation.read_records([kept_dir], 1)
     assert sorted(r["row"] for r in records) == ["eto", "full", "trials"]
     table = ablation.ablation_table(records, 1)
-    assert "| 0 | sft | db | 1/4 |" in table  # from the rows' own copy of the trunk's evaluation
-    assert "| 0 | trials | db | 4/4 | 1.000 | [0.510, 1.000] | 2 | 0 | 0.500 | 0.250 |" in table
-    assert "| 0 | full | db | 3/4 | 0.750 | [0.301, 0.954] | - | - | other trunk | 0.500 |" in table
-    assert "- seed 0, trunk a: sft, eto, trials" in table and "- seed 0, trunk b: full" in table
+    # seed 0 has two trunks: each is a replicate of its own, named by its trunk
+    assert "| 0 (a) | sft | db | 1/4 |" in table  # from the rows' own copy of the trunk's evaluation
+    assert "| 0 (a) | trials | db | 4/4 | 1.000 | [0.510, 1.000] | 2 | 0 | 0.500 | 0.250 |" in table
+    assert "| 0 (b) | sft | db | 1/4 |" in table
+    assert "| 0 (b) | full | db | 3/4 | 0.750 | [0.301, 0.954] | - | - | other trunk | 0.500 |" in table
+    assert "- seed 0, trunk a: sft, eto, trials" in table and "- seed 0, trunk b: sft, full" in table
+    assert "| sft | db | 2 | 0.250 |" in table  # the spread counts each trunk
     assert "\n| 1 | eto" not in table  # the record of another budget is left out
     assert "Row against row" not in table  # only when asked
 
@@ -124,10 +128,10 @@ def test_one_row_is_paired_against_another_on_held_out_tasks_and_exploration():
         kept("trials", "b", [1, 1], [1, 1, 1, 1], [1, 1, 1, 1]),
     ]
     table = ablation.ablation_table(records, 1, [("redraw", "full"), ("full", "sft"), ("trials", "eto")])
-    assert "| 0 | redraw | full | 1 vs 2 | 0 | 1 | 1 | 4 vs 0 | 4 | 0 | 0.12 | 4 vs 1 | 3 | 0 | 0.25 |" in table
+    assert "| 0 (a) | redraw | full | 1 vs 2 | 0 | 1 | 1 | 4 vs 0 | 4 | 0 | 0.12 | 4 vs 1 | 3 | 0 | 0.25 |" in table
     # against sft: the row's own copy of its trunk's held-out outcomes; sft explored nothing
-    assert "| 0 | full | sft | 2 vs 1 | 1 | 0 | 1 | - | - | - | - | - | - | - | - |" in table
-    assert "| 0 | trials | eto | other trunk |" in table
+    assert "| 0 (a) | full | sft | 2 vs 1 | 1 | 0 | 1 | - | - | - | - | - | - | - | - |" in table
+    assert "| 0 (b) | trials | eto | other trunk |" in table
 
 
 def test_rows_pair_only_on_the_tasks_both_played_and_a_row_without_its_adapter_with_nothing(tmp_path):
@@ -146,8 +150,8 @@ def test_rows_pair_only_on_the_tasks_both_played_and_a_row_without_its_adapter_w
     assert [r["trunk"] for r in records if r["row"] == "full"] == [""]
     table = ablation.ablation_table(records, 1)
     # eto played 2 of the 4 held-out tasks: trials is tested on those 2 only, and says so
-    assert "| 0 | trials | db | 4/4 | 1.000 | [0.510, 1.000] | 0 | 0 | 1.000 (on 2) | 0.250 |" in table
-    assert "| 0 | full | db | 1/4 | 0.250 | [0.046, 0.699] | - | - | other trunk | 1.000 |" in table
+    assert "| 0 (cc2456ba) | trials | db | 4/4 | 1.000 | [0.510, 1.000] | 0 | 0 | 1.000 (on 2) | 0.250 |" in table
+    assert "| 0 (no adapter) | full | db | 1/4 | 0.250 | [0.046, 0.699] | - | - | other trunk | 1.000 |" in table
 
 
 def test_graded_rewards_get_their_own_paired_table_and_binary_ones_none(tmp_path):
