@@ -187,11 +187,67 @@ class RunDir:
             records = [r for r in read_metrics(metrics) if isinstance(r, dict) and r.get("stage") in keep]
             metrics.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
 
+    @property
+    def starts_file(self) -> Path:
+        return self.path / "starts.jsonl"
+
+    def record_start(self, argv: Sequence[str]) -> dict[str, Any]:
+        """Appends to ``starts.jsonl`` what started (or resumed) the run: when, the command line, the commit of
+        the code (``dirty`` when its tracked files differ from it; "" outside a git checkout) and the host, so a
+        record made from the run later can say which code ran each part of it. Returns the line."""
+        import platform
+        import subprocess
+
+        here = str(Path(__file__).resolve().parent)
+
+        def git(*args: str) -> str:
+            try:
+                done = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=30)
+            except (OSError, subprocess.SubprocessError):
+                return ""
+            return done.stdout.strip() if done.returncode == 0 else ""
+
+        commit = git("rev-parse", "HEAD")
+        start = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(argv), "commit": commit,
+            "dirty": bool(commit and git("status", "--porcelain", "--untracked-files=no")),
+            "host": platform.node(), "cpu": _cpu_model(),
+        }  # fmt: skip
+        cut = self.starts_file.is_file() and not self.starts_file.read_bytes().endswith(b"\n")
+        with open(self.starts_file, "a") as log:
+            log.write(("\n" if cut else "") + json.dumps(start) + "\n")  # after a line a crash cut: a line of its own
+        return start
+
+    def starts(self) -> list[dict[str, Any]]:
+        """What :meth:`record_start` wrote, oldest first (none for runs made before it existed)."""
+        if not self.starts_file.is_file():
+            return []
+        found = []
+        for line in self.starts_file.read_text().splitlines():
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line a crash cut
+        return found
+
     def save_config(self, config: Any) -> None:
         """Writes the resolved config into the run directory (replacing it whole)."""
         temporary = self.config_file.with_suffix(".yaml.tmp")
         temporary.write_text(yaml.safe_dump(_plain(to_dict(config)), sort_keys=False))
         temporary.replace(self.config_file)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def check_resume(

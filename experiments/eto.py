@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -455,6 +456,7 @@ def parse_args(
                 raise ConfigError(f"{key}: a resumed run keeps its {key} ({getattr(saved, key)!r})")
         if check is not None:
             check(config)
+        run.record_start(sys.argv)
         return config, run, saved
     config = load_config(config_class, args.config, args.overrides)
     config.fit_lengths()
@@ -462,7 +464,9 @@ def parse_args(
     if check is not None:
         check(config)
     path = Path(config.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return config, RunDir.create(path, config), None
+    run = RunDir.create(path, config)
+    run.record_start(sys.argv)
+    return config, run, None
 
 
 def check_held_out(config) -> None:

@@ -30,13 +30,16 @@ import yaml
 
 def record(run_dir: Path, ran_at: str = "") -> dict[str, Any]:
     """A continual run's record: its settings, phase-1 fingerprint, and each completed held-out evaluation's
-    success per task, in the order the stages completed; each task's unit (``env:kind``). ``ran_at``: the commit
-    of the code that ran it (a run directory does not keep it; default: the code recording it)."""
-    from ablation import commit, fingerprint
+    success per task, in the order the stages completed; each task's unit (``env:kind``); the commit of the code
+    that ran it: ``ran_at``, else the commits its starts recorded (``starts.jsonl``, comma-separated when a resume
+    ran other code), else "" (runs made before starts were recorded)."""
+    from ablation import fingerprint
 
+    from agentloop.loop import RunDir
     from agentloop.replay import ReplayStore
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    ran_by = ",".join(dict.fromkeys(start["commit"] for start in RunDir(run_dir).starts()))
     stages: dict[str, dict[str, bool]] = {}
     kinds: dict[str, str] = {}
     with ReplayStore(f"sqlite:///{(run_dir / 'replay.db').resolve()}") as store:
@@ -45,7 +48,7 @@ def record(run_dir: Path, ran_at: str = "") -> dict[str, Any]:
             stages[stage] = {t.task.key: t.success for t in sorted(played, key=lambda t: t.task.key)}
             kinds |= {t.task.key: f"{t.task.env}:{t.task.kind}" for t in played}
     return {
-        "name": run_dir.name, "commit": ran_at or commit(), "seed": config["seed"], "phases": config["phases"],
+        "name": run_dir.name, "commit": ran_at or ran_by, "seed": config["seed"], "phases": config["phases"],
         "iterations": config["iterations"], "sft_epochs": config["sft"]["epochs"],
         "replay": {key: config[key]["replay_fraction"] for key in ("sft", "round_sft", "dpo")},
         "phase1": fingerprint(run_dir / "adapters" / "sft-1"), "kinds": kinds, "stages": stages,
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", type=Path, nargs="*", help="continual.py run directories")
     parser.add_argument("--out", type=Path, help="where to write the runs' records (and the table, table.md)")
     parser.add_argument("--records", type=Path, nargs="*", default=[], help="directories of records kept earlier")
-    parser.add_argument("--commit", default="", help="the commit of the code that ran the runs (default: this code's)")
+    parser.add_argument("--commit", default="", help="the code that ran the runs (default: their starts')")
     parser.add_argument("--baseline", help="the name of the run the others are paired against (without replay)")
     args = parser.parse_args(argv)
     if args.runs and args.out is None:

@@ -348,3 +348,27 @@ def test_a_fork_at_a_stage_leaves_out_the_later_stages_and_the_run_untouched(tmp
     missing = CliRunner().invoke(cli, ["fork", str(run.path), str(tmp_path / "other"), "--at", "dpo/2"])
     assert missing.exit_code == 2 and "'dpo/2' is not a completed stage; completed: eval/base, sft" in missing.output
     assert not (tmp_path / "other").exists() and not (tmp_path / "other.forking").exists()
+
+
+def test_each_start_of_a_run_is_recorded_with_the_code_s_commit_and_a_fork_keeps_them(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    import agentloop
+
+    run = RunDir.create(tmp_path / "run", Config())
+    assert run.starts() == []
+    first = run.record_start(["experiments/eto.py", "seed=1"])
+    run.record_start(["experiments/eto.py", "--resume", str(run.path)])
+    here = Path(agentloop.__file__).parent
+    head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert first["commit"] == (head.stdout.strip() if head.returncode == 0 else "")
+    with open(run.starts_file, "a") as log:
+        log.write('{"time": "cut by a cra')  # a crash mid-line: the line is skipped, the others kept
+    assert [s["argv"][1] for s in run.starts()] == ["seed=1", "--resume"]
+    run.record_start(["experiments/ste.py", "--resume", str(run.path)])  # after the cut line, on a line of its own
+    assert [s["argv"][0] for s in run.starts()] == ["experiments/eto.py", "experiments/eto.py", "experiments/ste.py"]
+    assert run.starts()[0] == first and first["cpu"] and isinstance(first["dirty"], bool)
+    with ReplayStore(run.store_url):
+        pass
+    assert [s["argv"] for s in run.fork(tmp_path / "fork").starts()] == [s["argv"] for s in run.starts()]
