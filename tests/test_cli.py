@@ -15,6 +15,7 @@ import yaml
 from click.testing import CliRunner
 
 from agentloop.cli import cli
+from agentloop.loop import RunDir
 from agentloop.replay import FORMATS, ReplayStore, read_pairs, read_trajectories
 from agentloop.replay.export import IMPORTED_KIND
 from agentloop.types import Message, Pair, Task, Trajectory
@@ -251,7 +252,6 @@ def tiny_run(tmp_path, data_dir, tiny_model_dir) -> Path:
     import eto
 
     from agentloop.config import load_config
-    from agentloop.loop import RunDir
 
     settings = [
         f"data_dir={data_dir}",
@@ -324,6 +324,7 @@ def test_eval_compares_an_adapter_with_the_base_model_and_keeps_the_episodes(tmp
     assert logged["eval/vs_against/tasks"] == 3 and logged["eval/episodes"] == 3
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["policy"]["dtype"] == "float32" and saved["db"]["max_turns"] == 2  # the run's settings
+    assert [start["argv"][1] for start in RunDir(out).starts()] == ["eval"]  # what ran it, and with which code
 
     exported = tmp_path / "eval.jsonl"
     result = _agentloop(["export", "--store", str(out), str(exported), "--stage", "eval/policy"], data_dir)

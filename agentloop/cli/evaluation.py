@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -268,6 +269,7 @@ def evaluate(
     path = out or Path(tempfile.mkdtemp(prefix="agentloop-eval-"))
     try:
         run_dir = RunDir.create(path, config)
+        run_dir.record_start(sys.argv)
         record = {
             s.stage: {"policy": s.policy.given, "adapter": _text(s.policy.adapter), "version": s.version} for s in sides
         }
