@@ -19,6 +19,8 @@
         redraw       late_memory, with a retry's first turn drawn again (up to 4 times) while it repeats,
                      verbatim, an earlier trial's first action (``memory.redraws=4``): shown its failed
                      trial, the 270M policy began 70% of its retries with that trial's first action
+        default      experiments/ste.py with its own defaults, what ``python experiments/ste.py`` runs after
+                     its SFT: late_memory without imagined tasks (the 270M policy's are rarely valid)
     table: held-out success per row and env, k/n with a 95% Wilson interval, and an exact
         McNemar test against ``eto`` on the same tasks and seed; then each row's exploration of the
         training tasks in its first round (first trial, any trial), paired with ETO's greedy pass; for an env
@@ -66,6 +68,7 @@ ROWS = {
     "full": ("ste.py", [EVERY_TRIAL, "imagine.tasks_per_env=50"]),
     "late_memory": ("ste.py", ["imagine.tasks_per_env=50", "memory.first_trial_memory=false"]),
     "redraw": ("ste.py", ["imagine.tasks_per_env=50", "memory.first_trial_memory=false", "memory.redraws=4"]),
+    "default": ("ste.py", []),
 }
 """Each row's experiment and the overrides that make it (on top of the defaults and ``--`` overrides)."""
 
