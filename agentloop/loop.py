@@ -230,6 +230,11 @@ class RunDir:
                 continue  # a line a crash cut
         return found
 
+    def commits(self) -> str:
+        """The commits of the code that started or resumed the run, oldest first, comma-separated ("" when none
+        was recorded)."""
+        return ",".join(dict.fromkeys(start["commit"] for start in self.starts() if start.get("commit")))
+
     def save_config(self, config: Any) -> None:
         """Writes the resolved config into the run directory (replacing it whole)."""
         temporary = self.config_file.with_suffix(".yaml.tmp")

@@ -189,6 +189,7 @@ def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | 
     number of rounds."""
     from compare_exploration import outcomes
 
+    from agentloop.loop import RunDir
     from agentloop.replay import ReplayStore
 
     path = out / f"{'trunk' if row == 'sft' else row}-seed{seed}"
@@ -206,7 +207,7 @@ def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | 
     first, chain = outcomes(path, "explore/1")[:2] if "explore/1" in completed else ({}, {})
     return {
         "row": row, "seed": seed, "iterations": 0 if row == "sft" else iterations, "trunk": trunk_fingerprint(path),
-        "commit": commit(),
+        "commit": RunDir(path).commits() or commit(),  # the code that ran it, as its starts recorded
         "held_out": {key: t.success for key, t in played.items()},
         "held_out_reward": {key: t.reward for key, t in played.items()},
         "sft": {key: t.success for key, t in started.items()},
@@ -272,8 +273,8 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
 
     order = ["sft", *ROWS]
     by = {(replicate(r), r["row"]): r for r in records}
-    seeds = sorted({group for group, _ in by})
-    label = replicate_labels(list(seeds))
+    groups = sorted({group for group, _ in by})
+    label = replicate_labels(groups)
     lines = [
         f"Held-out success after {iterations} rounds (stage eval/{iterations}; sft: eval/sft of the trunk). "
         "Exact McNemar tests on the same tasks and seed: gained/lost and p against eto (when it started from "
@@ -283,18 +284,18 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rates: dict[tuple[str, str], list[float]] = {}
-    trunks: dict[tuple[int, str], list[str]] = {}
-    for seed in seeds:
-        eto = by.get((seed, "eto"))
-        for r in seed_records(by, seed, order):
-            trunks.setdefault(seed, []).append(r["row"])
+    trunks: dict[tuple[int, str], list[str]] = {}  # rows per replicate (seed, trunk)
+    for group in groups:
+        eto = by.get((group, "eto"))
+        for r in seed_records(by, group, order):
+            trunks.setdefault(group, []).append(r["row"])
             for env in sorted({key.split("/", 1)[0] for key in r["held_out"]}):
                 now = {k: v for k, v in r["held_out"].items() if k.startswith(env + "/")}
                 k, n = sum(now.values()), len(now)
                 low, high = wilson_interval(k, n)
                 rates.setdefault((r["row"], env), []).append(k / n)
                 vs_eto = ("-", "-", "-")
-                if r["row"] not in ("eto", "sft") and (eto is not None or across(by, seed, "eto")):
+                if r["row"] not in ("eto", "sft") and (eto is not None or across(by, group, "eto")):
                     vs_eto = (
                         _paired(now, eto["held_out"], ".3f")
                         if eto and same_trunk(eto, r)
@@ -302,7 +303,7 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
                     )
                 vs_sft = ("-", "-", "-") if r["row"] == "sft" else _paired(now, r["sft"], ".3f")
                 lines.append(
-                    f"| {label[seed]} | {r['row']} | {env} | {k}/{n} | {k / n:.3f} | [{low:.3f}, {high:.3f}] "
+                    f"| {label[group]} | {r['row']} | {env} | {k}/{n} | {k / n:.3f} | [{low:.3f}, {high:.3f}] "
                     f"| {' | '.join(vs_eto)} | {vs_sft[2]} |"
                 )
     lines += [
@@ -317,7 +318,7 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
         lines.append(
             f"| {row} | {env} | {len(found_rates)} | {mean:.3f} | {min(found_rates):.3f} | {max(found_rates):.3f} |"
         )
-    lines += reward_table([r for seed in seeds for r in seed_records(by, seed, order)], by, label)
+    lines += reward_table([r for group in groups for r in seed_records(by, group, order)], by, label)
     lines += [
         "",
         "Exploration of the training tasks in round 1 (stage explore/1; imagined tasks left out): solved at the "
@@ -327,24 +328,24 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
         "| seed | row | first trial | any trial | 95% CI | gained | lost | p vs eto's pass |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for seed in seeds:
-        eto = by.get((seed, "eto"))
+    for group in groups:
+        eto = by.get((group, "eto"))
         for row in ROWS:
-            r = by.get((seed, row))
+            r = by.get((group, row))
             if r is None or not r["explore_any"]:
                 continue
             first, chain = r["explore_first"], r["explore_any"]
             k, n = sum(chain.values()), len(chain)
             low, high = wilson_interval(k, n)
             test = ("-", "-", "-")
-            if (eto is not None or across(by, seed, "eto")) and row != "eto":
+            if (eto is not None or across(by, group, "eto")) and row != "eto":
                 test = (
                     _paired(chain, eto["explore_any"], ".2g")
                     if eto and same_trunk(eto, r)
                     else ("-", "-", "other trunk")
                 )
             lines.append(
-                f"| {label[seed]} | {row} | {sum(first.values())}/{len(first)} | {k}/{n} | [{low:.3f}, {high:.3f}] "
+                f"| {label[group]} | {row} | {sum(first.values())}/{len(first)} | {k}/{n} | [{low:.3f}, {high:.3f}] "
                 f"| {' | '.join(test)} |"
             )
     if compare:
@@ -358,14 +359,15 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
             "|" + "---|" * 15,
         ]
     for row, against in compare or []:
-        for seed in seeds:
-            a, b = by.get((seed, row)), by.get((seed, against))
+        for group in groups:
+            a, b = by.get((group, row)), by.get((group, against))
             if a is not None and against == "sft":  # every row carries its trunk's held-out outcomes
                 b = {**a, "held_out": a["sft"], "explore_first": {}, "explore_any": {}}
-            if a is not None and b is None and across(by, seed, against):
-                lines.append(f"| {label[seed]} | {row} | {against} | other trunk |" + " - |" * 11)
+            if a is None:
                 continue
-            if a is None or b is None:
+            if b is None or not same_trunk(a, b):
+                if b is not None or across(by, group, against):  # ran, but from another trunk (or none known)
+                    lines.append(f"| {label[group]} | {row} | {against} | other trunk |" + " - |" * 11)
                 continue
             cells = []
             for key in ("held_out", "explore_first", "explore_any"):
@@ -374,7 +376,7 @@ def ablation_table(records: list[dict[str, Any]], iterations: int, compare: list
                     cells += ["-"] * 4
                     continue
                 cells += [f"{sum(mine.values())} vs {sum(theirs.values())}", *_paired(mine, theirs, ".2g")]
-            lines.append(f"| {label[seed]} | {row} | {against} | {' | '.join(cells)} |")
+            lines.append(f"| {label[group]} | {row} | {against} | {' | '.join(cells)} |")
     lines += ["", "Trunks (the SFT policy each row started from, by the hash of its adapter):", ""]
     for (seed, trunk), rows in trunks.items():
         lines.append(f"- seed {seed}, trunk {trunk}: {', '.join(rows)}")
@@ -400,11 +402,11 @@ def across(by: dict[tuple[tuple[int, str], str], dict[str, Any]], group: tuple[i
     return any(g[0] == group[0] and g != group and r == row for g, r in by)
 
 
-def seed_records(by: dict[tuple[Any, str], dict[str, Any]], seed: Any, order: list[str]) -> list[dict[str, Any]]:
-    """One seed's records in table order, the trunk's (row ``sft``) first; when the trunk's own record is gone,
-    one made from its rows' copy of its held-out outcomes and rewards."""
-    mine = [by[seed, row] for row in order if (seed, row) in by]
-    if (seed, "sft") not in by and mine:
+def seed_records(by: dict[tuple[Any, str], dict[str, Any]], group: Any, order: list[str]) -> list[dict[str, Any]]:
+    """One replicate's (seed and trunk's) records in table order, the trunk's (row ``sft``) first; when the trunk's
+    own record is gone, one made from its rows' copy of its held-out outcomes and rewards."""
+    mine = [by[group, row] for row in order if (group, row) in by]
+    if (group, "sft") not in by and mine:
         as_trunk = {"row": "sft", "held_out": mine[0]["sft"], "held_out_reward": mine[0].get("sft_reward")}
         mine.insert(0, {**mine[0], **as_trunk})
     return mine
@@ -434,7 +436,7 @@ def reward_table(
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        seed, row, eto = replicate(r), r["row"], by.get((replicate(r), "eto"))
+        group, row, eto = replicate(r), r["row"], by.get((replicate(r), "eto"))
         for env in sorted(graded):
             now = {k: v for k, v in (r.get("held_out_reward") or {}).items() if k.startswith(env + "/")}
             if not now:
@@ -442,11 +444,11 @@ def reward_table(
             cells = ["-", "-"]
             if row not in ("eto", "sft") and eto is not None and eto.get("held_out_reward"):
                 cells = _paired_reward(now, eto["held_out_reward"]) if same_trunk(eto, r) else ["-", "other trunk"]
-            elif row not in ("eto", "sft") and across(by, seed, "eto"):
+            elif row not in ("eto", "sft") and across(by, group, "eto"):
                 cells = ["-", "other trunk"]
             cells += ["-", "-"] if row == "sft" or not r.get("sft_reward") else _paired_reward(now, r["sft_reward"])
             lines.append(
-                f"| {label[seed]} | {row} | {env} | {sum(now.values()) / len(now):.3f} | {' | '.join(cells)} |"
+                f"| {label[group]} | {row} | {env} | {sum(now.values()) / len(now):.3f} | {' | '.join(cells)} |"
             )
     return lines
 

@@ -39,7 +39,6 @@ def record(run_dir: Path, ran_at: str = "") -> dict[str, Any]:
     from agentloop.replay import ReplayStore
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    ran_by = ",".join(dict.fromkeys(start["commit"] for start in RunDir(run_dir).starts()))
     stages: dict[str, dict[str, bool]] = {}
     kinds: dict[str, str] = {}
     with ReplayStore(f"sqlite:///{(run_dir / 'replay.db').resolve()}") as store:
@@ -48,8 +47,8 @@ def record(run_dir: Path, ran_at: str = "") -> dict[str, Any]:
             stages[stage] = {t.task.key: t.success for t in sorted(played, key=lambda t: t.task.key)}
             kinds |= {t.task.key: f"{t.task.env}:{t.task.kind}" for t in played}
     return {
-        "name": run_dir.name, "commit": ran_at or ran_by, "seed": config["seed"], "phases": config["phases"],
-        "iterations": config["iterations"], "sft_epochs": config["sft"]["epochs"],
+        "name": run_dir.name, "commit": ran_at or RunDir(run_dir).commits(), "seed": config["seed"],
+        "phases": config["phases"], "iterations": config["iterations"], "sft_epochs": config["sft"]["epochs"],
         "replay": {key: config[key]["replay_fraction"] for key in ("sft", "round_sft", "dpo")},
         "phase1": fingerprint(run_dir / "adapters" / "sft-1"), "kinds": kinds, "stages": stages,
     }  # fmt: skip
@@ -124,9 +123,13 @@ def forgetting_table(records: list[dict[str, Any]], baseline: str | None = None)
 
 
 def _belongs(task_unit: str, unit: str) -> bool:
-    """Whether a task of ``task_unit`` (``env:kind``) is in ``unit``: an env (``db``) or a family (``db:UPDATE``)."""
-    env, _, kind = unit.partition(":")
-    return task_unit.partition(":")[0] == env and kind in ("", task_unit.partition(":")[2])
+    """Whether a task of ``task_unit`` (``env:kind``) is in ``unit``, as continual.py decides it."""
+    from types import SimpleNamespace
+
+    from continual import belongs
+
+    env, _, kind = task_unit.partition(":")
+    return belongs(SimpleNamespace(env=env, kind=kind), [unit])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -369,6 +369,7 @@ def test_each_start_of_a_run_is_recorded_with_the_code_s_commit_and_a_fork_keeps
     run.record_start(["experiments/ste.py", "--resume", str(run.path)])  # after the cut line, on a line of its own
     assert [s["argv"][0] for s in run.starts()] == ["experiments/eto.py", "experiments/eto.py", "experiments/ste.py"]
     assert run.starts()[0] == first and first["cpu"] and isinstance(first["dirty"], bool)
+    assert run.commits() == first["commit"]  # the same code each time: once
     with ReplayStore(run.store_url):
         pass
     assert [s["argv"] for s in run.fork(tmp_path / "fork").starts()] == [s["argv"] for s in run.starts()]

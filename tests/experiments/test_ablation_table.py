@@ -3,6 +3,7 @@ SFT, and each row's exploration paired with ETO's greedy pass."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -64,7 +65,12 @@ def test_the_table_pairs_held_out_rows_and_exploration_on_the_same_tasks(tmp_pat
     store(
         tmp_path / "full-seed0", {"eval/sft": sft, "eval/1": sft, "eval/2": sft}, iterations=2
     )  # ran 2 rounds: not this table's
+    # the code that ran a row, as its run directory recorded its starts (a fork keeps its trunk's first)
+    starts = [{"commit": "feed"}, {"commit": "c0ffee"}, {"commit": "c0ffee"}]
+    (tmp_path / "eto-seed0" / "starts.jsonl").write_text("".join(json.dumps(s) + "\n" for s in starts))
     records = ablation.collect(tmp_path, [0], ["eto", "trials", "full"], 1)
+    assert [r["commit"] for r in records if r["row"] == "eto"] == ["feed,c0ffee"]
+    assert [r["commit"] for r in records if r["row"] == "trials"] == [ablation.commit()]  # none recorded: this code
     trunk = records[0]["trunk"][:8]  # each record's name says which trunk it grew from
     assert sorted(p.name for p in (tmp_path / "records").iterdir()) == [
         f"seed0-{trunk}-eto-1r.json", f"seed0-{trunk}-sft.json", f"seed0-{trunk}-trials-1r.json",
@@ -86,8 +92,6 @@ def test_kept_records_make_the_table_without_their_runs_and_pair_only_rows_of_th
             "held_out": {f"db/{i}": ok for i, ok in enumerate(held_out)}, "sft": {f"db/{i}": i < 1 for i in range(4)},
             "explore_first": {}, "explore_any": {},
         }  # fmt: skip
-
-    import json
 
     kept_dir = tmp_path / "kept"
     kept_dir.mkdir()
