@@ -196,21 +196,11 @@ class RunDir:
         the code (``dirty`` when its tracked files differ from it; "" outside a git checkout) and the host, so a
         record made from the run later can say which code ran each part of it. Returns the line."""
         import platform
-        import subprocess
 
-        here = str(Path(__file__).resolve().parent)
-
-        def git(*args: str) -> str:
-            try:
-                done = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=30)
-            except (OSError, subprocess.SubprocessError):
-                return ""
-            return done.stdout.strip() if done.returncode == 0 else ""
-
-        commit = git("rev-parse", "HEAD")
+        commit = code_commit()
         start = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(argv), "commit": commit,
-            "dirty": bool(commit and git("status", "--porcelain", "--untracked-files=no")),
+            "dirty": bool(commit and _git("status", "--porcelain", "--untracked-files=no")),
             "host": platform.node(), "cpu": _cpu_model(),
         }  # fmt: skip
         cut = self.starts_file.is_file() and not self.starts_file.read_bytes().endswith(b"\n")
@@ -240,6 +230,23 @@ class RunDir:
         temporary = self.config_file.with_suffix(".yaml.tmp")
         temporary.write_text(yaml.safe_dump(_plain(to_dict(config)), sort_keys=False))
         temporary.replace(self.config_file)
+
+
+def code_commit() -> str:
+    """The commit of the agentloop checkout running ("" outside a git checkout, or without git)."""
+    return _git("rev-parse", "HEAD")
+
+
+def _git(*args: str) -> str:
+    """A git command's output in agentloop's own checkout; "" when it fails or git is missing."""
+    import subprocess
+
+    here = str(Path(__file__).resolve().parent)
+    try:
+        done = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def _cpu_model() -> str:

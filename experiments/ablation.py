@@ -175,12 +175,6 @@ def fingerprint(adapter: Path) -> str:
     return digest.hexdigest()[:16] if weights else ""
 
 
-def commit() -> str:
-    """The commit of the code running (empty outside a git checkout)."""
-    found = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return found.stdout.strip() if found.returncode == 0 else ""
-
-
 def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | None:
     """A completed row's outcomes task by task, or None while it is not complete (or ran another number of
     rounds): held-out success and reward after its rounds (the trunk, row ``sft``: after SFT), the SFT policy's
@@ -189,7 +183,7 @@ def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | 
     number of rounds."""
     from compare_exploration import outcomes
 
-    from agentloop.loop import RunDir
+    from agentloop.loop import RunDir, code_commit
     from agentloop.replay import ReplayStore
 
     path = out / f"{'trunk' if row == 'sft' else row}-seed{seed}"
@@ -207,7 +201,7 @@ def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | 
     first, chain = outcomes(path, "explore/1")[:2] if "explore/1" in completed else ({}, {})
     return {
         "row": row, "seed": seed, "iterations": 0 if row == "sft" else iterations, "trunk": trunk_fingerprint(path),
-        "commit": RunDir(path).commits() or commit(),  # the code that ran it, as its starts recorded
+        "commit": RunDir(path).commits() or code_commit(),  # the code that ran it, as its starts recorded
         "held_out": {key: t.success for key, t in played.items()},
         "held_out_reward": {key: t.reward for key, t in played.items()},
         "sft": {key: t.success for key, t in started.items()},
