@@ -114,20 +114,23 @@ class HFPolicy:
     def stream(self, sampling: SamplingConfig) -> GenerationStream:
         """Continuous batching: prompts join and leave the running batch token by token."""
         import torch
-        from transformers import TopPLogitsWarper
+        from transformers import MinPLogitsWarper, TopPLogitsWarper
 
         self._wake()
         top_p = TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1 else None
+        min_p = MinPLogitsWarper(sampling.min_p) if sampling.min_p > 0 else None
         generator = torch.Generator().manual_seed(sampling.seed + self._streams)
 
         def pick(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-            """Greedy where a row's temperature is 0, else a draw from its tempered, top-p distribution."""
+            """Greedy where a row's temperature is 0, else a draw from its tempered, top-p and min-p distribution."""
             tokens = logits.argmax(-1)
             rows = (temperatures > 0).nonzero().squeeze(1)
             if len(rows):
                 scaled = logits[rows] / temperatures[rows].unsqueeze(1)
                 if top_p is not None:
                     scaled = top_p(None, scaled)
+                if min_p is not None:
+                    scaled = min_p(None, scaled)
                 tokens[rows] = draw(scaled, generator)
             return tokens
 

@@ -231,6 +231,7 @@ class _Stream:
         self.params = SamplingParams(
             temperature=sampling.temperature,
             top_p=sampling.top_p,
+            min_p=sampling.min_p,
             max_tokens=sampling.max_new_tokens,
             stop_token_ids=list(policy.chat.stop_ids),
             logprobs=0,  # the sampled token's log-prob, from the raw distribution (vLLM's default mode)
