@@ -63,3 +63,25 @@ def build_tiny_model(out_dir: Path, vocab_size: int = 320, seed: int = 0, head_d
     model = Gemma3ForCausalLM(config)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def check_min_p(policy, model) -> None:
+    """``policy`` (either backend) draws, under min_p 0.5, only next tokens at least about half as likely
+    as ``model``'s likeliest, and without it draws others too. The tiny random model is flat, so the
+    draw is at temperature 0.1, which sharpens it."""
+    import torch
+
+    from agentloop.policy.base import SamplingConfig
+
+    prompt = policy.chat.user_segment("bb cc", first=True)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].float()
+    probs = (logits / 0.1).softmax(-1)
+    near = set((probs >= 0.45 * probs.max()).nonzero().squeeze(1).tolist())  # 0.5, with room for rounding
+
+    def first_tokens(min_p: float) -> set[int]:
+        sampling = SamplingConfig(max_new_tokens=1, temperature=0.1, min_p=min_p, seed=1)
+        return {g.token_ids[0] for g in policy.generate([prompt] * 32, sampling)}
+
+    assert not first_tokens(0.0) <= near  # the whole vocabulary: far tokens are drawn too
+    assert first_tokens(0.5) <= near

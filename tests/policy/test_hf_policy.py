@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
+from assets import check_min_p
 
 from agentloop.config import ConfigError
 from agentloop.policy.base import PolicyConfig, SamplingConfig
@@ -72,20 +71,7 @@ def test_sampling_is_seeded(policy, tiny_model_dir):
 
 
 def test_min_p_keeps_only_tokens_near_the_likeliest(policy):
-    import torch
-
-    prompt = policy.chat.user_segment("bb cc", first=True)
-    with torch.no_grad():
-        logits = policy.model(torch.tensor([prompt])).logits[0, -1].float()
-    hot = SamplingConfig(max_new_tokens=1, temperature=0.1, seed=1)  # the tiny random model is flat: 0.1 sharpens it
-    probs = (logits / hot.temperature).softmax(-1)
-    near = set((probs >= 0.45 * probs.max()).nonzero().squeeze(1).tolist())  # min_p 0.5, with room for rounding
-
-    def first_tokens(sampling):
-        return [g.token_ids[0] for g in policy.generate([prompt] * 32, sampling)]
-
-    assert not set(first_tokens(hot)) <= near  # the whole vocabulary: far tokens are drawn too
-    assert set(first_tokens(replace(hot, min_p=0.5))) <= near
+    check_min_p(policy, policy.model)
 
 
 def test_sampling_settings_are_checked():

@@ -8,6 +8,7 @@ starts in about 15 s with ``enforce_eager``).
 from __future__ import annotations
 
 import pytest
+from assets import check_min_p
 
 from agentloop.policy.base import PolicyConfig, SamplingConfig, VLLMConfig
 
@@ -92,20 +93,7 @@ def test_sampling_is_seeded_per_request(served):
 
 
 def test_min_p_keeps_only_tokens_near_the_likeliest(served, reference):
-    import torch
-
-    prompt = served.chat.user_segment("bb cc", first=True)
-    with torch.no_grad():
-        logits = reference.model(torch.tensor([prompt])).logits[0, -1].float()
-    hot = SamplingConfig(max_new_tokens=1, temperature=0.1, seed=1)  # the tiny random model is flat: 0.1 sharpens it
-    probs = (logits / hot.temperature).softmax(-1)
-    near = set((probs >= 0.45 * probs.max()).nonzero().squeeze(1).tolist())  # min_p 0.5, with room for rounding
-
-    def first_tokens(sampling):
-        return [g.token_ids[0] for g in served.generate([prompt] * 32, sampling)]
-
-    assert not set(first_tokens(hot)) <= near  # the whole vocabulary: far tokens are drawn too
-    assert set(first_tokens(SamplingConfig(max_new_tokens=1, temperature=0.1, min_p=0.5, seed=1))) <= near
+    check_min_p(served, reference.model)
 
 
 def test_a_request_can_sample_while_the_rest_of_its_stream_stays_greedy(served):
