@@ -306,7 +306,7 @@ AFTER_EXPLORING = ("/solved", "/verified")
 
 
 def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]:
-    """An exploration stage's metrics: per training task (its first successful trial, else its last), for
+    """An exploration stage's metrics: per training task (its first successful trial, else its best), for
     the first trials alone (the single greedy pass), a paired test of the two, trials per task, memory's
     prompt tokens, and how many imagined tasks a trial solved, and how many are verified (solved or
     accepted by the judge), per env."""
@@ -354,11 +354,15 @@ def explored(run: Run, version: int, it: int, trials, stats) -> dict[str, float]
 
 
 def task_outcomes(trials) -> dict:
-    """Each task's trial that stands for it, by key: its first success, else its last trial (with
-    ``memory.stop_on_success=false`` a chain goes on after its success)."""
+    """Each task's trial that stands for it, by key: its first success (with ``memory.stop_on_success=false``
+    a chain goes on after it), else its best trial, the earliest of equals (WebShop grades a failure: a
+    retry may buy a worse product than the first trial did)."""
     from agentloop.loop import trial_chains
 
-    return {key: next((t for t in chain if t.success), chain[-1]) for key, chain in trial_chains(trials).items()}
+    def best(chain):
+        return next((t for t in chain if t.success), max(chain, key=lambda t: t.reward))  # max keeps the first of ties
+
+    return {key: best(chain) for key, chain in trial_chains(trials).items()}
 
 
 def round_sft_data(run: Run, it: int, trials, experts, accepted=()) -> dict[str, list]:

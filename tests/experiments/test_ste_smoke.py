@@ -127,7 +127,7 @@ def test_ste_settings_that_would_run_without_effect_or_cut_episodes_fail_naming_
         load_config(STEConfig, None, [*base, "round_sft.max_length=128"])
 
 
-def test_a_task_counts_as_solved_by_its_first_success_even_when_later_trials_fail():
+def test_a_task_stands_as_its_first_success_else_its_best_trial():
     import sys
 
     from records import episode
@@ -137,9 +137,12 @@ def test_a_task_counts_as_solved_by_its_first_success_even_when_later_trials_fai
     sys.path.insert(0, str(REPO / "experiments"))
     from ste import task_outcomes
 
-    a, b = Task("db", "a", "train", "k", "do a"), Task("db", "b", "train", "k", "do b")
+    a, b, c = (Task("webshop", name, "train", "k", f"buy {name}") for name in "abc")
     failed = {"success": False, "reward": 0.0}
     trials = [episode(a, trial=0, **failed), episode(a, trial=1), episode(a, trial=2, **failed),
-              episode(b, trial=0, **failed), episode(b, trial=1, **failed)]  # fmt: skip
+              episode(b, trial=0, **failed), episode(b, trial=1, **failed),
+              episode(c, trial=0, success=False, reward=0.5), episode(c, trial=1, **failed),
+              episode(c, trial=2, success=False, reward=0.75)]  # fmt: skip
     found = task_outcomes(trials)  # memory.stop_on_success=false: a's chain went on after its success
-    assert [(t.trial, t.success) for t in found.values()] == [(1, True), (1, False)]
+    # b: no trial better than another, so its first; c: a graded failure, its best
+    assert [(t.trial, t.success) for t in found.values()] == [(1, True), (0, False), (2, False)]
