@@ -6,10 +6,9 @@
 Takes the first prompts of a stage's retries (trial 1, the first ``--n`` stored) and generates their
 first turn again with the given adapter (the policy that explored; the base model without one), once
 per setting, with the prompt as stored (memory first) and with the memory taken out (the task's own
-prompt). A setting is a
-temperature, then optional ``top_p=`` and ``min_p=``. Prints, per setting and prompt, how many turns
-ended (the stop token within the rollout's budget of new tokens) and how many read as an action of
-their env (DB, OS, WebShop; ALFWorld's actions are checked against the game, so only ends are
+prompt). A setting is a temperature, then optional ``top_p=`` and ``min_p=``. Prints, per setting
+and prompt, how many turns ended (the stop token within the rollout's budget of new tokens) and how
+many read as an action of their env (DB, OS, WebShop; ALFWorld's actions are checked against the game, so only ends are
 counted). A small policy's turn can run on past its action when sampled: this says whether the
 temperature, the tail of the distribution or the memory makes it.
 """
@@ -91,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|")
     for sampling in args.setting or [setting("0"), setting("0.7")]:
         sampling.max_new_tokens, sampling.seed = budget, args.seed
-        cuts = {"top_p": sampling.top_p, "min_p": sampling.min_p}
-        shown = [f", {key}={value:g}" for key, value in cuts.items() if value != {"top_p": 1.0, "min_p": 0.0}[key]]
-        name = f"T={sampling.temperature:g}" + "".join(shown)
+        name = f"T={sampling.temperature:g}"
+        name += f", top_p={sampling.top_p:g}" if sampling.top_p < 1 else ""
+        name += f", min_p={sampling.min_p:g}" if sampling.min_p > 0 else ""
         for which, batch in prompts.items():
             turns = policy.generate(batch, sampling)
             ended = sum(g.finished for g in turns)
