@@ -179,11 +179,12 @@ def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | 
     """A completed row's outcomes task by task, or None while it is not complete (or ran another number of
     rounds): held-out success and reward after its rounds (the trunk, row ``sft``: after SFT), the SFT policy's
     held-out success and reward it started from, and its first exploration (first trial, any trial), with the
-    trunk's fingerprint and the code's commit. The trunk's record has ``iterations`` 0: it serves rows of any
+    trunk's fingerprint and the commits its starts recorded ("" for a run older than ``starts.jsonl``: the code
+    reading it now is not the code that ran it). The trunk's record has ``iterations`` 0: it serves rows of any
     number of rounds."""
     from compare_exploration import outcomes
 
-    from agentloop.loop import RunDir, code_commit
+    from agentloop.loop import RunDir
     from agentloop.replay import ReplayStore
 
     path = out / f"{'trunk' if row == 'sft' else row}-seed{seed}"
@@ -201,7 +202,7 @@ def record(out: Path, row: str, seed: int, iterations: int) -> dict[str, Any] | 
     first, chain = outcomes(path, "explore/1")[:2] if "explore/1" in completed else ({}, {})
     return {
         "row": row, "seed": seed, "iterations": 0 if row == "sft" else iterations, "trunk": trunk_fingerprint(path),
-        "commit": RunDir(path).commits() or code_commit(),  # the code that ran it, as its starts recorded
+        "commit": RunDir(path).commits(),  # the code that ran it, as its starts recorded ("": not recorded)
         "held_out": {key: t.success for key, t in played.items()},
         "held_out_reward": {key: t.reward for key, t in played.items()},
         "sft": {key: t.success for key, t in started.items()},
